@@ -1,0 +1,22 @@
+"""Package metadata: `pip install -e .` for the trainer, `pip install -e ".[test]"` for its tests."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tf-trainer-jobs",
+    version="0.1.0",
+    description="Distributed TensorFlow training jobs: dense, recurrent and convolutional models from one trainer.",
+    packages=find_packages(include=["trainer", "trainer.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow==2.21.*",
+        "tensorflow-datasets>=4.9",
+        "google-cloud-storage>=2.14",
+        "tensorboard==2.21.*",  # TensorFlow 2.21 no longer pulls it in; tf.summary needs it
+        "absl-py>=2.1",
+        "matplotlib>=3.8",
+        "pandas>=2.1",  # CSV parsing with dates and missing values
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["trainer=trainer.task:run"]},
+)

@@ -1,0 +1,53 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from trainer.config import Config, UserError
+from trainer.data import builtin, tabular
+from trainer.models import MODELS
+
+
+def test_builtin_table_follows_the_tutorials_law():
+  frame = builtin.regression_table()
+  assert frame.shape == (10_000, 6)
+  # Two of the five features carry nothing: their correlation with y is noise.
+  corr = frame.corr()["y"].abs()
+  assert (corr[["x3", "x4"]] < 0.05).all() and (corr[["x0", "x1", "x2"]] > 0.1).all()
+  assert frame.y.mean() == pytest.approx(100, abs=5)
+
+
+def test_split_sizes_and_statistics_from_training_rows_only(tmp_path):
+  frame = builtin.regression_table(rows=1000)
+  path = tmp_path / "t.csv"
+  frame.to_csv(path, index=False)
+  prepared = tabular.prepare(Config(model="dense", data=str(path), target_column="y"))
+  split = prepared.summary["split"]
+  assert (split["train"]["rows"], split["validation"]["rows"], split["test"]["rows"]) == (640, 160, 200)
+  test_rows = prepared.test_index
+  pre = prepared.preprocessing
+  # The statistics are not those of all rows, nor of all non-test rows: the 640 training rows only.
+  features = frame[pre["features"]].to_numpy()
+  assert not np.allclose(pre["feature_mean"], features.mean(axis=0))
+  assert not np.allclose(pre["feature_mean"], np.delete(features, test_rows, axis=0).mean(axis=0))
+  np.testing.assert_array_equal(prepared.test_targets, frame.y.to_numpy()[test_rows])
+  assert prepared.baseline_name == "training mean"
+
+
+def test_predict_table_undoes_the_standardisation():
+  pre = {"feature_mean": [1.0, 2.0], "feature_std": [2.0, 4.0], "target_mean": 100.0, "target_std": 10.0}
+  model = MODELS["dense"]((2,))
+  x = np.array([[3.0, 6.0], [1.0, 2.0]])
+  expected = 100 + 10 * model(((x - [1, 2]) / [2, 4]).astype(np.float32)).numpy()[:, 0]
+  np.testing.assert_allclose(tabular.predict_table(model, pre, x), expected, rtol=1e-5)
+
+
+def test_too_few_rows(tmp_path):
+  pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [1.0, 2.0, 3.0]}).to_csv(tmp_path / "t.csv", index=False)
+  with pytest.raises(UserError, match="too few to split"):
+    tabular.prepare(Config(model="dense", data=str(tmp_path / "t.csv"), target_column="y"))
+
+
+def test_no_feature_besides_the_target(tmp_path):
+  pd.DataFrame({"name": ["a"] * 20, "y": np.arange(20.0)}).to_csv(tmp_path / "t.csv", index=False)
+  with pytest.raises(UserError, match="no numeric column besides 'y'"):
+    tabular.prepare(Config(model="dense", data=str(tmp_path / "t.csv"), target_column="y"))

@@ -1,0 +1,1 @@
+"""Distributed TensorFlow training jobs: one trainer for dense, recurrent and convolutional models."""

@@ -1,0 +1,80 @@
+"""The typed job configuration: defaults, and validation that fails before any work starts.
+
+Library code takes a `Config`; only `trainer/task.py` knows about flags. Field names match
+the flag names so that an error can name the flag the user has to change.
+"""
+
+import dataclasses
+import datetime
+import os
+from typing import Optional, Tuple
+
+
+class UserError(Exception):
+  """A mistake in the job's input: reported as one line and a non-zero exit, never a traceback."""
+
+
+MODEL_NAMES = ("dense", "gru", "lstm")
+FORECAST_MODELS = ("gru", "lstm")
+
+
+@dataclasses.dataclass
+class Config:
+  model: str = "lstm"
+  # A CSV file; None trains on built-in generated data so a fresh machine needs no download.
+  data: Optional[str] = None
+  # None: "y" for the built-in table, "Close" for the built-in series; required with --data.
+  target_column: Optional[str] = None
+  # Rows are sorted by this column; needed for --test_start.
+  date_column: Optional[str] = None
+  # Inputs besides the target; for tables, None means every numeric column but the target.
+  feature_columns: Tuple[str, ...] = ()
+  # First date of the test period; None: the last 20% of the rows (forecasts only).
+  test_start: Optional[str] = None
+  # 60 trading days, the tutorial's window.
+  window: int = 60
+  epochs: int = 60
+  # Global batch: split across replicas by the distribution strategy.
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+  # Epochs without a better validation loss before training stops (best weights are kept).
+  patience: int = 10
+  seed: int = 42
+  bidirectional: bool = False
+  # Fraction of the training rows (their tail, for series) held out for early stopping.
+  validation_split: float = 0.2
+  # Fraction of the rows held out for testing: at random for tables, as the tutorial did;
+  # the last rows for forecasts without --test_start.
+  test_split: float = 0.2
+
+  def __post_init__(self):
+    self.feature_columns = tuple(self.feature_columns or ())
+    if self.model not in MODEL_NAMES:
+      raise UserError(f"--model={self.model!r} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
+    for name in ("window", "epochs", "batch_size", "patience"):
+      if getattr(self, name) < 1:
+        raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+    if not self.learning_rate > 0:
+      raise UserError(f"--learning_rate must be positive (got {self.learning_rate})")
+    for name in ("validation_split", "test_split"):
+      if not 0 < getattr(self, name) < 1:
+        raise UserError(f"--{name} must be between 0 and 1 (got {getattr(self, name)})")
+    if self.data is not None:
+      if not os.path.isfile(self.data):
+        raise UserError(f"--data={self.data}: no such file; give the path of a CSV file")
+      if not self.target_column:
+        raise UserError("--target_column is required with --data: name the column to predict")
+    if self.test_start is not None:
+      if not self.is_forecast:
+        raise UserError("--test_start applies to forecasts (--model=gru or lstm); "
+                        "tables are split at random with --test_split")
+      if self.data is not None and not self.date_column:
+        raise UserError("--test_start needs --date_column: name the column that holds the dates")
+      try:
+        datetime.date.fromisoformat(self.test_start)
+      except ValueError:
+        raise UserError(f"--test_start={self.test_start!r} is not a date; write it as YYYY-MM-DD") from None
+
+  @property
+  def is_forecast(self) -> bool:
+    return self.model in FORECAST_MODELS

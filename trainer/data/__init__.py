@@ -1,0 +1,27 @@
+"""Input pipelines: one module per kind of data, each ending in the same `Prepared` bundle."""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What the training loop and the report need from a data source, whatever its kind."""
+  # make_dataset(split, per_replica_batch_size, input_context) -> batched (inputs, target) pairs;
+  # split is "train" (shuffled) or "validation".
+  make_dataset: Callable[..., Any]
+  input_shape: Tuple[int, ...]
+  # Saved beside the model: everything inference needs besides the weights.
+  preprocessing: Dict[str, Any]
+  # predict(model) -> test predictions in the data's own units.
+  predict: Callable[[Any], np.ndarray]
+  test_targets: np.ndarray
+  baseline_name: str
+  baseline_predictions: np.ndarray
+  # Dates (or row numbers) of the test targets, for plots.
+  test_index: List[Any]
+  # The report's "data" section.
+  summary: Dict[str, Any]
+  kind: str = "table"

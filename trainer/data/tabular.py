@@ -1,0 +1,78 @@
+"""Tables for the dense regressor: a random train/test split as the tutorial made it, features
+and target standardised with statistics of the training rows only."""
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserError
+from trainer.data import Prepared, builtin, csv_file
+
+
+def table_dataset(features, targets, batch_size, shuffle=False, seed=None, input_context=None):
+  dataset = tf.data.Dataset.from_tensor_slices((features.astype(np.float32), targets.astype(np.float32)))
+  if input_context is not None:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if shuffle:
+    dataset = dataset.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_table(model, preprocessing, features, batch_size=1024):
+  """Predictions in the target's units from raw feature rows; needs only the saved preprocessing."""
+  x = (np.asarray(features, np.float64) - preprocessing["feature_mean"]) / preprocessing["feature_std"]
+  outputs = np.concatenate([model(b, training=False).numpy()[:, 0]
+                            for b in tf.data.Dataset.from_tensor_slices(x.astype(np.float32)).batch(batch_size)])
+  return preprocessing["target_mean"] + preprocessing["target_std"] * outputs
+
+
+def prepare(config):
+  if config.data is None:
+    frame, gaps, source = builtin.regression_table(seed=0), {"missing_rows": 0, "missing_action": "none"}, "built-in regression table"
+  else:
+    frame, gaps = csv_file.read_columns(config.data, config.target_column, config.feature_columns,
+                                        config.date_column)
+    source = config.data
+  target = config.target_column or builtin.TABLE_TARGET
+  features = [c for c in frame.columns if c not in (target, config.date_column)]
+  if not features:
+    raise UserError(f"{source} has no numeric column besides {target!r} to learn from; "
+                    "name the inputs with --feature_columns")
+  x, y = frame[features].to_numpy(np.float64), frame[target].to_numpy(np.float64)
+  rows = len(y)
+  order = np.random.default_rng(config.seed).permutation(rows)
+  n_test = round(config.test_split * rows)
+  # The validation rows are the tail of the training rows, as Keras' validation_split takes them.
+  n_val = round(config.validation_split * (rows - n_test))
+  if rows - n_test - n_val < 1 or n_test < 2 or n_val < 1:
+    raise UserError(f"{source}: {rows} rows are too few to split into train, validation and test; give at least 10")
+  train, val, test = np.split(order, [rows - n_test - n_val, rows - n_test])
+
+  x_mean, x_std = x[train].mean(axis=0), x[train].std(axis=0)
+  x_std[x_std == 0] = 1  # a constant feature carries nothing; keep it at zero instead of dividing by 0
+  y_mean, y_std = y[train].mean(), y[train].std() or 1.0
+  xn, yn = (x - x_mean) / x_std, (y - y_mean) / y_std
+
+  def make_dataset(split, batch_size, input_context=None):
+    rows_ = train if split == "train" else val
+    return table_dataset(xn[rows_], yn[rows_], batch_size, shuffle=split == "train", seed=config.seed,
+                         input_context=input_context)
+
+  preprocessing = {"kind": "table", "features": features, "target": target,
+                   "feature_mean": x_mean.tolist(), "feature_std": x_std.tolist(),
+                   "target_mean": float(y_mean), "target_std": float(y_std)}
+  logging.info("%s: %d rows, features %s; %d train, %d validation, %d test", source, rows,
+               ", ".join(features), len(train), len(val), len(test))
+  return Prepared(
+      make_dataset=make_dataset,
+      input_shape=(len(features),),
+      preprocessing=preprocessing,
+      predict=lambda model: predict_table(model, preprocessing, x[test]),
+      test_targets=y[test],
+      baseline_name="training mean",
+      baseline_predictions=np.full(len(test), y[train].mean()),
+      test_index=[int(i) for i in test],
+      summary={"path": source, "rows": rows, "columns": [target] + features, **gaps,
+               "split": {"train": {"rows": len(train)}, "validation": {"rows": len(val)},
+                         "test": {"rows": len(test)}, "method": f"random, seed {config.seed}"}},
+      kind="table")

@@ -1,0 +1,147 @@
+"""Price series for the recurrent forecasters: relative changes, a chronological split, and
+windows gathered inside tf.data.
+
+Why relative changes: the tutorial scaled prices with a MinMax scaler fitted on 2006-2016, so
+the higher 2017 prices fell outside anything the network had seen and its forecasts were 8-17x
+worse than repeating yesterday's close. Here the network sees each day's change relative to
+the day before (standardised with statistics from the training rows only) and predicts the
+next one; the forecast is the last price times (1 + predicted change). A change has the same
+scale at $100 and at $1,000, so a new price level is nothing new to the network.
+"""
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserError
+from trainer.data import Prepared, builtin, csv_file
+
+
+def relative_changes(values):
+  """(N, F) values -> (N - 1, F) changes: row i is values[i + 1] / values[i] - 1."""
+  return values[1:] / values[:-1] - 1
+
+
+def window_dataset(series, targets, first, last, window, batch_size, shuffle=False, seed=None,
+                   input_context=None):
+  """Batches of (series[t - window:t], targets[t]) for every t in [first, last).
+
+  Only the indices t travel through the pipeline; each batch of windows is gathered from the
+  one copy of the series, so memory stays that of the series however many windows there are.
+  """
+  series = tf.constant(series, tf.float32)
+  targets = tf.constant(targets, tf.float32)
+  offsets = tf.range(-window, 0, dtype=tf.int64)
+  indices = tf.data.Dataset.range(first, last)
+  if input_context is not None:
+    indices = indices.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if shuffle:
+    indices = indices.shuffle(last - first, seed=seed, reshuffle_each_iteration=True)
+  return (indices
+          .batch(batch_size)
+          .map(lambda t: (tf.gather(series, t[:, None] + offsets), tf.gather(targets, t)),
+               num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def forecast(model, preprocessing, values, batch_size=256):
+  """Next-step forecasts in the data's units from raw values (M, F), M > window.
+
+  Entry i forecasts the target one step after values[window + i]; the last entry is the
+  forecast for the step after the data. Needs only the model and the saved preprocessing.
+  """
+  window = preprocessing["window"]
+  values = np.asarray(values, np.float64)
+  changes = (relative_changes(values) - preprocessing["change_mean"]) / preprocessing["change_std"]
+  # A dummy target after the last change, so the window ending at the data's end is forecast too.
+  padded = np.concatenate([changes, np.zeros((1, changes.shape[1]))])
+  dataset = window_dataset(padded, padded[:, 0], window, len(padded), window, batch_size)
+  outputs = np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in dataset])
+  change = preprocessing["change_mean"][0] + preprocessing["change_std"][0] * outputs
+  return values[window:, 0] * (1 + change)
+
+
+def load_series(config):
+  """(frame, gaps, path, date column) from --data or the built-in series."""
+  if config.data is None:
+    frame = builtin.price_series(seed=0)
+    return frame, {"missing_rows": 0, "missing_action": "none"}, "built-in price series", builtin.SERIES_DATE
+  frame, gaps = csv_file.read_columns(config.data, config.target_column, config.feature_columns,
+                                      config.date_column, fill_gaps=True)
+  return frame, gaps, config.data, config.date_column
+
+
+def prepare(config):
+  frame, gaps, source, date_column = load_series(config)
+  target = config.target_column or builtin.SERIES_TARGET
+  columns = [target] + [c for c in config.feature_columns if c != target]
+  values = frame[columns].to_numpy(np.float64)
+  for i, column in enumerate(columns):
+    if (values[:, i] <= 0).any():
+      raise UserError(f"column {column!r} of {source} has values <= 0; forecasts use relative changes, "
+                      "so choose columns of positive values such as prices")
+  dates = frame[date_column] if date_column else pd.Series(range(len(frame)))
+  test_row = _test_start_row(config, dates, source)
+  window, rows = config.window, len(values)
+  needed = window + 3
+  if test_row < needed or rows - test_row < 2:
+    raise UserError(
+        f"{source}: too short for --window={window}: it needs at least {needed} rows before the test "
+        f"period and 2 in it, {needed + 2} in all (has {test_row} and {rows - test_row}); "
+        "lower --window, move --test_start or give more data")
+
+  # Change t (row t + 1) is a target; its window is changes t - window .. t - 1.
+  first, test_first = window, test_row - 1
+  n_val = max(1, round(config.validation_split * (test_first - first)))
+  val_first = test_first - n_val
+  changes = relative_changes(values)
+  # Fitted on the changes the training windows see, never on validation or test rows.
+  mean, std = changes[:val_first].mean(axis=0), changes[:val_first].std(axis=0)
+  if (std == 0).any():
+    raise UserError(f"{source}: column {columns[int(np.argmin(std))]!r} never changes in the training rows; "
+                    "there is nothing to learn from it")
+  normalised = ((changes - mean) / std).astype(np.float32)
+
+  def make_dataset(split, batch_size, input_context=None):
+    lo, hi = (first, val_first) if split == "train" else (val_first, test_first)
+    return window_dataset(normalised, normalised[:, 0], lo, hi, window, batch_size,
+                          shuffle=split == "train", seed=config.seed, input_context=input_context)
+
+  preprocessing = {"kind": "forecast", "window": window, "columns": columns, "target": target,
+                   "change_mean": mean.tolist(), "change_std": std.tolist(),
+                   "formulation": "next relative change of the target, standardised; forecast = last * (1 + change)"}
+  history = values[test_row - 1 - window:]
+  split_rows = {"train": (window + 1, val_first + 1), "validation": (val_first + 1, test_row),
+                "test": (test_row, rows)}
+  logging.info("%s: %d rows; windows of %d: %d train, %d validation, %d test", source, rows, window,
+               val_first - first, n_val, rows - test_row)
+  return Prepared(
+      make_dataset=make_dataset,
+      input_shape=(window, len(columns)),
+      preprocessing=preprocessing,
+      predict=lambda model: forecast(model, preprocessing, history)[:-1],
+      test_targets=values[test_row:, 0],
+      baseline_name="persistence (tomorrow = today)",
+      baseline_predictions=values[test_row - 1:-1, 0],
+      test_index=[_label(d) for d in dates[test_row:]],
+      summary={"path": source, "rows": rows, "columns": columns, "date_column": date_column,
+               **gaps, "window": window,
+               "split": {name: {"rows": hi - lo, "first": _label(dates[lo]), "last": _label(dates[hi - 1])}
+                         for name, (lo, hi) in split_rows.items()}},
+      kind="forecast")
+
+
+def _test_start_row(config, dates, source):
+  if config.test_start is None:
+    return int(len(dates) * (1 - config.test_split))
+  start = pd.Timestamp(config.test_start)
+  row = int(np.searchsorted(dates.to_numpy(), start.to_datetime64()))
+  if row == 0 or row == len(dates):
+    raise UserError(f"--test_start={config.test_start} is outside the data ({source} runs from "
+                    f"{_label(dates.iloc[0])} to {_label(dates.iloc[-1])}); pick a date inside it")
+  return row
+
+
+def _label(value):
+  return value.date().isoformat() if isinstance(value, pd.Timestamp) else int(value)

@@ -1,0 +1,40 @@
+"""The tutorial's networks, each built by one function with the same signature, picked by name
+from the plain MODELS dict. Inputs are named so exported signatures keep stable input keys."""
+
+import keras
+from keras import layers
+
+
+def build_dense(input_shape, num_outputs=1, bidirectional=False):
+  """Dense(16, relu) -> Dense(1): 113 parameters on 5 features."""
+  del bidirectional  # recurrent models only
+  inputs = keras.Input(input_shape, name="features")
+  hidden = layers.Dense(16, activation="relu")(inputs)
+  return keras.Model(inputs, layers.Dense(num_outputs)(hidden), name="dense")
+
+
+def build_gru(input_shape, num_outputs=1, bidirectional=False):
+  """4 x GRU(32), Dropout(0.2) after the 2nd and 4th, Dense(1): 22,401 parameters on one feature."""
+  return _recurrent_stack(layers.GRU, "gru", input_shape, num_outputs, bidirectional)
+
+
+def build_lstm(input_shape, num_outputs=1, bidirectional=False):
+  """4 x LSTM(32), Dropout(0.2) after the 2nd and 4th, Dense(1): 29,345 parameters on one feature."""
+  return _recurrent_stack(layers.LSTM, "lstm", input_shape, num_outputs, bidirectional)
+
+
+def _recurrent_stack(cell, name, input_shape, num_outputs, bidirectional):
+  inputs = keras.Input(input_shape, name="window")
+  x = inputs
+  for i in range(4):
+    recurrent = cell(32, return_sequences=i < 3)
+    x = (layers.Bidirectional(recurrent) if bidirectional else recurrent)(x)
+    if i in (1, 3):
+      x = layers.Dropout(0.2)(x)
+  return keras.Model(inputs, layers.Dense(num_outputs)(x), name=name)
+
+
+MODELS = {"dense": build_dense, "gru": build_gru, "lstm": build_lstm}
+
+# The optimizer the tutorial trained each model with.
+OPTIMIZERS = {"dense": keras.optimizers.RMSprop, "gru": keras.optimizers.Adam, "lstm": keras.optimizers.Adam}

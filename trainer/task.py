@@ -1,0 +1,61 @@
+"""Entry point: `python -m trainer.task --model=lstm` (or the `trainer` command).
+
+Defines the flags, builds a Config and calls train.train_and_evaluate; nothing else.
+"""
+
+import datetime
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) hides the job's own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES, "Network to train: dense (tables), gru or lstm (forecasts).")
+flags.DEFINE_string("data", None, "CSV file; empty: built-in generated data.")
+flags.DEFINE_string("target_column", None, "Column to predict (required with --data).")
+flags.DEFINE_string("date_column", None, "Column of dates: rows are sorted by it, --test_start refers to it.")
+flags.DEFINE_list("feature_columns", [], "Input columns besides the target; tables default to every numeric column.")
+flags.DEFINE_string("test_start", None, "First date of the test period (YYYY-MM-DD); default: the last 20% of rows.")
+flags.DEFINE_integer("window", 60, "Time steps in each forecast window.")
+flags.DEFINE_integer("epochs", 60, "Maximum training epochs.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_float("learning_rate", 1e-3, "Optimizer learning rate.")
+flags.DEFINE_integer("patience", 10, "Epochs without a better validation loss before stopping.")
+flags.DEFINE_integer("seed", 42, "Seed for the split, shuffling and initial weights.")
+flags.DEFINE_bool("bidirectional", False, "Wrap each recurrent layer in Bidirectional.")
+flags.DEFINE_float("validation_split", 0.2, "Fraction of the training rows held out for early stopping.")
+flags.DEFINE_float("test_split", 0.2, "Fraction of rows held out for testing.")
+flags.DEFINE_string("job_dir", None, "Folder for the model, report and plots; default: a new folder under ./runs/.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"trainer: error: unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
+  try:
+    config = config_lib.Config(
+        model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
+        feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
+        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+        patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
+        validation_split=FLAGS.validation_split, test_split=FLAGS.test_split)
+    job_dir = FLAGS.job_dir or os.path.join("runs", f"{FLAGS.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    from trainer import train  # imports TensorFlow: only once the flags are known to be sound
+    result = train.train_and_evaluate(config, job_dir)
+  except config_lib.UserError as e:
+    sys.exit(f"trainer: error: {e}")
+  from trainer import report
+  print(report.summary_table(result))
+  print(f"report: {os.path.join(job_dir, 'report.json')}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
