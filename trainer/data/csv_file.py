@@ -6,10 +6,10 @@ from absl import logging
 from trainer.config import UserError
 
 
-def read_columns(path, target_column, feature_columns=(), date_column=None, fill_gaps=False):
+def read_columns(path, target_column, feature_columns=None, date_column=None, fill_gaps=False):
   """Returns (frame, gaps): the date column (if any), the target and the features, all numeric.
 
-  With no feature_columns every other numeric column is a feature. Rows with missing values
+  With feature_columns None every other numeric column is a feature. Rows with missing values
   are dropped, or, with fill_gaps (a price series: a missing day keeps the last known price),
   filled forward from the previous row. `gaps` says how many rows and what was done.
   """
@@ -20,12 +20,12 @@ def read_columns(path, target_column, feature_columns=(), date_column=None, fill
     raise UserError(f"--data={path}: cannot read it as CSV ({reason}); give a CSV file with a header row")
   names = list(frame.columns)
   for flag, column in [("target_column", target_column), ("date_column", date_column),
-                       *[("feature_columns", c) for c in feature_columns]]:
+                       *[("feature_columns", c) for c in feature_columns or ()]]:
     if column is not None and column not in names:
       raise UserError(f"--{flag}={column!r} is not a column of {path}; its columns are: {', '.join(map(str, names))}")
   if date_column is not None:
     frame = _sorted_by_date(frame, date_column, path)
-  if not feature_columns:
+  if feature_columns is None:
     others = [c for c in names if c not in (target_column, date_column)]
     feature_columns = [c for c in others if pd.api.types.is_numeric_dtype(frame[c])]
   columns = [target_column] + [c for c in feature_columns if c != target_column]

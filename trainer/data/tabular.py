@@ -30,7 +30,7 @@ def prepare(config):
   if config.data is None:
     frame, gaps, source = builtin.regression_table(seed=0), {"missing_rows": 0, "missing_action": "none"}, "built-in regression table"
   else:
-    frame, gaps = csv_file.read_columns(config.data, config.target_column, config.feature_columns,
+    frame, gaps = csv_file.read_columns(config.data, config.target_column, config.feature_columns or None,
                                         config.date_column)
     source = config.data
   target = config.target_column or builtin.TABLE_TARGET

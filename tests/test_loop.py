@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import loop
+from trainer.config import UserError
+from trainer.models import MODELS, OPTIMIZERS
+
+
+def linear_data(split, batch_size, input_context=None):
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  x = rng.standard_normal((256, 5)).astype(np.float32)
+  y = (x @ np.arange(5, dtype=np.float32)) / 5
+  dataset = tf.data.Dataset.from_tensor_slices((x, y))
+  if input_context is not None:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  return dataset.batch(batch_size)
+
+
+def train(epochs, patience, learning_rate=1e-2, log_dir=None):
+  strategy = tf.distribute.get_strategy()
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](learning_rate)
+  history = loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, epochs, patience, log_dir)
+  return model, history
+
+
+def validation_loss(model):
+  x, y = next(iter(linear_data("validation", 256)))
+  return float(np.mean((model(x).numpy()[:, 0] - y.numpy()) ** 2))
+
+
+def test_loss_falls_and_epoch_losses_are_exact():
+  model, history = train(epochs=5, patience=5)
+  assert history["loss"][-1] < history["loss"][0] / 2
+  # The reported validation loss is the mean over every example, whatever the batching.
+  assert validation_loss(model) == pytest.approx(history["val_loss"][history["best_epoch"] - 1], rel=1e-4)
+
+
+def test_early_stopping_keeps_the_best_weights():
+  # A learning rate this large makes validation loss bounce, so early stopping has work to do.
+  model, history = train(epochs=30, patience=2, learning_rate=0.3)
+  best = history["best_epoch"]
+  assert len(history["loss"]) == best + 2 < 30  # stopped two epochs after the best
+  assert min(history["val_loss"]) == history["val_loss"][best - 1]
+  assert validation_loss(model) == pytest.approx(history["val_loss"][best - 1], rel=1e-4)
+
+
+def test_divergence_stops_with_a_clear_error():
+  with pytest.raises(UserError, match=r"training diverged: the loss is (nan|inf) at epoch \d+; lower --learning_rate"):
+    train(epochs=20, patience=20, learning_rate=1e12)
+
+
+def test_tensorboard_logs_are_written(tmp_path):
+  train(epochs=2, patience=2, log_dir=str(tmp_path))
+  for split in ("train", "validation"):
+    assert list((tmp_path / split).glob("events.out.tfevents.*"))

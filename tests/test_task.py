@@ -1,0 +1,84 @@
+"""The real command line in a subprocess: bad input ends in one clear line and a non-zero exit."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def run_cli(*flags, cwd):
+  done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=cwd, capture_output=True, text=True,
+                        timeout=300)
+  return done.returncode, done.stdout, done.stderr
+
+
+def error_line(stderr):
+  lines = [line for line in stderr.splitlines() if line.startswith(("trainer: error:", "FATAL Flags parsing error"))]
+  assert len(lines) == 1, stderr
+  return lines[0]
+
+
+def assert_fails(tmp_path, flags, *expected):
+  code, _, stderr = run_cli(*flags, cwd=tmp_path)
+  assert code != 0
+  assert "Traceback" not in stderr, stderr
+  line = error_line(stderr)
+  for text in expected:
+    assert text in line, line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--model=transformer"], ["--model=transformer", "dense|gru|lstm"]),
+    (["--epochs=0"], ["--epochs must be at least 1"]),
+    (["--batch_size=-4"], ["--batch_size must be at least 1"]),
+    (["--window=0"], ["--window must be at least 1"]),
+    (["--data=nowhere.csv", "--target_column=y"], ["--data=nowhere.csv: no such file"]),
+    (["--model=gru", "--test_start=2017-13-40"], ["--test_start='2017-13-40' is not a date"]),
+])
+def test_bad_flags(tmp_path, flags, expected):
+  assert_fails(tmp_path, flags, *expected)
+
+
+@pytest.fixture
+def data_errors_csv(tmp_path, prices_csv):
+  """The files behind the data errors below, written into the test's folder."""
+  frame = pd.read_csv(prices_csv(rows=200))
+  frame.assign(Close=frame.Close.astype(str).where(frame.index != 50, "abc")).to_csv(tmp_path / "text.csv", index=False)
+  frame.head(40).to_csv(tmp_path / "short.csv", index=False)
+  (tmp_path / "binary.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe\xfa")
+  return tmp_path
+
+
+SERIES = ["--model=gru", "--date_column=Date", "--target_column=Close"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--data=binary.csv"] + SERIES, ["--data=binary.csv: cannot read it as CSV"]),
+    (["--data=prices.csv", "--model=gru", "--target_column=close"],
+     ["--target_column='close' is not a column", "Date, Close, Volume, Name"]),
+    (["--data=prices.csv", "--model=gru", "--target_column=Close", "--date_column=Day"], ["--date_column='Day'"]),
+    (["--data=text.csv"] + SERIES, ["column 'Close'", "non-numeric", "line 52: 'abc'"]),
+    (["--data=short.csv", "--window=60"] + SERIES, ["too short for --window=60", "at least 63 rows"]),
+    (["--data=prices.csv", "--test_start=2030-01-01"] + SERIES, ["--test_start=2030-01-01 is outside the data"]),
+])
+def test_bad_data(data_errors_csv, flags, expected):
+  assert_fails(data_errors_csv, flags, *expected)
+
+
+def test_flagfile_gaps_and_default_job_dir(tmp_path, prices_csv):
+  """A real run from a flagfile on a series with gaps: gaps are filled, said and reported."""
+  frame = pd.read_csv(prices_csv(rows=200))
+  frame.loc[[20, 21, 90], "Close"] = None
+  frame.to_csv(tmp_path / "gaps.csv", index=False)
+  (tmp_path / "job.flags").write_text(
+      "--model=lstm\n--data=gaps.csv\n--target_column=Close\n--date_column=Date\n--window=8\n--epochs=1\n")
+  code, stdout, stderr = run_cli("--flagfile=job.flags", cwd=tmp_path)
+  assert code == 0, stderr
+  assert "3 rows have missing values in Close; filled forward" in stderr
+  assert "lstm (test)" in stdout and "persistence" in stdout
+  (job,) = (tmp_path / "runs").iterdir()
+  assert job.name.startswith("lstm-")
+  data = json.loads((job / "report.json").read_text())["data"]
+  assert data["missing_rows"] == 3 and data["missing_action"].startswith("filled forward")
