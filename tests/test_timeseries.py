@@ -19,7 +19,10 @@ def collect(dataset):
   return np.concatenate(xs), np.concatenate(ys)
 
 
-@pytest.mark.parametrize("length, window, batch", [(61, 60, 32), (100, 60, 7), (50, 1, 8), (30, 5, 100)])
+@pytest.mark.parametrize("length, window, batch", [
+    (61, 60, 32), (100, 60, 7), (50, 1, 8), (30, 5, 100),
+    (5000, 60, 100),  # several gather chunks, batches straddling their edges
+])
 def test_windows_equal_brute_force(length, window, batch):
   series = np.random.default_rng(0).standard_normal((length, 2)).astype(np.float32)
   targets = series[:, 0] * 3
@@ -38,11 +41,20 @@ def test_exactly_window_plus_one_points_give_one_window():
 
 
 def test_shuffled_windows_are_the_same_windows_reordered():
-  series = np.arange(200, dtype=np.float32)[:, None]
-  x, y = collect(timeseries.window_dataset(series, series[:, 0], 20, 200, 20, 16, shuffle=True, seed=3))
-  assert not np.array_equal(y, np.arange(20, 200))  # shuffled...
-  np.testing.assert_array_equal(np.sort(y), np.arange(20, 200))  # ...but every window once
+  series = np.arange(3000, dtype=np.float32)[:, None]
+  dataset = timeseries.window_dataset(series, series[:, 0], 20, 3000, 20, 16, shuffle_seed=(3, 0))
+  assert [len(y) for _, y in dataset] == [16] * 186 + [4]  # 2,980 windows
+  x, y = collect(dataset)
+  assert not np.array_equal(y, np.arange(20, 3000))  # shuffled...
+  np.testing.assert_array_equal(np.sort(y), np.arange(20, 3000))  # ...but every window once
   np.testing.assert_array_equal(x[:, -1, 0], y - 1)  # and each input still ends just before its target
+
+
+def test_order_is_fixed_by_seed_and_epoch():
+  series = np.arange(500, dtype=np.float32)[:, None]
+  order = lambda seed: collect(timeseries.window_dataset(series, series[:, 0], 5, 500, 5, 32, shuffle_seed=seed))[1]
+  np.testing.assert_array_equal(order((1, 0)), order((1, 0)))
+  assert not np.array_equal(order((1, 0)), order((1, 1)))
 
 
 def test_input_pipelines_read_disjoint_shares():

@@ -25,11 +25,11 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n}."""
   replicas = strategy.num_replicas_in_sync
 
-  def distributed(split):
+  def distributed(split, epoch=0):
     return strategy.distribute_datasets_from_function(
-        lambda context: make_dataset(split, context.get_per_replica_batch_size(global_batch_size), context))
+        lambda context: make_dataset(split, context.get_per_replica_batch_size(global_batch_size), context, epoch))
 
-  train_data, val_data = distributed("train"), distributed("validation")
+  val_data = distributed("validation")
 
   def summed(losses):
     # Sum and count rather than a mean, so the epoch's loss is exact whatever the batch sizes.
@@ -64,7 +64,9 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   best, best_epoch, best_weights = math.inf, 0, None
   for epoch in range(1, epochs + 1):
     start = time.time()
-    loss, val_loss = run_epoch(train_step, train_data), run_epoch(val_step, val_data)
+    # A dataset per epoch: its order depends only on the seed and the epoch, so a resumed job
+    # continues with the order it would have had.
+    loss, val_loss = run_epoch(train_step, distributed("train", epoch)), run_epoch(val_step, val_data)
     if not (math.isfinite(loss) and math.isfinite(val_loss)):
       raise UserError(f"training diverged: the loss is {loss} at epoch {epoch}; lower --learning_rate")
     history["loss"].append(loss)

@@ -9,8 +9,8 @@ import numpy as np
 @dataclasses.dataclass
 class Prepared:
   """What the training loop and the report need from a data source, whatever its kind."""
-  # make_dataset(split, per_replica_batch_size, input_context) -> batched (inputs, target) pairs;
-  # split is "train" (shuffled) or "validation".
+  # make_dataset(split, per_replica_batch_size, input_context, epoch) -> batched (inputs, target)
+  # pairs; split is "train" (shuffled in an order fixed by the seed and the epoch) or "validation".
   make_dataset: Callable[..., Any]
   input_shape: Tuple[int, ...]
   # Saved beside the model: everything inference needs besides the weights.

@@ -9,12 +9,14 @@ from trainer.config import UserError
 from trainer.data import Prepared, builtin, csv_file
 
 
-def table_dataset(features, targets, batch_size, shuffle=False, seed=None, input_context=None):
+def table_dataset(features, targets, batch_size, shuffle_seed=None, input_context=None):
+  """Batches of (feature rows, targets); with a shuffle_seed (an int, e.g. seed * 1000 + epoch)
+  the rows come in a seeded random order."""
   dataset = tf.data.Dataset.from_tensor_slices((features.astype(np.float32), targets.astype(np.float32)))
   if input_context is not None:
     dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if shuffle:
-    dataset = dataset.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+  if shuffle_seed is not None:
+    dataset = dataset.shuffle(len(features), seed=shuffle_seed)
   return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -53,9 +55,10 @@ def prepare(config):
   y_mean, y_std = y[train].mean(), y[train].std() or 1.0
   xn, yn = (x - x_mean) / x_std, (y - y_mean) / y_std
 
-  def make_dataset(split, batch_size, input_context=None):
-    rows_ = train if split == "train" else val
-    return table_dataset(xn[rows_], yn[rows_], batch_size, shuffle=split == "train", seed=config.seed,
+  def make_dataset(split, batch_size, input_context=None, epoch=0):
+    if split == "validation":
+      return table_dataset(xn[val], yn[val], batch_size, input_context=input_context)
+    return table_dataset(xn[train], yn[train], batch_size, shuffle_seed=config.seed * 100_003 + epoch,
                          input_context=input_context)
 
   preprocessing = {"kind": "table", "features": features, "target": target,

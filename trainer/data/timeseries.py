@@ -23,25 +23,32 @@ def relative_changes(values):
   return values[1:] / values[:-1] - 1
 
 
-def window_dataset(series, targets, first, last, window, batch_size, shuffle=False, seed=None,
-                   input_context=None):
+# Windows are gathered this many at a time, then cut into batches: one gather per small batch
+# spends more time in tf.data's per-element machinery than in the gather (scripts/benchmark_windows.py).
+GATHER_CHUNK = 2048
+
+
+def window_dataset(series, targets, first, last, window, batch_size, shuffle_seed=None, input_context=None):
   """Batches of (series[t - window:t], targets[t]) for every t in [first, last).
 
-  Only the indices t travel through the pipeline; each batch of windows is gathered from the
-  one copy of the series, so memory stays that of the series however many windows there are.
+  Only the target indices t are held, as one tensor; windows are gathered batch by batch from
+  the one copy of the series, so memory stays that of the series however many windows there
+  are. With a shuffle_seed (an int pair, e.g. (seed, epoch)) the order is a seeded permutation.
   """
   series = tf.constant(series, tf.float32)
   targets = tf.constant(targets, tf.float32)
   offsets = tf.range(-window, 0, dtype=tf.int64)
-  indices = tf.data.Dataset.range(first, last)
+  indices = tf.range(first, last, dtype=tf.int64)
+  if shuffle_seed is not None:
+    # A permutation tensor, not Dataset.shuffle: its buffer would hold every index as an element.
+    indices = tf.random.experimental.stateless_shuffle(indices, tf.constant(shuffle_seed, tf.int64))
   if input_context is not None:
-    indices = indices.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if shuffle:
-    indices = indices.shuffle(last - first, seed=seed, reshuffle_each_iteration=True)
-  return (indices
-          .batch(batch_size)
+    indices = indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
+  return (tf.data.Dataset.range(0, tf.size(indices, tf.int64), GATHER_CHUNK)
+          .map(lambda i: indices[i:i + GATHER_CHUNK])
           .map(lambda t: (tf.gather(series, t[:, None] + offsets), tf.gather(targets, t)),
                num_parallel_calls=tf.data.AUTOTUNE)
+          .rebatch(batch_size)
           .prefetch(tf.data.AUTOTUNE))
 
 
@@ -103,10 +110,11 @@ def prepare(config):
                     "there is nothing to learn from it")
   normalised = ((changes - mean) / std).astype(np.float32)
 
-  def make_dataset(split, batch_size, input_context=None):
+  def make_dataset(split, batch_size, input_context=None, epoch=0):
     lo, hi = (first, val_first) if split == "train" else (val_first, test_first)
     return window_dataset(normalised, normalised[:, 0], lo, hi, window, batch_size,
-                          shuffle=split == "train", seed=config.seed, input_context=input_context)
+                          shuffle_seed=(config.seed, epoch) if split == "train" else None,
+                          input_context=input_context)
 
   preprocessing = {"kind": "forecast", "window": window, "columns": columns, "target": target,
                    "change_mean": mean.tolist(), "change_std": std.tolist(),
