@@ -30,12 +30,12 @@ def plot_history(history, path):
   _save(fig, path)
 
 
-def plot_forecast(index, targets, predictions, baseline, model_name, path):
+def plot_forecast(index, targets, predictions, baseline, model_name, target_name, path):
   fig, ax = plt.subplots(figsize=(10, 4.5))
   ax.plot(index, targets, color="black", linewidth=1.2, label="actual")
   ax.plot(index, predictions, color="tab:red", linewidth=1, label=f"{model_name} forecast")
   ax.plot(index, baseline, color="tab:blue", linewidth=0.8, alpha=0.6, label="persistence")
-  ax.set(xlabel="date", ylabel="value", title="Next-step forecasts over the test period")
+  ax.set(xlabel="date", ylabel=target_name, title=f"Next-step forecasts of {target_name} over the test period")
   ax.legend()
   fig.autofmt_xdate()
   _save(fig, path)
@@ -70,7 +70,7 @@ def write_plots(job_dir, prepared, history, predictions, model_name):
   if prepared.kind == "forecast":
     index = np.array(prepared.test_index, dtype="datetime64[D]" if prepared.summary["date_column"] else None)
     plot_forecast(index, prepared.test_targets, predictions, prepared.baseline_predictions, model_name,
-                  os.path.join(plots, "forecast.png"))
+                  prepared.preprocessing["target"], os.path.join(plots, "forecast.png"))
   else:
     plot_predicted_vs_true(prepared.test_targets, predictions, os.path.join(plots, "predicted_vs_true.png"))
     plot_error_histogram(prepared.test_targets, predictions, os.path.join(plots, "error_histogram.png"))
