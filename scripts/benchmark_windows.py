@@ -62,7 +62,7 @@ def measure(method, points, window, batch_size):
       dataset = keras.utils.timeseries_dataset_from_array(
           series[:-1], series[window:, 0], sequence_length=window, batch_size=batch_size, shuffle=True, seed=1)
     else:
-      dataset = window_dataset(series, series[:, 0], window, points, window, batch_size, shuffle_seed=(1, 0))
+      dataset = window_dataset(series, window, points, window, batch_size, shuffle_seed=(1, 0))
     build = time.perf_counter() - start
 
     @tf.function

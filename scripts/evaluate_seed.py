@@ -41,14 +41,14 @@ def tutorial_forecast(model_name, prices, test_row, window, epochs, seed):
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     first, last = (window, val_first) if split == "train" else (val_first, test_row)
-    return window_dataset(scaled, scaled[:, 0], first, last, window, batch_size,
+    return window_dataset(scaled, first, last, window, batch_size,
                           shuffle_seed=(seed, epoch) if split == "train" else None, input_context=input_context)
 
   model = MODELS[model_name]((window, 1))
   optimizer = keras.optimizers.Adam(1e-3)
   history = loop.fit(model, optimizer, loop.squared_error, make_dataset, tf.distribute.get_strategy(), 32,
                      epochs, TUTORIAL_PATIENCE[model_name])
-  test = window_dataset(scaled, scaled[:, 0], test_row, len(prices), window, 256)
+  test = window_dataset(scaled, test_row, len(prices), window, 256)
   outputs = np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in test])
   return lo + (hi - lo) * outputs, len(history["loss"])
 

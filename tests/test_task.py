@@ -82,3 +82,11 @@ def test_flagfile_gaps_and_default_job_dir(tmp_path, prices_csv):
   assert job.name.startswith("lstm-")
   data = json.loads((job / "report.json").read_text())["data"]
   assert data["missing_rows"] == 3 and data["missing_action"].startswith("filled forward")
+
+
+def test_console_script_runs_the_same_main(tmp_path):
+  """`pip install -e .` puts a `trainer` command beside this Python; it is task.run."""
+  import pathlib
+  script = pathlib.Path(sys.executable).parent / "trainer"
+  done = subprocess.run([str(script), "--epochs=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert done.returncode != 0 and "trainer: error: --epochs must be at least 1" in done.stderr

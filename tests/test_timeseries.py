@@ -8,10 +8,10 @@ from trainer.data import timeseries
 from trainer.models import MODELS
 
 
-def reference_windows(series, targets, first, last, window):
-  """The tutorial's loop: brute force, one window at a time."""
+def reference_windows(series, first, last, window):
+  """The tutorial's loop: brute force, one window at a time; the label is column 0's next value."""
   return (np.array([series[t - window:t] for t in range(first, last)]),
-          np.array([targets[t] for t in range(first, last)]))
+          np.array([series[t, 0] for t in range(first, last)]))
 
 
 def collect(dataset):
@@ -25,9 +25,8 @@ def collect(dataset):
 ])
 def test_windows_equal_brute_force(length, window, batch):
   series = np.random.default_rng(0).standard_normal((length, 2)).astype(np.float32)
-  targets = series[:, 0] * 3
-  x, y = collect(timeseries.window_dataset(series, targets, window, length, window, batch))
-  ref_x, ref_y = reference_windows(series, targets, window, length, window)
+  x, y = collect(timeseries.window_dataset(series, window, length, window, batch))
+  ref_x, ref_y = reference_windows(series, window, length, window)
   assert x.shape == (length - window, window, 2)
   np.testing.assert_array_equal(x, ref_x)
   np.testing.assert_array_equal(y, ref_y)
@@ -35,14 +34,14 @@ def test_windows_equal_brute_force(length, window, batch):
 
 def test_exactly_window_plus_one_points_give_one_window():
   series = np.arange(11, dtype=np.float32)[:, None]
-  x, y = collect(timeseries.window_dataset(series, series[:, 0], 10, 11, 10, 4))
+  x, y = collect(timeseries.window_dataset(series, 10, 11, 10, 4))
   np.testing.assert_array_equal(x, np.arange(10, dtype=np.float32).reshape(1, 10, 1))
   np.testing.assert_array_equal(y, [10.0])
 
 
 def test_shuffled_windows_are_the_same_windows_reordered():
   series = np.arange(3000, dtype=np.float32)[:, None]
-  dataset = timeseries.window_dataset(series, series[:, 0], 20, 3000, 20, 16, shuffle_seed=(3, 0))
+  dataset = timeseries.window_dataset(series, 20, 3000, 20, 16, shuffle_seed=(3, 0))
   assert [len(y) for _, y in dataset] == [16] * 186 + [4]  # 2,980 windows
   x, y = collect(dataset)
   assert not np.array_equal(y, np.arange(20, 3000))  # shuffled...
@@ -52,7 +51,7 @@ def test_shuffled_windows_are_the_same_windows_reordered():
 
 def test_order_is_fixed_by_seed_and_epoch():
   series = np.arange(500, dtype=np.float32)[:, None]
-  order = lambda seed: collect(timeseries.window_dataset(series, series[:, 0], 5, 500, 5, 32, shuffle_seed=seed))[1]
+  order = lambda seed: collect(timeseries.window_dataset(series, 5, 500, 5, 32, shuffle_seed=seed))[1]
   np.testing.assert_array_equal(order((1, 0)), order((1, 0)))
   assert not np.array_equal(order((1, 0)), order((1, 1)))
 
@@ -60,7 +59,7 @@ def test_order_is_fixed_by_seed_and_epoch():
 def test_input_pipelines_read_disjoint_shares():
   series = np.arange(100, dtype=np.float32)[:, None]
   shares = [collect(timeseries.window_dataset(
-      series, series[:, 0], 10, 100, 10, 8,
+      series, 10, 100, 10, 8,
       input_context=tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i)))[1]
       for i in range(2)]
   assert not set(shares[0]) & set(shares[1])

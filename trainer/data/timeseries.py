@@ -28,15 +28,15 @@ def relative_changes(values):
 GATHER_CHUNK = 2048
 
 
-def window_dataset(series, targets, first, last, window, batch_size, shuffle_seed=None, input_context=None):
-  """Batches of (series[t - window:t], targets[t]) for every t in [first, last).
+def window_dataset(series, first, last, window, batch_size, shuffle_seed=None, input_context=None):
+  """Batches of (series[t - window:t], series[t, 0]) for every t in [first, last): each window
+  of every column, and the next value of the first column (the target) as its label.
 
-  Only the target indices t are held, as one tensor; windows are gathered batch by batch from
+  Only the target indices t are held, as one tensor; windows are gathered chunk by chunk from
   the one copy of the series, so memory stays that of the series however many windows there
   are. With a shuffle_seed (an int pair, e.g. (seed, epoch)) the order is a seeded permutation.
   """
-  series = tf.constant(series, tf.float32)
-  targets = tf.constant(targets, tf.float32)
+  series = tf.convert_to_tensor(np.asarray(series, np.float32))
   # int32 indices: half the memory of int64, and no series that fits in memory needs more.
   offsets = tf.range(-window, 0, dtype=tf.int32)
   indices = tf.range(first, last, dtype=tf.int32)
@@ -47,7 +47,7 @@ def window_dataset(series, targets, first, last, window, batch_size, shuffle_see
     indices = indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
   return (tf.data.Dataset.range(0, tf.size(indices, tf.int64), GATHER_CHUNK)
           .map(lambda i: indices[i:i + GATHER_CHUNK])
-          .map(lambda t: (tf.gather(series, t[:, None] + offsets), tf.gather(targets, t)),
+          .map(lambda t: (tf.gather(series, t[:, None] + offsets), tf.gather(series[:, 0], t)),
                num_parallel_calls=tf.data.AUTOTUNE)
           .rebatch(batch_size)
           .prefetch(tf.data.AUTOTUNE))
@@ -64,7 +64,7 @@ def forecast(model, preprocessing, values, batch_size=256):
   changes = (relative_changes(values) - preprocessing["change_mean"]) / preprocessing["change_std"]
   # A dummy target after the last change, so the window ending at the data's end is forecast too.
   padded = np.concatenate([changes, np.zeros((1, changes.shape[1]))])
-  dataset = window_dataset(padded, padded[:, 0], window, len(padded), window, batch_size)
+  dataset = window_dataset(padded, window, len(padded), window, batch_size)
   outputs = np.concatenate([model(x, training=False).numpy()[:, 0] for x, _ in dataset])
   change = preprocessing["change_mean"][0] + preprocessing["change_std"][0] * outputs
   return values[window:, 0] * (1 + change)
@@ -113,7 +113,7 @@ def prepare(config):
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     lo, hi = (first, val_first) if split == "train" else (val_first, test_first)
-    return window_dataset(normalised, normalised[:, 0], lo, hi, window, batch_size,
+    return window_dataset(normalised, lo, hi, window, batch_size,
                           shuffle_seed=(config.seed, epoch) if split == "train" else None,
                           input_context=input_context)
 
