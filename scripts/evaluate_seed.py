@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import logging  # noqa: E402
 
 from trainer import loop, report, train  # noqa: E402
 from trainer.config import Config  # noqa: E402
@@ -67,6 +68,7 @@ def main():
   parser.add_argument("--epochs", type=int, default=60, help="ours")
   parser.add_argument("--seed", type=int, default=42)
   args = parser.parse_args()
+  logging.set_verbosity(logging.INFO)  # a line per epoch: these runs take minutes
 
   frame = pd.read_csv(args.path)
   label = os.path.basename(args.path)

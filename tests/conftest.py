@@ -27,3 +27,27 @@ def prices_csv(tmp_path):
     frame.to_csv(path, index=False)
     return str(path)
   return write
+
+
+@pytest.fixture
+def make_image_folder(tmp_path):
+  """Writes a class-per-folder image set of small solid-ish PNG/JPEG images and returns its path.
+  classes: {name: count}; each class has its own colour so a CNN can tell them apart."""
+  import tensorflow as tf
+
+  def write(classes=None, name="images", size=20, seed=0):
+    classes = classes or {"red": 12, "green": 12, "blue": 12}
+    rng = np.random.default_rng(seed)
+    root = tmp_path / name
+    for k, (label, count) in enumerate(classes.items()):
+      (root / label).mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 60, (size + i % 3, size, 3))
+        pixels[..., k % 3] += 180
+        image = tf.constant(pixels.astype(np.uint8))
+        if i % 2:
+          (root / label / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+        else:
+          (root / label / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+    return str(root)
+  return write

@@ -1,6 +1,7 @@
 """The real command line in a subprocess: bad input ends in one clear line and a non-zero exit."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -90,3 +91,25 @@ def test_console_script_runs_the_same_main(tmp_path):
   script = pathlib.Path(sys.executable).parent / "trainer"
   done = subprocess.run([str(script), "--epochs=0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
   assert done.returncode != 0 and "trainer: error: --epochs must be at least 1" in done.stderr
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty_class", ["'green'", "no readable images"]),
+    ("mismatched", ["--test_data", "green"]),
+    ("missing", ["--data=nowhere: no such folder"]),
+    ("one_class", ["two classes"]),
+])
+def test_bad_image_folders(tmp_path, make_image_folder, case, expected):
+  flags = ["--model=cnn", "--image_size=24", "--epochs=1"]
+  if case == "empty_class":
+    root = make_image_folder({"red": 4, "blue": 4})
+    os.makedirs(os.path.join(root, "green"))
+    flags.append(f"--data={root}")
+  elif case == "mismatched":
+    flags += [f"--data={make_image_folder({'red': 4, 'green': 4})}",
+              f"--test_data={make_image_folder({'red': 2, 'blue': 2}, name='test')}"]
+  elif case == "missing":
+    flags.append("--data=nowhere")
+  else:
+    flags.append(f"--data={make_image_folder({'red': 4})}")
+  assert_fails(tmp_path, flags, *expected)

@@ -6,6 +6,7 @@ the flag names so that an error can name the flag the user has to change.
 
 import dataclasses
 import datetime
+import glob
 import os
 from typing import Optional, Tuple
 
@@ -14,15 +15,21 @@ class UserError(Exception):
   """A mistake in the job's input: reported as one line and a non-zero exit, never a traceback."""
 
 
-MODEL_NAMES = ("dense", "gru", "lstm")
+MODEL_NAMES = ("dense", "gru", "lstm", "cnn")
 FORECAST_MODELS = ("gru", "lstm")
+IMAGE_MODELS = ("cnn",)
+# Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
+MIN_IMAGE_SIZE = 22
 
 
 @dataclasses.dataclass
 class Config:
   model: str = "lstm"
-  # A CSV file; None trains on built-in generated data so a fresh machine needs no download.
+  # A CSV file (dense, gru, lstm); for cnn a folder of class subfolders, TFRecord shards (their
+  # folder or a glob) or tfds:NAME. None trains on built-in generated data: no download needed.
   data: Optional[str] = None
+  # cnn: a separate test set, of the same kind as --data; None splits --data.
+  test_data: Optional[str] = None
   # None: "y" for the built-in table, "Close" for the built-in series; required with --data.
   target_column: Optional[str] = None
   # Rows are sorted by this column; needed for --test_start.
@@ -43,6 +50,13 @@ class Config:
   bidirectional: bool = False
   # Fraction of the training rows (their tail, for series) held out for early stopping.
   validation_split: float = 0.2
+  # cnn: images are resized to image_size x image_size (the tutorial's 150).
+  image_size: int = 150
+  # cnn: random rotation, shear, zoom and flips on training images, as the tutorial's generator.
+  augment: bool = True
+  # cnn with tfds:NAME: where TFDS keeps prepared datasets; downloading only when asked.
+  tfds_data_dir: Optional[str] = None
+  tfds_download: bool = False
   # Fraction of the rows held out for testing: at random for tables, as the tutorial did;
   # the last rows for forecasts without --test_start.
   test_split: float = 0.2
@@ -59,11 +73,21 @@ class Config:
     for name in ("validation_split", "test_split"):
       if not 0 < getattr(self, name) < 1:
         raise UserError(f"--{name} must be between 0 and 1 (got {getattr(self, name)})")
-    if self.data is not None:
+    if self.model in IMAGE_MODELS:
+      if self.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} (got {self.image_size})")
+      for flag in ("data", "test_data"):
+        location = getattr(self, flag)
+        if location and not location.startswith("tfds:") and not (os.path.isdir(location) or glob.glob(location)):
+          raise UserError(f"--{flag}={location}: no such folder or files; give a folder with one subfolder "
+                          "per class, a folder or glob of TFRecord shards, or tfds:NAME")
+    elif self.data is not None:
       if not os.path.isfile(self.data):
         raise UserError(f"--data={self.data}: no such file; give the path of a CSV file")
       if not self.target_column:
         raise UserError("--target_column is required with --data: name the column to predict")
+    if self.test_data and self.model not in IMAGE_MODELS:
+      raise UserError("--test_data applies to --model=cnn; forecasts use --test_start, tables --test_split")
     if self.test_start is not None:
       if not self.is_forecast:
         raise UserError("--test_start applies to forecasts (--model=gru or lstm); "

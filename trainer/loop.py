@@ -8,6 +8,7 @@ Keras `model.fit`, because Keras 3.15 `fit` fails under MultiWorkerMirroredStrat
 import math
 import time
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -17,6 +18,11 @@ from trainer.config import UserError
 def squared_error(targets, outputs):
   """Per-example loss of a one-output regressor."""
   return tf.square(outputs[:, 0] - targets)
+
+
+def cross_entropy(labels, probabilities):
+  """Per-example loss of a softmax classifier."""
+  return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,

@@ -19,6 +19,33 @@ def metrics(targets, predictions):
           "r2": float(1 - np.sum(errors ** 2) / spread) if spread > 0 else float("nan")}
 
 
+def classification_metrics(labels, predicted, class_names):
+  """Accuracy, per-class precision and recall, and the confusion matrix (rows: true class)."""
+  n = len(class_names)
+  confusion = np.zeros((n, n), np.int64)
+  np.add.at(confusion, (np.asarray(labels), np.asarray(predicted)), 1)
+  hits = np.diag(confusion)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    precision, recall = hits / confusion.sum(axis=0), hits / confusion.sum(axis=1)
+  per_class = {name: {"precision": None if np.isnan(p) else float(p), "recall": None if np.isnan(r) else float(r)}
+               for name, p, r in zip(class_names, precision, recall)}
+  return {"accuracy": float(hits.sum() / max(confusion.sum(), 1)), "per_class": per_class}, confusion
+
+
+def evaluate(prepared, predictions):
+  """The report's test, baseline and (for classifiers) confusion-matrix entries."""
+  if prepared.kind != "classification":
+    return {"test": metrics(prepared.test_targets, predictions),
+            "baseline": {"name": prepared.baseline_name,
+                         **metrics(prepared.test_targets, prepared.baseline_predictions)}}
+  class_names = prepared.preprocessing["class_names"]
+  test, confusion = classification_metrics(prepared.test_targets, predictions, class_names)
+  baseline, _ = classification_metrics(prepared.test_targets, prepared.baseline_predictions, class_names)
+  return {"test": test, "baseline": {"name": prepared.baseline_name, "accuracy": baseline["accuracy"]},
+          "confusion_matrix": confusion.tolist(), "class_names": class_names,
+          "skipped_files": prepared.summary["skipped_files"]}
+
+
 def plot_history(history, path):
   fig, ax = plt.subplots(figsize=(7, 4))
   epochs = range(1, len(history["loss"]) + 1)
@@ -57,17 +84,56 @@ def plot_error_histogram(targets, predictions, path):
   _save(fig, path)
 
 
+def plot_confusion_matrix(confusion, class_names, path):
+  confusion = np.asarray(confusion)
+  fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2.5, 1.2 * len(class_names) + 2))
+  ax.imshow(confusion, cmap="Blues")
+  for (i, j), count in np.ndenumerate(confusion):
+    ax.text(j, i, str(count), ha="center", va="center",
+            color="white" if count > confusion.max() / 2 else "black")
+  ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+  ax.set_yticks(range(len(class_names)), class_names)
+  ax.set(xlabel="predicted", ylabel="true", title="Test set: confusion matrix")
+  _save(fig, path)
+
+
+def plot_class_distribution(counts, class_names, path):
+  fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(class_names)), 4))
+  positions = np.arange(len(class_names))
+  splits = [(name, c) for name, c in counts.items() if c]
+  for k, (name, c) in enumerate(splits):
+    ax.bar(positions + (k - (len(splits) - 1) / 2) * 0.8 / len(splits), c, width=0.8 / len(splits), label=name)
+  ax.set_xticks(positions, class_names, rotation=30, ha="right")
+  ax.set(ylabel="images", title="Images per class")
+  ax.legend()
+  _save(fig, path)
+
+
+def plot_image_grid(images, titles, path, columns=4):
+  rows = int(np.ceil(len(images) / columns))
+  fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, image, (title, colour) in zip(axes.flat, images, titles):
+    ax.imshow(np.clip(image, 0, 1))
+    ax.set_title(title, fontsize=8, color=colour)
+  _save(fig, path)
+
+
 def _save(fig, path):
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def write_plots(job_dir, prepared, history, predictions, model_name):
+def write_plots(job_dir, prepared, history, predictions, model_name, evaluation):
+  """PNG plots under <job_dir>/plots; `evaluation` is what evaluate() returned. Returns their names."""
   plots = os.path.join(job_dir, "plots")
   os.makedirs(plots, exist_ok=True)
   plot_history(history, os.path.join(plots, "history.png"))
-  if prepared.kind == "forecast":
+  if prepared.kind == "classification":
+    _classification_plots(plots, prepared, predictions, evaluation)
+  elif prepared.kind == "forecast":
     index = np.array(prepared.test_index, dtype="datetime64[D]" if prepared.summary["date_column"] else None)
     plot_forecast(index, prepared.test_targets, predictions, prepared.baseline_predictions, model_name,
                   prepared.preprocessing["target"], os.path.join(plots, "forecast.png"))
@@ -77,7 +143,28 @@ def write_plots(job_dir, prepared, history, predictions, model_name):
   return sorted(os.listdir(plots))
 
 
+def _classification_plots(plots, prepared, predictions, evaluation):
+  from trainer.data import augment  # TensorFlow: only for classifiers' previews
+  names = evaluation["class_names"]
+  plot_confusion_matrix(evaluation["confusion_matrix"], names, os.path.join(plots, "confusion_matrix.png"))
+  counts = {split: prepared.summary["counts"].get(split) for split in ("train", "validation", "test")}
+  if not any(counts.values()):
+    counts = {"test": np.bincount(prepared.test_targets, minlength=len(names)).tolist()}
+  plot_class_distribution(counts, names, os.path.join(plots, "class_distribution.png"))
+  images, labels = next(iter(prepared.make_dataset("test", 16)))
+  titles = [(f"true {names[t]}\npredicted {names[p]}", "black" if t == p else "red")
+            for t, p in zip(labels.numpy(), predictions[:16])]
+  plot_image_grid(images.numpy(), titles, os.path.join(plots, "test_predictions.png"))
+  image = images[0]
+  previews = [image.numpy()] + [augment.random_transform(image, [7, k]).numpy() for k in range(7)]
+  plot_image_grid(previews, [("original", "black")] + [(f"augmented #{k + 1}", "black") for k in range(7)],
+                  os.path.join(plots, "augmentation_preview.png"))
+
+
 def summary_table(report):
+  if "accuracy" in report["test"]:
+    return "\n".join([f"{report['model']} (test) accuracy  {report['test']['accuracy']:.3f}",
+                      f"{report['baseline']['name']} accuracy  {report['baseline']['accuracy']:.3f}"])
   name = f"{report['model']} (test)"
   base = report["baseline"]["name"]
   width = max(len(name), len(base))

@@ -15,8 +15,11 @@ from absl import app, flags, logging  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES, "Network to train: dense (tables), gru or lstm (forecasts).")
-flags.DEFINE_string("data", None, "CSV file; empty: built-in generated data.")
+flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES,
+                  "Network to train: dense (tables), gru or lstm (forecasts), cnn (images).")
+flags.DEFINE_string("data", None, "CSV file; for cnn a folder of class subfolders, TFRecord shards or tfds:NAME; "
+                    "empty: built-in generated data.")
+flags.DEFINE_string("test_data", None, "cnn: a separate test set of the same kind as --data.")
 flags.DEFINE_string("target_column", None, "Column to predict (required with --data).")
 flags.DEFINE_string("date_column", None, "Column of dates: rows are sorted by it, --test_start refers to it.")
 flags.DEFINE_list("feature_columns", [], "Input columns besides the target; tables default to every numeric column.")
@@ -30,6 +33,10 @@ flags.DEFINE_integer("seed", 42, "Seed for the split, shuffling and initial weig
 flags.DEFINE_bool("bidirectional", False, "Wrap each recurrent layer in Bidirectional.")
 flags.DEFINE_float("validation_split", 0.2, "Fraction of the training rows held out for early stopping.")
 flags.DEFINE_float("test_split", 0.2, "Fraction of rows held out for testing.")
+flags.DEFINE_integer("image_size", 150, "cnn: images are resized to this square size.")
+flags.DEFINE_bool("augment", True, "cnn: random rotation, shear, zoom and flips of training images.")
+flags.DEFINE_string("tfds_data_dir", None, "cnn with tfds:NAME: the TFDS data folder.")
+flags.DEFINE_bool("tfds_download", False, "cnn with tfds:NAME: allow downloading the dataset.")
 flags.DEFINE_string("job_dir", None, "Folder for the model, report and plots; default: a new folder under ./runs/.")
 
 
@@ -42,7 +49,9 @@ def main(argv):
         feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
         patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
-        validation_split=FLAGS.validation_split, test_split=FLAGS.test_split)
+        validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
+        image_size=FLAGS.image_size, augment=FLAGS.augment, tfds_data_dir=FLAGS.tfds_data_dir,
+        tfds_download=FLAGS.tfds_download)
     job_dir = FLAGS.job_dir or os.path.join("runs", f"{FLAGS.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
     result = train.train_and_evaluate(config, job_dir)

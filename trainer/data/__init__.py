@@ -25,3 +25,5 @@ class Prepared:
   # The report's "data" section.
   summary: Dict[str, Any]
   kind: str = "table"
+  # Units of the model's output layer: 1 for regressors, the number of classes for classifiers.
+  num_outputs: int = 1

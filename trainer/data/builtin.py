@@ -31,3 +31,29 @@ def price_series(days=3_000, start_price=100.0, drift=0.0004, volatility=0.018, 
   close = start_price * np.exp(np.cumsum(returns))
   dates = pd.bdate_range("2006-01-02", periods=days)
   return pd.DataFrame({SERIES_DATE: dates, SERIES_TARGET: close.round(2)})
+
+
+SHAPE_CLASSES = ("circle", "square", "horizontal_stripes", "vertical_stripes")
+
+
+def shape_images(per_class=150, size=150, seed=0):
+  """A small image set of visually distinct classes: (uint8 images [N, size, size, 3], int32
+  labels, class names). Shapes and stripes of random colour, position and scale on a noisy
+  background, so the task is easy but not trivial and survives the tutorial's augmentation
+  (rotation up to 40 degrees keeps horizontal stripes apart from vertical ones)."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size] / size
+  images, labels = [], []
+  for label, name in enumerate(SHAPE_CLASSES):
+    for _ in range(per_class):
+      background, colour = rng.uniform(0, 0.5, 3), rng.uniform(0.5, 1, 3)
+      cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+      period = rng.uniform(0.08, 0.2)
+      mask = {"circle": (xx - cx) ** 2 + (yy - cy) ** 2 < r ** 2,
+              "square": (abs(xx - cx) < r) & (abs(yy - cy) < r),
+              "horizontal_stripes": (yy / period) % 1 < 0.5,
+              "vertical_stripes": (xx / period) % 1 < 0.5}[name]
+      image = np.where(mask[..., None], colour, background) + rng.normal(0, 0.05, (size, size, 3))
+      images.append((np.clip(image, 0, 1) * 255).astype(np.uint8))
+      labels.append(label)
+  return np.stack(images), np.array(labels, np.int32), list(SHAPE_CLASSES)

@@ -1,0 +1,111 @@
+"""The CNN's input pipeline from every kind of source, and one real training run."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from trainer import train
+from trainer.config import Config, UserError
+from trainer.data import builtin, image_folder, image_tfrecords, images
+
+
+def batches(dataset):
+  xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def test_builtin_shapes_give_float_batches_of_the_right_shape():
+  prepared = images.prepare(Config(model="cnn", image_size=24))
+  assert prepared.input_shape == (24, 24, 3) and prepared.num_outputs == 4
+  x, y = next(iter(prepared.make_dataset("train", 8)))
+  assert x.shape == (8, 24, 24, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+  assert 0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1
+  counts = prepared.summary["counts"]
+  assert sum(map(sum, counts.values())) == 600 and counts["test"] == [30, 30, 30, 30]
+
+
+def test_without_augmentation_training_pixels_are_the_images():
+  """Generated at the model's size, so resizing is the identity: pixels / 255, reordered."""
+  prepared = images.prepare(Config(model="cnn", image_size=24, augment=False))
+  x, y = batches(prepared.make_dataset("train", 50))
+  source, labels, _ = builtin.shape_images(size=24, seed=0)
+  assert np.abs(x * 255 - np.round(x * 255)).max() < 1e-3  # exact multiples of 1/255
+  expected = {(int(l), i.tobytes()) for i, l in zip(source, labels)}
+  got = {(int(l), np.round(i * 255).astype(np.uint8).tobytes()) for i, l in zip(x, y)}
+  assert got <= expected and len(got) == len(x)
+
+
+def test_augmentation_is_fixed_by_seed_and_epoch():
+  prepared = images.prepare(Config(model="cnn", image_size=24))
+  first, again = batches(prepared.make_dataset("train", 50, epoch=0)), batches(prepared.make_dataset("train", 50, epoch=0))
+  np.testing.assert_array_equal(first[0], again[0])
+  later = batches(prepared.make_dataset("train", 50, epoch=1))
+  assert not np.array_equal(first[0], later[0])
+  # Augmented, not the plain images: some pixels differ from every source image.
+  plain = batches(images.prepare(Config(model="cnn", image_size=24, augment=False)).make_dataset("train", 50))
+  assert not np.array_equal(np.sort(first[0].ravel()), np.sort(plain[0].ravel()))
+
+
+def test_validation_and_test_are_never_augmented_or_shuffled():
+  prepared = images.prepare(Config(model="cnn", image_size=24))
+  for split in ("validation", "test"):
+    np.testing.assert_array_equal(batches(prepared.make_dataset(split, 16))[0],
+                                  batches(prepared.make_dataset(split, 16))[0])
+
+
+def test_folder_split_is_stratified_and_disjoint(make_image_folder):
+  prepared = images.prepare(Config(model="cnn", data=make_image_folder({"a": 20, "b": 10}), image_size=24))
+  counts = prepared.summary["counts"]
+  assert counts["test"] == [4, 2]
+  assert [sum(c) for c in zip(*counts.values())] == [20, 10]
+  assert prepared.preprocessing["class_names"] == ["a", "b"]
+
+
+def test_separate_test_folder(make_image_folder):
+  test = make_image_folder({"red": 3, "green": 3, "blue": 3}, name="test")
+  config = Config(model="cnn", data=make_image_folder(name="train"), test_data=test, image_size=24)
+  prepared = images.prepare(config)
+  assert prepared.summary["counts"]["test"] == [3, 3, 3] and len(prepared.test_targets) == 9
+
+
+def test_tfrecord_shards_as_data(make_image_folder, tmp_path):
+  image_tfrecords.write_shards(image_folder.scan(make_image_folder()), str(tmp_path / "shards"), 3)
+  prepared = images.prepare(Config(model="cnn", data=str(tmp_path / "shards"), image_size=24))
+  assert prepared.preprocessing["class_names"] == ["blue", "green", "red"]
+  train_y = batches(prepared.make_dataset("train", 64))[1]
+  val_y = batches(prepared.make_dataset("validation", 64))[1]
+  assert len(train_y) + len(val_y) + len(prepared.test_targets) == 36
+
+
+def test_tfds_by_name_through_mock_data():
+  with tfds.testing.mock_data(num_examples=40):
+    prepared = images.prepare(Config(model="cnn", data="tfds:mnist", image_size=28))
+    assert prepared.num_outputs == 10 and prepared.input_shape == (28, 28, 3)
+    x, _ = next(iter(prepared.make_dataset("train", 4)))
+    assert x.shape == (4, 28, 28, 3)
+
+
+def test_cnn_trains_on_a_messy_folder_and_reports(make_image_folder, tmp_path):
+  root = make_image_folder()
+  (open(os.path.join(root, "red", "broken.jpg"), "wb")).write(b"\xff\xd8\xff\xe0 not really a jpeg")
+  with open(os.path.join(root, "green", "notes.txt"), "w") as f:
+    f.write("not an image")
+  result = train.train_and_evaluate(Config(model="cnn", data=root, image_size=24, epochs=2, batch_size=8),
+                                    str(tmp_path / "job"))
+  assert set(result["test"]) == {"accuracy", "per_class"} and "accuracy" in result["baseline"]
+  assert result["class_names"] == ["blue", "green", "red"]
+  assert sorted(os.path.basename(f["path"]) for f in result["skipped_files"]) == ["broken.jpg", "notes.txt"]
+  assert np.array(result["confusion_matrix"]).sum() == result["data"]["test_images"] == 6  # 2 of 12 per class
+  assert sorted(result["plots"]) == ["augmentation_preview.png", "class_distribution.png", "confusion_matrix.png",
+                                     "history.png", "test_predictions.png"]
+  saved = json.loads((tmp_path / "job" / "model" / "preprocessing.json").read_text())
+  assert saved["class_names"] == ["blue", "green", "red"] and saved["image_size"] == 24
+
+
+def test_image_size_too_small():
+  with pytest.raises(UserError, match="--image_size must be at least 22"):
+    Config(model="cnn", image_size=16)

@@ -1,0 +1,213 @@
+"""Images in one subfolder per class (`--data=DIR`, `--test_data=DIR`), checked before training.
+
+Every file is decoded once while the folder is scanned, in parallel, so a corrupt or truncated
+file is reported (and left out) before the job starts instead of killing it in epoch 7. What
+comes out is what every image source ends in: (uint8 image [H, W, 3] of any size, int32 label)
+pairs and the sorted class names. Resizing, caching, augmentation and batching come later
+(trainer/data/images.py).
+"""
+
+import dataclasses
+import os
+import re
+from typing import Dict, List
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserError
+
+# The check hands decoded files' indices back to Python this many at a time: one at a time,
+# Python's per-element cost would rival the decoding of small images.
+_CHECK_BATCH = 256
+
+
+@dataclasses.dataclass
+class FolderScan:
+  """The readable images of a class folder, and what was left out."""
+  paths: List[str]
+  labels: List[int]
+  # Sorted subfolder names; label i is class_names[i].
+  class_names: List[str]
+  # {"path": ..., "reason": ...} for every file that could not be decoded.
+  skipped_files: List[Dict[str, str]]
+  # Where the scan came from, so later errors can name the folder and the flag.
+  directory: str = ""
+  flag: str = "--data"
+
+  @property
+  def counts(self) -> Dict[str, int]:
+    """Readable images per class."""
+    per_label = np.bincount(np.asarray(self.labels, np.int64), minlength=len(self.class_names))
+    return {name: int(n) for name, n in zip(self.class_names, per_label)}
+
+
+def decode(contents):
+  """Encoded JPEG, PNG, BMP or GIF bytes -> uint8 [H, W, 3]; grayscale and RGBA become RGB.
+
+  A GIF gives its first frame (expand_animations=False), so every format has the same rank.
+  The static shape is set because decode_image's is unknown, and Keras layers need the rank.
+  """
+  image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def scan(directory, flag="--data"):
+  """Lists DIR/<class>/... and decodes every file once; returns a FolderScan of the good ones.
+
+  Class names are the sorted subfolder names. Files anywhere below a class folder count, as in
+  keras.utils.image_dataset_from_directory. Hidden files and folders (".DS_Store",
+  ".ipynb_checkpoints") are not data and are left out without a warning.
+  """
+  class_names = _class_folders(directory, flag)
+  candidates, candidate_labels = [], []
+  for label, name in enumerate(class_names):
+    files = _files_below(os.path.join(directory, name))
+    candidates += files
+    candidate_labels += [label] * len(files)
+  failures = _undecodable(candidates)
+  skipped = []
+  for index in sorted(failures):
+    logging.warning("%s: skipped, not a readable image (%s)", candidates[index], failures[index])
+    skipped.append({"path": candidates[index], "reason": failures[index]})
+  keep = [i for i in range(len(candidates)) if i not in failures]
+  result = FolderScan(paths=[candidates[i] for i in keep], labels=[candidate_labels[i] for i in keep],
+                      class_names=class_names, skipped_files=skipped, directory=directory, flag=flag)
+  _check_every_class_has_images(result)
+  logging.info("%s=%s: %d images in %d classes (%d files skipped)", flag, directory, len(result.paths),
+               len(class_names), len(skipped))
+  return result
+
+
+def check_same_classes(train_scan, test_scan):
+  """Stops with one line when the test folder's classes are not the training folder's."""
+  if train_scan.class_names == test_scan.class_names:
+    return
+  only_train = sorted(set(train_scan.class_names) - set(test_scan.class_names))
+  only_test = sorted(set(test_scan.class_names) - set(train_scan.class_names))
+  raise UserError(f"{test_scan.flag}={test_scan.directory} and {train_scan.flag}={train_scan.directory} "
+                  f"have different class folders (only in {train_scan.flag}: {', '.join(only_train) or '-'}; "
+                  f"only in {test_scan.flag}: {', '.join(only_test) or '-'}); give both folders the same classes")
+
+
+def stratified_split(labels, fraction, seed):
+  """(kept_indices, held_out_indices): round(fraction * count) of each class held out, at random.
+
+  A class with two or more examples gives at least one to the held-out part and keeps at least
+  one, so every class is both learned and measured; a class of one is kept. Halves round up.
+  Both arrays are sorted; the same labels, fraction and seed always give the same split.
+  """
+  if not 0 <= fraction < 1:
+    raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  held_out = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = len(members)
+    n = int(np.floor(fraction * count + 0.5))
+    if fraction > 0 and count >= 2:
+      n = max(n, 1)
+    n = min(n, count - 1)
+    held_out.append(rng.permutation(members)[:n])
+  held_out = np.sort(np.concatenate(held_out)) if held_out else np.zeros(0, np.int64)
+  kept = np.setdiff1d(np.arange(len(labels)), held_out)
+  return kept.astype(np.int64), held_out.astype(np.int64)
+
+
+def dataset(paths, labels, input_context=None):
+  """tf.data of (uint8 image [H, W, 3], int32 label), files read and decoded in parallel.
+
+  With an input_context each input pipeline (worker) reads its own share of the files.
+  """
+  files = tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string),
+                                              tf.constant(list(labels), tf.int32)))
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  return files.map(lambda path, label: (decode(tf.io.read_file(path)), label),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _class_folders(directory, flag):
+  if not os.path.exists(directory):
+    raise UserError(f"{flag}={directory}: no such folder; give a folder with one subfolder of images per class")
+  if not os.path.isdir(directory):
+    raise UserError(f"{flag}={directory} is a file, not a folder; give a folder with one subfolder of images per class")
+  entries = sorted(e for e in os.listdir(directory) if not e.startswith("."))
+  classes = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+  loose = [e for e in entries if e not in classes]
+  if not classes:
+    raise UserError(f"{flag}={directory} has no class subfolders; put each class's images in "
+                    f"{os.path.join(directory, '<class name>')}/")
+  if loose:
+    logging.warning("%s=%s: %d files outside the class folders are ignored (%s)", flag, directory, len(loose),
+                    ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else ""))
+  if len(classes) < 2:
+    raise UserError(f"{flag}={directory} has one class folder ({classes[0]!r}); "
+                    "a classifier needs at least two classes")
+  return classes
+
+
+def _files_below(folder):
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+  return found
+
+
+def _undecodable(paths):
+  """{index: reason} for the files that do not decode; the rest are decoded in parallel, once.
+
+  Inside tf.data an error cannot be caught per file, so failing files are dropped there
+  (ignore_errors) and only those few are decoded again, eagerly, to learn the reason.
+  """
+  if not paths:
+    return {}
+
+  def check(index, path):
+    # The shape is returned so that the decode cannot be optimised away as unused.
+    return index, tf.shape(decode(tf.io.read_file(path)))
+
+  decoded = set()
+  checks = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf.constant(paths, tf.string)))
+            .map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            .ignore_errors()
+            .batch(_CHECK_BATCH))
+  for indices, _ in checks.as_numpy_iterator():
+    decoded.update(indices.tolist())
+  failures = {}
+  for index in range(len(paths)):
+    if index not in decoded:
+      reason = _decode_error(paths[index])
+      if reason is not None:
+        failures[index] = reason
+  return failures
+
+
+def _decode_error(path):
+  """Why the file does not decode, in one short line; None if it does after all."""
+  try:
+    decode(tf.io.read_file(path))
+  except tf.errors.OpError as e:  # undecodable, unreadable, vanished: all mean "not usable"
+    # TF wraps kernel messages as "{{function_node ...}} message [Op:DecodeImage]".
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message)
+    message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message).strip()
+    return message.splitlines()[0] if message else type(e).__name__
+  return None
+
+
+def _check_every_class_has_images(result):
+  counts = result.counts
+  n = len(result.skipped_files)
+  skipped = f" ({n} unreadable file{'' if n == 1 else 's'} skipped)" if n else ""
+  if not result.paths:
+    raise UserError(f"{result.flag}={result.directory}: no readable image in any class folder{skipped}; "
+                    f"put JPEG, PNG, BMP or GIF files in {os.path.join(result.directory, '<class name>')}/")
+  empty = [repr(name) for name, count in counts.items() if count == 0]
+  if empty:
+    folders = f"class folder {empty[0]} has" if len(empty) == 1 else f"class folders {', '.join(empty)} have"
+    raise UserError(f"{result.flag}={result.directory}: {folders} no readable images{skipped}; "
+                    "add images or remove the folder")

@@ -1,0 +1,133 @@
+"""Images as sharded TFRecord files: written once from a class folder, read in parallel by every worker.
+
+Why: thousands of small image files are slow to list and open, above all on Cloud Storage; a
+few large files read in parallel are fast, and give each worker whole files of its own. A shard
+holds tf.train.Examples with the original encoded bytes (`image`, so nothing is re-encoded or
+lost) and the class index (`label`); `metadata.json` beside the shards holds the class names
+and counts. Write them with scripts/make_tfrecords.py.
+"""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserError
+from trainer.data import image_folder
+
+METADATA = "metadata.json"
+SHARD_PATTERN = "images-*.tfrecord"
+# Examples are spread over the shards in an order fixed by this seed, so every shard holds
+# every class and rewriting the same folder gives the same files.
+SHUFFLE_SEED = 0
+# Without --shards: about this many bytes of images per shard (TF's advice: 100 MB or more).
+TARGET_SHARD_BYTES = 100 * 2**20
+
+_FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def shard_name(index, num_shards):
+  return f"images-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def write_shards(scan, out_dir, num_shards=None):
+  """Writes the scan's images into num_shards TFRecord files and metadata.json; returns the metadata.
+
+  Examples are shuffled with a fixed seed and spread evenly (shard sizes differ by at most one).
+  metadata.json is written last: a folder without it is an unfinished write, and `read` refuses it.
+  """
+  if num_shards is None:
+    total = sum(os.path.getsize(p) for p in scan.paths)
+    num_shards = max(1, min(len(scan.paths), round(total / TARGET_SHARD_BYTES)))
+  if num_shards < 1:
+    raise UserError(f"--shards={num_shards} must be at least 1")
+  if num_shards > len(scan.paths):
+    raise UserError(f"--shards={num_shards} is more than the {len(scan.paths)} readable images in "
+                    f"{scan.directory}; use at most {len(scan.paths)}")
+  os.makedirs(out_dir, exist_ok=True)
+  existing = sorted(tf.io.gfile.glob(os.path.join(out_dir, SHARD_PATTERN))
+                    + tf.io.gfile.glob(os.path.join(out_dir, METADATA)))
+  if existing:
+    # Old shards left beside new ones would be read as part of the data set.
+    raise UserError(f"OUT_DIR={out_dir} already holds shards ({os.path.basename(existing[0])}); "
+                    "give an empty folder or delete them first")
+  order = np.random.default_rng(SHUFFLE_SEED).permutation(len(scan.paths))
+  shards, shard_sizes = [], []
+  for index, members in enumerate(np.array_split(order, num_shards)):
+    name = shard_name(index, num_shards)
+    with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
+      for i in members:
+        writer.write(_example(scan.paths[i], scan.labels[i]))
+    shards.append(name)
+    shard_sizes.append(len(members))
+    logging.info("wrote %s (%d images)", name, len(members))
+  metadata = {"class_names": list(scan.class_names), "counts": scan.counts, "num_examples": len(scan.paths),
+              "shards": shards, "shard_sizes": shard_sizes, "source": scan.directory,
+              "skipped_files": scan.skipped_files}
+  with tf.io.gfile.GFile(os.path.join(out_dir, METADATA), "w") as f:
+    json.dump(metadata, f, indent=2)
+  return metadata
+
+
+def read(location, input_context=None, flag="--data"):
+  """(dataset of (uint8 image [H, W, 3], int32 label), metadata) from a shard folder or a glob.
+
+  location: a folder written by write_shards, or a glob such as DIR/images-*.tfrecord (a subset
+  of the shards). metadata is that folder's metadata.json plus "files": the shard paths read.
+  With an input_context each input pipeline reads whole files of its own when there are at
+  least as many files as pipelines, and every n-th record otherwise. Sharding is done here
+  because tf.distribute's automatic sharding of a single file across workers hangs.
+  """
+  if tf.io.gfile.isdir(location):
+    folder, pattern = location, os.path.join(location, SHARD_PATTERN)
+  else:
+    folder, pattern = os.path.dirname(location) or ".", location
+  files = sorted(tf.io.gfile.glob(pattern))
+  if not files:
+    raise UserError(f"{flag}={location}: no TFRecord files match {pattern}; "
+                    "write shards with scripts/make_tfrecords.py")
+  metadata = _read_metadata(folder, location, flag)
+  unknown = [os.path.basename(f) for f in files if os.path.basename(f) not in metadata["shards"]]
+  if unknown:
+    raise UserError(f"{flag}={location}: {unknown[0]} is not one of the shards listed in "
+                    f"{os.path.join(folder, METADATA)}; write all shards of a folder in one go")
+  records = tf.data.Dataset.from_tensor_slices(files)
+  by_data = False
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    if len(files) >= input_context.num_input_pipelines:
+      records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    else:
+      by_data = True
+  # Sharding by data needs every worker to see the records in the same order, whatever
+  # options.deterministic says; otherwise the order is left to the dataset's options.
+  records = records.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE,
+                               deterministic=True if by_data else None)
+  if by_data:
+    # Too few files to give each worker its own: every worker reads them all and keeps its share.
+    records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  return records.map(_parse, num_parallel_calls=tf.data.AUTOTUNE), dict(metadata, files=files)
+
+
+def _example(path, label):
+  with open(path, "rb") as f:
+    contents = f.read()
+  return tf.train.Example(features=tf.train.Features(feature={
+      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[contents])),
+      "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
+  })).SerializeToString()
+
+
+def _parse(record):
+  example = tf.io.parse_single_example(record, _FEATURES)
+  return image_folder.decode(example["image"]), tf.cast(example["label"], tf.int32)
+
+
+def _read_metadata(folder, location, flag):
+  path = os.path.join(folder, METADATA)
+  if not tf.io.gfile.exists(path):
+    raise UserError(f"{flag}={location}: {path} is missing (an unfinished or foreign write); "
+                    "write shards with scripts/make_tfrecords.py")
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
