@@ -151,12 +151,20 @@ def _classification_plots(plots, prepared, predictions, evaluation):
   if not any(counts.values()):
     counts = {"test": np.bincount(prepared.test_targets, minlength=len(names)).tolist()}
   plot_class_distribution(counts, names, os.path.join(plots, "class_distribution.png"))
-  images, labels = next(iter(prepared.make_dataset("test", 16)))
-  titles = [(f"true {names[t]}\npredicted {names[p]}", "black" if t == p else "red")
-            for t, p in zip(labels.numpy(), predictions[:16])]
-  plot_image_grid(images.numpy(), titles, os.path.join(plots, "test_predictions.png"))
-  image = images[0]
-  previews = [image.numpy()] + [augment.random_transform(image, [7, k]).numpy() for k in range(7)]
+  # Up to 16 test images, taken round-robin over the classes so every class is seen.
+  by_class = [np.flatnonzero(prepared.test_targets == k)[:16] for k in range(len(names))]
+  chosen = [int(group[rank]) for rank in range(16) for group in by_class if rank < len(group)]
+  chosen = sorted(chosen[:16])
+  images, offset = [], 0
+  for batch, _ in prepared.make_dataset("test", 256):
+    images += [batch[i - offset].numpy() for i in chosen if offset <= i < offset + len(batch)]
+    offset += len(batch)
+    if offset > chosen[-1]:
+      break
+  titles = [(f"true {names[prepared.test_targets[i]]}\npredicted {names[predictions[i]]}",
+             "black" if prepared.test_targets[i] == predictions[i] else "red") for i in chosen]
+  plot_image_grid(images, titles, os.path.join(plots, "test_predictions.png"))
+  previews = [images[0]] + [augment.random_transform(images[0], [7, k]).numpy() for k in range(7)]
   plot_image_grid(previews, [("original", "black")] + [(f"augmented #{k + 1}", "black") for k in range(7)],
                   os.path.join(plots, "augmentation_preview.png"))
 
