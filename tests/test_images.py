@@ -18,6 +18,28 @@ def batches(dataset):
   return np.concatenate(xs), np.concatenate(ys)
 
 
+@pytest.mark.parametrize("shape", [(10, 30, 3), (40, 40, 3), (7, 5, 3)])
+def test_resize_is_the_same_eagerly_and_in_tf_data(shape):
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+  eager = images.resize(image, 24)
+  (in_data,) = list(tf.data.Dataset.from_tensors(image).map(lambda i: images.resize(i, 24)))
+  assert eager.shape == (24, 24, 3) and eager.dtype == tf.uint8
+  np.testing.assert_array_equal(eager.numpy(), in_data.numpy())
+
+
+def test_resize_to_the_same_size_is_the_identity():
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+  np.testing.assert_array_equal(images.resize(image, 24).numpy(), image.numpy())
+
+
+def test_to_float_is_the_same_eagerly_and_in_tf_data():
+  image = tf.constant(np.arange(0, 256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2))
+  eager, _ = images.to_float(image, 0)
+  (in_data, _), = list(tf.data.Dataset.from_tensors((image, 0)).map(images.to_float))
+  np.testing.assert_array_equal(eager.numpy(), in_data.numpy())
+  assert eager.dtype == tf.float32 and float(eager[0, 0, 0]) == 0 and float(eager[-1, -1, 0]) == 1
+
+
 def test_builtin_shapes_give_float_batches_of_the_right_shape():
   prepared = images.prepare(Config(model="cnn", image_size=24))
   assert prepared.input_shape == (24, 24, 3) and prepared.num_outputs == 4
@@ -90,16 +112,27 @@ def test_tfds_by_name_through_mock_data():
 
 
 def test_cnn_trains_on_a_messy_folder_and_reports(make_image_folder, tmp_path):
-  root = make_image_folder()
-  (open(os.path.join(root, "red", "broken.jpg"), "wb")).write(b"\xff\xd8\xff\xe0 not really a jpeg")
+  root = make_image_folder()  # odd sizes already: 20x20, 21x20, 22x20
+  rng = np.random.default_rng(1)
+  grey = tf.constant(rng.integers(0, 256, (31, 17, 1), dtype=np.uint8))
+  rgba = tf.constant(rng.integers(0, 256, (12, 40, 4), dtype=np.uint8))
+  with open(os.path.join(root, "blue", "grey.png"), "wb") as f:
+    f.write(tf.io.encode_png(grey).numpy())
+  with open(os.path.join(root, "blue", "rgba.png"), "wb") as f:
+    f.write(tf.io.encode_png(rgba).numpy())
+  jpeg = tf.io.encode_jpeg(tf.constant(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))).numpy()
+  with open(os.path.join(root, "red", "truncated.jpg"), "wb") as f:
+    f.write(jpeg[:len(jpeg) // 2])
   with open(os.path.join(root, "green", "notes.txt"), "w") as f:
     f.write("not an image")
   result = train.train_and_evaluate(Config(model="cnn", data=root, image_size=24, epochs=2, batch_size=8),
                                     str(tmp_path / "job"))
   assert set(result["test"]) == {"accuracy", "per_class"} and "accuracy" in result["baseline"]
   assert result["class_names"] == ["blue", "green", "red"]
-  assert sorted(os.path.basename(f["path"]) for f in result["skipped_files"]) == ["broken.jpg", "notes.txt"]
-  assert np.array(result["confusion_matrix"]).sum() == result["data"]["test_images"] == 6  # 2 of 12 per class
+  assert sorted(os.path.basename(f["path"]) for f in result["skipped_files"]) == ["notes.txt", "truncated.jpg"]
+  # 14 blue images (the grey and RGBA ones included), 12 of the others; 20% of each held out.
+  assert result["data"]["counts"]["test"] == [3, 2, 2]
+  assert np.array(result["confusion_matrix"]).sum() == result["data"]["test_images"] == 7
   assert sorted(result["plots"]) == ["augmentation_preview.png", "class_distribution.png", "confusion_matrix.png",
                                      "history.png", "test_predictions.png"]
   saved = json.loads((tmp_path / "job" / "model" / "preprocessing.json").read_text())

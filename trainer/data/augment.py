@@ -2,10 +2,11 @@
 (rotation up to 40 degrees, shear 0.2, zoom 0.2, horizontal and vertical flips) as one
 projective transform per image.
 
-ImageDataGenerator applies each transform with scipy, one channel at a time, in Python; Keras'
-Random* layers apply them one after another, each resampling the whole image. Here rotation,
-shear, zoom and both flips are composed into one 3x3 matrix and the image is resampled once, by
-a single `ImageProjectiveTransformV3` call (scripts/benchmark_input.py measures all three).
+ImageDataGenerator applies each transform with scipy, one channel at a time, in one Python
+thread; Keras' Random* layers apply them one after another, each resampling the whole image.
+Here rotation, shear, zoom and both flips are composed into one 3x3 matrix and the image is
+resampled once, by a single `ImageProjectiveTransformV3` call (scripts/benchmark_input.py
+measures all three).
 
 Randomness is stateless: the same seed (a [2] integer tensor, e.g. derived from (seed, epoch,
 example index)) gives the same augmentation eagerly and inside `tf.data`, on any number of
@@ -17,16 +18,20 @@ import math
 import tensorflow as tf
 
 # Where the transform reaches outside the image (corners after a rotation, borders after a zoom
-# out), pixels are black, not the edge smeared outward as ImageDataGenerator's default
-# fill_mode='nearest' does. Chosen for speed: in ImageProjectiveTransformV3 the fill mode, not the
-# matrix, is the cost; on this 2-core CPU, cached 150x150 images (scripts/benchmark_input.py):
-# NEAREST ~1,200 img/s, CONSTANT ~2,300 img/s. Only CONSTANT keeps our pipeline >= 10x
-# ImageDataGenerator's speed. The network sees black corners instead of streaks; either is
-# content that is not in the photo.
-FILL_MODE = "CONSTANT"
-# Bilinear, as ImageDataGenerator (scipy interpolation order 1): nearest-neighbour sampling was
-# only ~10-20% faster and makes rotated edges jagged.
-INTERPOLATION = "BILINEAR"
+# out), the edge pixel is repeated, as ImageDataGenerator's default fill_mode='nearest' does. It
+# is free: one 150x150 float32 image through the op on one thread of this CPU took ~660 us
+# bilinear / ~390 us nearest-neighbour with NEAREST fill, ~690 / ~440 with CONSTANT (black),
+# ~900 / ~430 with REFLECT.
+FILL_MODE = "NEAREST"
+# Nearest-neighbour sampling, where ImageDataGenerator interpolates bilinearly (scipy order=1).
+# The transform is nearly all the cost of augmenting, and bilinear makes the whole pipeline ~1.6x
+# dearer: ~580 vs ~360 CPU microseconds per 150x150 image (scripts/benchmark_input.py). On 2
+# cores the pipeline and the training step share the CPU, so that is training speed: fed by the
+# pipeline the CNN trained at 0.86-0.99 of its model-only speed with this sampling, 0.84-0.86
+# with bilinear (a shared, noisy machine). Rotated edges come out slightly jagged; torchvision's
+# RandomRotation and RandomAffine sample this way by default. interpolation="BILINEAR" gives
+# ImageDataGenerator's output to float precision (tests/test_augment.py).
+INTERPOLATION = "NEAREST"
 
 
 def transform_matrix(height, width, angle, shear, zoom_x, zoom_y, flip_h, flip_v):
@@ -77,11 +82,20 @@ def random_transform(image, seed, rotation=40.0, shear=0.2, zoom=0.2, flips=True
   matrix = transform_matrix(shape[0], shape[1], angle=rotation * u[0], shear=shear * u[1],
                             zoom_x=1 + zoom * u[2], zoom_y=1 + zoom * u[3],
                             flip_h=flips and u[4] < 0, flip_v=flips and u[5] < 0)
+  return apply_transform(image, matrix, fill_mode, interpolation)
+
+
+def apply_transform(image, matrix, fill_mode=FILL_MODE, interpolation=INTERPOLATION):
+  """`image` (float32 [H, W, C] in [0, 1]) resampled through a `transform_matrix`, same shape."""
+  image = tf.convert_to_tensor(image, tf.float32)
+  fill_mode, interpolation = fill_mode.upper(), interpolation.upper()
   # The op takes the first 8 entries, row by row; the 9th is 1 for an affine matrix.
   transforms = tf.reshape(matrix, [1, 9])[:, :8]
   output = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transforms, output_shape=shape[:2], fill_value=0.0,
+      images=image[None], transforms=transforms, output_shape=tf.shape(image)[:2], fill_value=0.0,
       interpolation=interpolation, fill_mode=fill_mode)[0]
   output.set_shape(image.shape)
-  # Bilinear weights sum to 1, but in float32 a blend of 1.0s can round a hair above it.
-  return tf.clip_by_value(output, 0.0, 1.0)
+  if interpolation == "BILINEAR":
+    # Bilinear weights sum to 1, but in float32 a blend of 1.0s can round a hair above it.
+    output = tf.clip_by_value(output, 0.0, 1.0)
+  return output

@@ -19,12 +19,16 @@ from trainer.data import Prepared, augment, builtin, image_folder, image_tfds, i
 _SHUFFLE_BUFFER = 10_000
 
 
-def _resized(examples, size):
-  """uint8 images of any size -> uint8 [size, size, 3], as the tutorial's target_size did."""
-  def resize(image, label):
-    image = tf.image.resize(image, (size, size), antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), tf.cast(label, tf.int32)
-  return examples.map(resize, num_parallel_calls=tf.data.AUTOTUNE)
+def resize(image, size):
+  """A uint8 image of any size -> uint8 [size, size, 3], as the tutorial's target_size did;
+  antialiased, so large photos shrink without aliasing."""
+  image = tf.image.resize(image, (size, size), antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def to_float(image, label):
+  """uint8 pixels -> float32 in [0, 1], what the model takes (the tutorial's rescale=1/255)."""
+  return tf.image.convert_image_dtype(image, tf.float32), label
 
 
 def _every_kth(examples, k, keep_remainder):
@@ -139,15 +143,18 @@ def prepare(config):
     # Decoded, resized and cached once per split and input pipeline; every epoch reuses it.
     key = (split, None if context is None else context.input_pipeline_id)
     if key not in cached:
-      cached[key] = _resized(splits.sources[split](context), size).cache()
+      cached[key] = (splits.sources[split](context)
+                     .map(lambda image, label: (resize(image, size), tf.cast(label, tf.int32)),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+                     .cache())
     return cached[key]
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     examples = decoded(split, input_context)
     if split != "train":
-      return examples.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+      return examples.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     epoch_seed = seed * 100_003 + epoch
-    pixels = _augmented(epoch_seed) if config.augment else (lambda i, example: _to_float(*example))
+    pixels = _augmented(epoch_seed) if config.augment else (lambda i, example: to_float(*example))
     return (examples
             .shuffle(_SHUFFLE_BUFFER, seed=epoch_seed)
             .enumerate()
@@ -186,12 +193,8 @@ def prepare(config):
       num_outputs=len(splits.class_names))
 
 
-def _to_float(image, label):
-  return tf.image.convert_image_dtype(image, tf.float32), label
-
-
 def _augmented(epoch_seed):
   def pixels(index, example):
-    image, label = _to_float(*example)
+    image, label = to_float(*example)
     return augment.random_transform(image, tf.stack([tf.constant(epoch_seed, tf.int64), index])), label
   return pixels

@@ -1,0 +1,270 @@
+"""The CNN's input pipeline side by side: the tutorial's ImageDataGenerator, Keras preprocessing
+layers, ours (trainer/data/augment.py), and the CNN's training speed fed by ours.
+
+    python scripts/benchmark_input.py       # 300 150x150 JPEGs in 6 classes, batch 32, ~1 minute
+
+Writes a temporary folder of JPEGs (random shapes and colours), then measures images per second
+over the same number of batches after a warm-up, each method with the same images, the same
+augmentations (rotation 40 degrees, shear 0.2 degrees, zoom 0.2, both flips), the same output
+size and batch size, read batch by batch from Python as a training loop would:
+  imagedatagenerator  the tutorial's way: PIL decode and scipy transforms every epoch, with its
+                      defaults: bilinear interpolation, fill 'nearest'
+  keras_layers        RandomRotation, RandomShear, RandomZoom, RandomFlip on batches in tf.data
+  ours                decode once into a cache, then one projective transform per image, with
+                      augment.py's fill mode and interpolation (or --fill_mode, --interpolation)
+  ours_bilinear       the same with bilinear interpolation, like for like with ImageDataGenerator
+  ours_no_augment     the same pipeline without augmentation: the cost of everything else
+Then the tutorial's CNN trained by a tf.function step, fed by our pipeline and fed one in-memory
+batch over and over (the model-only ceiling). Prints a table, then one line of JSON.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer.data import augment  # noqa: E402
+from trainer.models import build_cnn  # noqa: E402
+
+CLASSES = 6
+ROTATION, SHEAR, ZOOM = 40.0, 0.2, 0.2  # the tutorial's ImageDataGenerator ranges
+
+
+def write_images(folder, count, size, seed):
+  """`count` JPEGs of random rectangles and discs on random backgrounds, in CLASSES subfolders."""
+  rng = np.random.default_rng(seed)
+  rows, cols = np.mgrid[:size, :size]
+  for i in range(count):
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = rng.integers(0, 256, 3)
+    for _ in range(rng.integers(2, 6)):
+      top, left = rng.integers(0, size, 2)
+      extent = rng.integers(size // 10, size // 2)
+      if rng.random() < 0.5:
+        mask = (abs(rows - top) < extent) & (abs(cols - left) < extent // 2)
+      else:
+        mask = (rows - top) ** 2 + (cols - left) ** 2 < extent ** 2
+      image[mask] = rng.integers(0, 256, 3)
+    class_folder = os.path.join(folder, f"class_{i % CLASSES}")
+    os.makedirs(class_folder, exist_ok=True)
+    tf.io.write_file(os.path.join(class_folder, f"{i:05d}.jpg"), tf.io.encode_jpeg(image, quality=90))
+
+
+def images_per_second(batches, count, warmup):
+  """(images per second, CPU microseconds per image) over `count` batches drawn from the iterator
+  after `warmup` batches. CPU time counts every thread of this process: on a shared machine it
+  is the steadier figure, as other jobs slow the clock but not the work."""
+  for _ in range(warmup):
+    next(batches)
+  images = 0
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(count):
+    images += len(next(batches)[0])
+  return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images * 1e6
+
+
+def list_files(folder):
+  """(paths, integer labels), classes numbered in sorted folder order as flow_from_directory does."""
+  classes = sorted(os.listdir(folder))
+  pairs = [(os.path.join(folder, name, file), label)
+           for label, name in enumerate(classes) for file in sorted(os.listdir(os.path.join(folder, name)))]
+  return [p for p, _ in pairs], [label for _, label in pairs]
+
+
+def decoded(folder, image_size):
+  """(index, uint8 image, label) per file, decoded once: the cache is filled in the first epoch.
+  uint8 holds a 150x150 image in 67 KB, a quarter of float32."""
+  paths, labels = list_files(folder)
+
+  def load(index, example):
+    path, label = example
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(image, (image_size, image_size))
+    return index, tf.saturate_cast(tf.round(image), tf.uint8), label
+
+  return (tf.data.Dataset.from_tensor_slices((paths, labels)).enumerate()
+          .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+          .cache()), len(paths)
+
+
+def our_pipeline(folder, args, augmented=True):
+  """Batches of (float32 images in [0, 1], labels), reshuffled every epoch, without end."""
+  images, count = decoded(folder, args.image_size)
+
+  def prepare(position, example):
+    index, image, label = example
+    image = tf.image.convert_image_dtype(image, tf.float32)  # x / 255, as rescale=1/255
+    if augmented:
+      # One stateless seed per (seed, epoch, example): a new augmentation every epoch, the same
+      # ones on every rerun, whatever order the parallel map calls finish in.
+      epoch_seed = tf.stack([tf.constant(args.seed, tf.int64), position // count])
+      image = augment.random_transform(image, tf.random.experimental.stateless_fold_in(epoch_seed, index),
+                                       rotation=ROTATION, shear=SHEAR, zoom=ZOOM,
+                                       fill_mode=args.fill_mode, interpolation=args.interpolation)
+    return image, label
+
+  dataset = (images.shuffle(count, seed=args.seed).repeat().enumerate()
+              .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+              .batch(args.batch_size)
+              .prefetch(tf.data.AUTOTUNE))
+  if augmented:
+    # Each image's transform runs whole on the tf.data thread that maps it, instead of being
+    # split into the intra-op pool where the training step's convolutions run: training ran ~2%
+    # faster. (Not for the Keras layers, built on this pipeline unaugmented: they transform
+    # whole batches, which the pool can share out.)
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    dataset = dataset.with_options(options)
+  return dataset, count
+
+
+def first_epoch_batches(count, args):
+  """Batches to draw before timing our pipeline: a whole first epoch, which fills the cache."""
+  return math.ceil(count / args.batch_size) + 1
+
+
+def measure_imagedatagenerator(folder, args):
+  generator = tf.keras.preprocessing.image.ImageDataGenerator(
+      rescale=1 / 255, rotation_range=ROTATION, shear_range=SHEAR, zoom_range=ZOOM,
+      horizontal_flip=True, vertical_flip=True)
+  flow = generator.flow_from_directory(folder, target_size=(args.image_size, args.image_size),
+                                       batch_size=args.batch_size, seed=args.seed)
+  return images_per_second(flow, args.batches, warmup=2)
+
+
+def measure_keras_layers(folder, args):
+  # The same ranges in the layers' units: rotation as a fraction of a full turn; the shear as
+  # the matrix entry ImageDataGenerator's 0.2 degrees gives; zoom +-20% on each axis
+  # independently. The same fill mode and interpolation as ours.
+  options = {"fill_mode": args.fill_mode.lower(), "interpolation": args.interpolation.lower(), "seed": args.seed}
+  layers = keras.Sequential([
+      keras.layers.RandomRotation(ROTATION / 360, **options),
+      keras.layers.RandomShear(x_factor=math.sin(math.radians(SHEAR)), **options),
+      keras.layers.RandomZoom((-ZOOM, ZOOM), (-ZOOM, ZOOM), **options),
+      keras.layers.RandomFlip("horizontal_and_vertical", seed=args.seed),
+  ])
+  plain, count = our_pipeline(folder, args, augmented=False)
+  dataset = (plain.map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+             .prefetch(tf.data.AUTOTUNE))
+  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(count, args))
+
+
+def measure_ours(folder, args, augmented=True):
+  dataset, count = our_pipeline(folder, args, augmented)
+  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(count, args))
+
+
+def timed_steps(train_step, batches, steps):
+  """Seconds for `steps` training steps, each on the next batch from the iterator."""
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = train_step(*next(batches))
+  float(loss)  # waits for the last step
+  return time.perf_counter() - start
+
+
+def measure_training(folder, args):
+  """(img/s fed by our pipeline, img/s fed one in-memory batch over and over, median of the
+  per-round ratios of the two).
+
+  The two feeds alternate in rounds of 10 steps, so a change in the machine's load falls on
+  both; on a shared machine a burst of someone else's work can still land on one round, which
+  the median of the rounds' ratios shrugs off and the ratio of the totals does not. Each
+  pipeline round starts a fresh iterator and drops it at the end, so no batch is made in the
+  background during a ceiling round (the ceiling's steps would pay for it). Its first batch is
+  drawn before the clock starts, as a long training waits for it once, not every 10 steps; its
+  prefetch buffer still starts empty, so the pipeline has to catch up on the clock.
+  """
+  model = build_cnn((args.image_size, args.image_size, 3), CLASSES)
+  optimizer = keras.optimizers.Adam()
+  loss_fn = keras.losses.SparseCategoricalCrossentropy()
+
+  @tf.function
+  def train_step(images, labels):
+    with tf.GradientTape() as tape:
+      loss = loss_fn(labels, model(images, training=True))
+    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    return loss
+
+  dataset, count = our_pipeline(folder, args)
+  batches = iter(dataset)
+  for _ in range(first_epoch_batches(count, args)):  # fills the cache, shared by later iterators
+    next(batches)
+  fixed = next(batches)
+  del batches
+  train_step(*fixed)  # traces
+  ceiling, pipeline = [], []
+  rounds = max(1, args.train_steps // 10)
+  for r in range(rounds):
+    steps = args.train_steps // rounds + (r < args.train_steps % rounds)
+    ceiling.append(timed_steps(train_step, itertools.repeat(fixed), steps))
+    batches = iter(dataset)
+    first = next(batches)
+    pipeline.append(timed_steps(train_step, itertools.chain([first], batches), steps))
+    del batches  # stops its background work before the next ceiling round
+  images = args.train_steps * args.batch_size
+  median_ratio = float(np.median(np.array(ceiling) / np.array(pipeline)))
+  return images / sum(pipeline), images / sum(ceiling), median_ratio
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--images", type=int, default=300, help="JPEGs to write")
+  parser.add_argument("--image_size", type=int, default=150)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--batches", type=int, default=100, help="batches timed per input pipeline")
+  parser.add_argument("--train_steps", type=int, default=120, help="training steps timed per feed")
+  parser.add_argument("--fill_mode", default=augment.FILL_MODE, choices=("CONSTANT", "NEAREST", "REFLECT", "WRAP"))
+  parser.add_argument("--interpolation", default=augment.INTERPOLATION, choices=("BILINEAR", "NEAREST"))
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+
+  with tempfile.TemporaryDirectory() as folder:
+    write_images(folder, args.images, args.image_size, args.seed)
+    measured = {"imagedatagenerator": measure_imagedatagenerator(folder, args),
+                "keras_layers": measure_keras_layers(folder, args),
+                "ours": measure_ours(folder, args),
+                "ours_bilinear": measure_ours(folder, argparse.Namespace(**vars(args) | {"interpolation": "BILINEAR"})),
+                "ours_no_augment": measure_ours(folder, args, augmented=False)}
+    training, ceiling, median_ratio = measure_training(folder, args)
+
+  rates = {name: rate for name, (rate, _) in measured.items()}
+  rates.update(training_fed_by_ours=training, training_ceiling=ceiling)
+  cpu_us = {name: cpu for name, (_, cpu) in measured.items()}
+  baseline = rates["imagedatagenerator"]
+  print(f"{args.images} JPEGs of {args.image_size}x{args.image_size} in {CLASSES} classes, "
+        f"batch {args.batch_size}, {args.batches} batches per pipeline, {args.train_steps} training steps "
+        f"per feed; fill {args.fill_mode}, interpolation {args.interpolation}; {os.cpu_count()} CPUs")
+  print(f"{'method':<22} {'img/s':>9} {'x IDG':>7} {'CPU us/img':>11}")
+  for name, rate in rates.items():
+    cpu = f"{cpu_us[name]:>11,.0f}" if name in cpu_us else f"{'':>11}"
+    print(f"{name:<22} {rate:>9,.0f} {rate / baseline:>7.2f} {cpu}")
+  print(f"ours vs ImageDataGenerator: {rates['ours'] / baseline:.2f}x the images per second, "
+        f"{cpu_us['imagedatagenerator'] / cpu_us['ours']:.2f}x fewer CPU microseconds per image")
+  print(f"training fed by ours vs the model-only ceiling: {median_ratio:.3f} (median of rounds), "
+        f"{training / ceiling:.3f} (totals)")
+  summary = {"images": args.images, "image_size": args.image_size, "batch_size": args.batch_size,
+             "batches": args.batches, "train_steps": args.train_steps, "fill_mode": args.fill_mode,
+             "interpolation": args.interpolation, "cpus": os.cpu_count(),
+             "img_per_s": {name: round(rate, 1) for name, rate in rates.items()},
+             "cpu_us_per_img": {name: round(cpu) for name, cpu in cpu_us.items()},
+             "vs_imagedatagenerator": round(rates["ours"] / baseline, 2),
+             "bilinear_vs_imagedatagenerator": round(rates["ours_bilinear"] / baseline, 2),
+             "cpu_vs_imagedatagenerator": round(cpu_us["imagedatagenerator"] / cpu_us["ours"], 2),
+             "keras_layers_vs_imagedatagenerator": round(rates["keras_layers"] / baseline, 2),
+             "training_vs_ceiling": round(median_ratio, 3),
+             "training_vs_ceiling_totals": round(training / ceiling, 3)}
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
