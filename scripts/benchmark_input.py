@@ -1,7 +1,7 @@
 """The CNN's input pipeline side by side: the tutorial's ImageDataGenerator, Keras preprocessing
 layers, ours (trainer/data/augment.py), and the CNN's training speed fed by ours.
 
-    python scripts/benchmark_input.py       # 300 150x150 JPEGs in 6 classes, batch 32, ~1 minute
+    python scripts/benchmark_input.py       # 3,000 150x150 JPEGs in 6 classes, batch 32, ~3 minutes
 
 Writes a temporary folder of JPEGs (random shapes and colours), then measures images per second
 over the same number of batches after a warm-up, each method with the same images, the same
@@ -10,8 +10,9 @@ size and batch size, read batch by batch from Python as a training loop would:
   imagedatagenerator  the tutorial's way: PIL decode and scipy transforms every epoch, with its
                       defaults: bilinear interpolation, fill 'nearest'
   keras_layers        RandomRotation, RandomShear, RandomZoom, RandomFlip on batches in tf.data
-  ours                decode once into a cache, then one projective transform per image, with
-                      augment.py's fill mode and interpolation (or --fill_mode, --interpolation)
+  ours                the trainer's pipeline (trainer/data/images.py): decode once into a cache,
+                      then one transform per image, with augment.py's fill mode and
+                      interpolation (or --fill_mode, --interpolation)
   ours_bilinear       the same with bilinear interpolation, like for like with ImageDataGenerator
   ours_no_augment     the same pipeline without augmentation: the cost of everything else
 Then the tutorial's CNN trained by a tf.function step, fed by our pipeline and fed one in-memory
@@ -32,7 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer.data import augment  # noqa: E402
+from trainer.data import augment, image_folder, images  # noqa: E402
 from trainer.models import build_cnn  # noqa: E402
 
 CLASSES = 6
@@ -72,59 +73,19 @@ def images_per_second(batches, count, warmup):
   return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images * 1e6
 
 
-def list_files(folder):
-  """(paths, integer labels), classes numbered in sorted folder order as flow_from_directory does."""
-  classes = sorted(os.listdir(folder))
-  pairs = [(os.path.join(folder, name, file), label)
-           for label, name in enumerate(classes) for file in sorted(os.listdir(os.path.join(folder, name)))]
-  return [p for p, _ in pairs], [label for _, label in pairs]
-
-
-def decoded(folder, image_size):
-  """(index, uint8 image, label) per file, decoded once: the cache is filled in the first epoch.
-  uint8 holds a 150x150 image in 67 KB, a quarter of float32."""
-  paths, labels = list_files(folder)
-
-  def load(index, example):
-    path, label = example
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(image, (image_size, image_size))
-    return index, tf.saturate_cast(tf.round(image), tf.uint8), label
-
-  return (tf.data.Dataset.from_tensor_slices((paths, labels)).enumerate()
-          .map(load, num_parallel_calls=tf.data.AUTOTUNE)
-          .cache()), len(paths)
-
-
 def our_pipeline(folder, args, augmented=True):
-  """Batches of (float32 images in [0, 1], labels), reshuffled every epoch, without end."""
-  images, count = decoded(folder, args.image_size)
+  """The trainer's own training pipeline (trainer/data/images.py) as its training loop reads it,
+  a new dataset each epoch over one decoded cache: (batches(first_epoch) -> an endless iterator
+  of batches from that epoch on, number of images)."""
+  scan = image_folder.scan(folder)
+  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  options = {"fill_mode": args.fill_mode, "interpolation": args.interpolation}
 
-  def prepare(position, example):
-    index, image, label = example
-    image = tf.image.convert_image_dtype(image, tf.float32)  # x / 255, as rescale=1/255
-    if augmented:
-      # One stateless seed per (seed, epoch, example): a new augmentation every epoch, the same
-      # ones on every rerun, whatever order the parallel map calls finish in.
-      epoch_seed = tf.stack([tf.constant(args.seed, tf.int64), position // count])
-      image = augment.random_transform(image, tf.random.experimental.stateless_fold_in(epoch_seed, index),
-                                       rotation=ROTATION, shear=SHEAR, zoom=ZOOM,
-                                       fill_mode=args.fill_mode, interpolation=args.interpolation)
-    return image, label
-
-  dataset = (images.shuffle(count, seed=args.seed).repeat().enumerate()
-              .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-              .batch(args.batch_size)
-              .prefetch(tf.data.AUTOTUNE))
-  if augmented:
-    # Each image's transform runs whole on the tf.data thread that maps it, instead of being
-    # split into the intra-op pool where the training step's convolutions run: training ran ~2%
-    # faster. (Not for the Keras layers, built on this pipeline unaugmented: they transform
-    # whole batches, which the pool can share out.)
-    options = tf.data.Options()
-    options.threading.max_intra_op_parallelism = 1
-    dataset = dataset.with_options(options)
-  return dataset, count
+  def batches(first_epoch=0):
+    return itertools.chain.from_iterable(
+        images.training_batches(examples, args.batch_size, args.seed * 100_003 + epoch, augmented, **options)
+        for epoch in itertools.count(first_epoch))
+  return batches, len(scan.paths)
 
 
 def first_epoch_batches(count, args):
@@ -152,15 +113,19 @@ def measure_keras_layers(folder, args):
       keras.layers.RandomZoom((-ZOOM, ZOOM), (-ZOOM, ZOOM), **options),
       keras.layers.RandomFlip("horizontal_and_vertical", seed=args.seed),
   ])
-  plain, count = our_pipeline(folder, args, augmented=False)
-  dataset = (plain.map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+  scan = image_folder.scan(folder)
+  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  dataset = (examples.shuffle(len(scan.paths), seed=args.seed).repeat()
+             .map(images.to_float, num_parallel_calls=tf.data.AUTOTUNE)
+             .batch(args.batch_size)
+             .map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
              .prefetch(tf.data.AUTOTUNE))
-  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(count, args))
+  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(len(scan.paths), args))
 
 
 def measure_ours(folder, args, augmented=True):
-  dataset, count = our_pipeline(folder, args, augmented)
-  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(count, args))
+  batches, count = our_pipeline(folder, args, augmented)
+  return images_per_second(batches(), args.batches, warmup=first_epoch_batches(count, args))
 
 
 def timed_steps(train_step, batches, steps):
@@ -176,53 +141,47 @@ def measure_training(folder, args):
   """(img/s fed by our pipeline, img/s fed one in-memory batch over and over, median of the
   per-round ratios of the two).
 
-  The two feeds alternate in rounds of 10 steps, so a change in the machine's load falls on
-  both; on a shared machine a burst of someone else's work can still land on one round, which
-  the median of the rounds' ratios shrugs off and the ratio of the totals does not. Each
-  pipeline round starts a fresh iterator and drops it at the end, so no batch is made in the
-  background during a ceiling round (the ceiling's steps would pay for it). Its first batch is
-  drawn before the clock starts, as a long training waits for it once, not every 10 steps; its
-  prefetch buffer still starts empty, so the pipeline has to catch up on the clock.
+  A round is one epoch of training fed by our pipeline, exactly as the trainer's loop runs it
+  (a fresh dataset over the decoded cache, its prefetch buffer empty at the start), and the
+  same number of steps on one fixed batch (the model-only ceiling). The two alternate, so a
+  change in the machine's load falls on both; the median of the rounds' ratios shrugs off a
+  burst of someone else's work on one round, the ratio of the totals does not. No pipeline
+  iterator is alive during a ceiling round, so the ceiling never pays for the pipeline's work.
   """
   model = build_cnn((args.image_size, args.image_size, 3), CLASSES)
   optimizer = keras.optimizers.Adam()
   loss_fn = keras.losses.SparseCategoricalCrossentropy()
 
   @tf.function
-  def train_step(images, labels):
+  def train_step(pixels, labels):
     with tf.GradientTape() as tape:
-      loss = loss_fn(labels, model(images, training=True))
+      loss = loss_fn(labels, model(pixels, training=True))
     optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
     return loss
 
-  dataset, count = our_pipeline(folder, args)
-  batches = iter(dataset)
-  for _ in range(first_epoch_batches(count, args)):  # fills the cache, shared by later iterators
-    next(batches)
-  fixed = next(batches)
-  del batches
+  scan = image_folder.scan(folder)
+  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  epoch = lambda e: images.training_batches(examples, args.batch_size, args.seed * 100_003 + e)
+  for fixed in epoch(0).take(len(scan.paths) // args.batch_size):  # fills the cache
+    pass
   train_step(*fixed)  # traces
-  ceiling, pipeline = [], []
-  rounds = max(1, args.train_steps // 10)
-  for r in range(rounds):
-    steps = args.train_steps // rounds + (r < args.train_steps % rounds)
+  # Full batches only: a last, smaller one would make the step trace again on the clock.
+  ceiling, pipeline, steps = [], [], len(scan.paths) // args.batch_size
+  for r in range(1, args.rounds + 1):
     ceiling.append(timed_steps(train_step, itertools.repeat(fixed), steps))
-    batches = iter(dataset)
-    first = next(batches)
-    pipeline.append(timed_steps(train_step, itertools.chain([first], batches), steps))
-    del batches  # stops its background work before the next ceiling round
-  images = args.train_steps * args.batch_size
+    pipeline.append(timed_steps(train_step, iter(epoch(r)), steps))
+  n_images = args.rounds * steps * args.batch_size
   median_ratio = float(np.median(np.array(ceiling) / np.array(pipeline)))
-  return images / sum(pipeline), images / sum(ceiling), median_ratio
+  return n_images / sum(pipeline), n_images / sum(ceiling), median_ratio
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--images", type=int, default=300, help="JPEGs to write")
+  parser.add_argument("--images", type=int, default=3000, help="JPEGs to write")
   parser.add_argument("--image_size", type=int, default=150)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--batches", type=int, default=100, help="batches timed per input pipeline")
-  parser.add_argument("--train_steps", type=int, default=120, help="training steps timed per feed")
+  parser.add_argument("--rounds", type=int, default=3, help="training epochs timed per feed")
   parser.add_argument("--fill_mode", default=augment.FILL_MODE, choices=("CONSTANT", "NEAREST", "REFLECT", "WRAP"))
   parser.add_argument("--interpolation", default=augment.INTERPOLATION, choices=("BILINEAR", "NEAREST"))
   parser.add_argument("--seed", type=int, default=0)
@@ -242,7 +201,7 @@ def main():
   cpu_us = {name: cpu for name, (_, cpu) in measured.items()}
   baseline = rates["imagedatagenerator"]
   print(f"{args.images} JPEGs of {args.image_size}x{args.image_size} in {CLASSES} classes, "
-        f"batch {args.batch_size}, {args.batches} batches per pipeline, {args.train_steps} training steps "
+        f"batch {args.batch_size}, {args.batches} batches per pipeline, {args.rounds} training epochs "
         f"per feed; fill {args.fill_mode}, interpolation {args.interpolation}; {os.cpu_count()} CPUs")
   print(f"{'method':<22} {'img/s':>9} {'x IDG':>7} {'CPU us/img':>11}")
   for name, rate in rates.items():
@@ -253,7 +212,7 @@ def main():
   print(f"training fed by ours vs the model-only ceiling: {median_ratio:.3f} (median of rounds), "
         f"{training / ceiling:.3f} (totals)")
   summary = {"images": args.images, "image_size": args.image_size, "batch_size": args.batch_size,
-             "batches": args.batches, "train_steps": args.train_steps, "fill_mode": args.fill_mode,
+             "batches": args.batches, "training_epochs": args.rounds, "fill_mode": args.fill_mode,
              "interpolation": args.interpolation, "cpus": os.cpu_count(),
              "img_per_s": {name: round(rate, 1) for name, rate in rates.items()},
              "cpu_us_per_img": {name: round(cpu) for name, cpu in cpu_us.items()},

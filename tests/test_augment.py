@@ -143,3 +143,44 @@ def test_matrix_matches_image_data_generator(theta, shear, zx, zy, flip_h, flip_
   matrix = augment.transform_matrix(SIZE, SIZE, theta, shear, zx, zy, flip_h, flip_v)
   out = both(lambda x: augment.apply_transform(x, matrix, fill_mode="NEAREST", interpolation="BILINEAR"), image)
   np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", range(5))
+def test_gather_resampling_gives_the_ops_nearest_pixels(k):
+  """The fast path (one gather) against ImageProjectiveTransformV3 with NEAREST sampling and fill."""
+  image = an_image(seed=k, height=SIZE + 3)  # not square
+  u = np.random.default_rng(k).uniform(-1, 1, 6)
+  matrix = augment.transform_matrix(SIZE + 3, SIZE, 40 * u[0], 0.2 * u[1], 1 + 0.2 * u[2], 1 + 0.2 * u[3],
+                                    u[4] < 0, u[5] < 0)
+  op = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[None], transforms=tf.reshape(matrix, [1, 9])[:, :8], output_shape=tf.shape(image)[:2],
+      fill_value=0.0, interpolation="NEAREST", fill_mode="NEAREST")[0]
+  np.testing.assert_array_equal(both(augment.apply_transform, image, matrix), op.numpy())
+
+
+def test_uint8_images_stay_uint8_and_match_the_float_result():
+  image = an_image()
+  image8 = tf.image.convert_image_dtype(image, tf.uint8)
+  out8 = augment.random_transform(image8, seed(3))
+  assert out8.dtype == tf.uint8
+  out = augment.random_transform(tf.image.convert_image_dtype(image8, tf.float32), seed(3))
+  np.testing.assert_array_equal(tf.image.convert_image_dtype(out8, tf.float32).numpy(), out.numpy())
+
+
+def test_a_batch_is_transformed_image_by_image():
+  """Batched resampling (offsets into one gather) gives each image its own transform, exactly as
+  the op does image by image, eagerly and in tf.data."""
+  batch = np.stack([an_image(seed=k) for k in range(3)])
+  matrices = augment.transform_matrices(SIZE, SIZE, [30.0, -10.0, 0.0], [0.2, 5.0, 0.0], [1.1, 0.9, 1.0],
+                                        [0.8, 1.2, 1.0], [True, False, False], [False, True, False])
+  op = tf.raw_ops.ImageProjectiveTransformV3(
+      images=batch, transforms=tf.reshape(matrices, [-1, 9])[:, :8], output_shape=[SIZE, SIZE],
+      fill_value=0.0, interpolation="NEAREST", fill_mode="NEAREST")
+  np.testing.assert_array_equal(both(augment.apply_transforms, batch, matrices), op.numpy())
+  np.testing.assert_array_equal(augment.apply_transforms(batch, matrices)[2], batch[2])  # the identity
+
+
+def test_each_image_of_a_batch_gets_its_own_augmentation():
+  batch = np.stack([an_image()] * 4)
+  out = augment.random_transforms(batch, seed(9)).numpy()
+  assert len({o.tobytes() for o in out}) == 4

@@ -68,7 +68,7 @@ def _from_folder(config):
   return splits
 
 
-def _from_stream(config, train_source, test_source, class_names, description, counts):
+def _from_stream(config, train_source, test_source, class_names, description):
   """Sources read as streams (TFRecords, TFDS): validation (and test, when there is no test
   source) are every 5th example of the training stream, fixed, not random."""
   splits = _Splits(class_names, description)
@@ -82,7 +82,6 @@ def _from_stream(config, train_source, test_source, class_names, description, co
   splits.sources = {"train": lambda context: _every_kth(base(context), k, keep_remainder=True),
                     "validation": lambda context: _every_kth(base(context), k, keep_remainder=False),
                     "test": test_source}
-  splits.counts = counts
   return splits
 
 
@@ -96,7 +95,7 @@ def _from_tfrecords(config):
                       f"--data={config.data} has {metadata['class_names']}; give both the same classes")
     test = lambda context: image_tfrecords.read(config.test_data, context, flag="--test_data")[0]
   return _from_stream(config, lambda context: image_tfrecords.read(config.data, context)[0], test,
-                      metadata["class_names"], config.data, {"all": metadata.get("counts")})
+                      metadata["class_names"], config.data)
 
 
 def _from_tfds(config):
@@ -107,7 +106,7 @@ def _from_tfds(config):
   test = datasets.get("test")
   return _from_stream(config, lambda context: shard(datasets["train"], context),
                       None if test is None else lambda context: shard(test, context),
-                      class_names, config.data, {})
+                      class_names, config.data)
 
 
 def _from_builtin(config):
@@ -134,31 +133,56 @@ def _splits(config):
   return _from_tfrecords(config)
 
 
+def decoded(examples, size):
+  """(uint8 image of any size, label) -> (uint8 [size, size, 3], int32 label), decoded and
+  resized once: the cache fills during the first pass and every later pass reads it."""
+  return (examples
+          .map(lambda image, label: (resize(image, size), tf.cast(label, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+          .cache())
+
+
+def training_batches(examples, batch_size, epoch_seed, augmented=True, **augment_options):
+  """One epoch of training batches of float pixels from decoded examples: shuffled, and each
+  batch augmented with one stateless seed per (epoch_seed, batch number), so an epoch is the
+  same whenever it is replayed. augment_options go to augment.random_transforms."""
+  def pixels(index, batch):
+    images, labels = batch
+    if augmented:
+      # Still uint8: a quarter of the bytes to move as float32.
+      images = augment.random_transforms(images, tf.stack([tf.constant(epoch_seed, tf.int64), index]),
+                                         **augment_options)
+    return to_float(images, labels)
+
+  options = tf.data.Options()
+  # Each batch's transforms run whole on the tf.data thread that maps it instead of being split
+  # into the pool where the training step's convolutions run (~2% faster training on 2 cores).
+  options.threading.max_intra_op_parallelism = 1
+  return (examples
+          .shuffle(_SHUFFLE_BUFFER, seed=epoch_seed)
+          .batch(batch_size)
+          .enumerate()
+          .map(pixels, num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(tf.data.AUTOTUNE)
+          .with_options(options))
+
+
 def prepare(config):
   splits = _splits(config)
   size, seed = config.image_size, config.seed
   cached = {}
 
-  def decoded(split, context):
-    # Decoded, resized and cached once per split and input pipeline; every epoch reuses it.
-    key = (split, None if context is None else context.input_pipeline_id)
+  def examples(split, input_context=None):
+    # Decoded once per split and input pipeline; every epoch reuses the cache.
+    key = (split, 0 if input_context is None else input_context.input_pipeline_id)
     if key not in cached:
-      cached[key] = (splits.sources[split](context)
-                     .map(lambda image, label: (resize(image, size), tf.cast(label, tf.int32)),
-                          num_parallel_calls=tf.data.AUTOTUNE)
-                     .cache())
+      cached[key] = decoded(splits.sources[split](input_context), size)
     return cached[key]
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
-    examples = decoded(split, input_context)
-    if split != "train":
-      return examples.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    epoch_seed = seed * 100_003 + epoch
-    pixels = _augmented(epoch_seed) if config.augment else (lambda i, example: to_float(*example))
-    return (examples
-            .shuffle(_SHUFFLE_BUFFER, seed=epoch_seed)
-            .enumerate()
-            .map(pixels, num_parallel_calls=tf.data.AUTOTUNE)
+    if split == "train":
+      return training_batches(examples(split, input_context), batch_size, seed * 100_003 + epoch, config.augment)
+    return (examples(split, input_context)
+            .map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -166,9 +190,15 @@ def prepare(config):
   if not batches:
     raise UserError(f"{splits.description}: the test split is empty; give more images or --test_data")
   test_labels = np.concatenate(batches)
-  counts = np.bincount(test_labels, minlength=len(splits.class_names))
-  train_counts = splits.counts.get("train")
-  majority = int(np.argmax(train_counts)) if train_counts else int(np.argmax(counts))
+  n = len(splits.class_names)
+  splits.counts["test"] = np.bincount(test_labels, minlength=n).tolist()
+  for split in ("train", "validation"):
+    if split not in splits.counts:
+      # Streams (TFRecords, TFDS) say their class counts only when read: this first pass fills
+      # the cache that the first epoch would have filled.
+      labels = examples(split).map(lambda image, label: label).batch(4096)
+      splits.counts[split] = np.bincount(np.concatenate([b.numpy() for b in labels]), minlength=n).tolist()
+  majority = int(np.argmax(splits.counts["train"]))
   logging.info("%s: %d classes (%s); test images: %d", splits.description, len(splits.class_names),
                ", ".join(splits.class_names), len(test_labels))
 
@@ -191,10 +221,3 @@ def prepare(config):
                "skipped_files": splits.skipped_files},
       kind="classification",
       num_outputs=len(splits.class_names))
-
-
-def _augmented(epoch_seed):
-  def pixels(index, example):
-    image, label = to_float(*example)
-    return augment.random_transform(image, tf.stack([tf.constant(epoch_seed, tf.int64), index])), label
-  return pixels
