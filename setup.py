@@ -17,6 +17,7 @@ setup(
         "matplotlib>=3.8",
         "pandas>=2.1",  # CSV parsing with dates and missing values
     ],
-    extras_require={"test": ["pytest>=8"]},
+    # scipy: the tests and scripts/benchmark_input.py compare against ImageDataGenerator, which needs it.
+    extras_require={"test": ["pytest>=8", "scipy>=1.10"]},
     entry_points={"console_scripts": ["trainer=trainer.task:run"]},
 )

@@ -133,7 +133,6 @@ def test_matrix_maps_known_points():
     (12, -5, 1.2, 1.15, True, True),
 ])
 def test_matrix_matches_image_data_generator(theta, shear, zx, zy, flip_h, flip_v):
-  pytest.importorskip("scipy")
   image = an_image(4)
   expected = tf.keras.preprocessing.image.apply_affine_transform(
       image, theta=theta, shear=shear, zx=zx, zy=zy, row_axis=0, col_axis=1, channel_axis=2,
