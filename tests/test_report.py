@@ -18,7 +18,10 @@ def test_perfect_prediction_scores_r2_one():
 
 def test_summary_table_shows_model_beside_baseline():
   table = report.summary_table({"model": "gru", "test": {"rmse": 9.0, "mae": 6.0, "r2": 0.98},
-                                "baseline": {"name": "persistence", "rmse": 9.2, "mae": 6.6, "r2": 0.985}})
+                                "baseline": {"name": "persistence", "rmse": 9.2, "mae": 6.6, "r2": 0.985},
+                                "strategy": "mirrored", "num_workers": 1, "num_replicas": 2,
+                                "global_batch_size": 32, "per_replica_batch_size": 16})
   lines = table.splitlines()
-  assert lines[1].split()[:2] == ["gru", "(test)"] and "persistence" in lines[2]
+  assert lines[0] == "strategy mirrored: 2 replicas on 1 workers, batch 32 (16 per replica)"
+  assert lines[2].split()[:2] == ["gru", "(test)"] and "persistence" in lines[3]
   assert lines[-1].endswith("0.978x")

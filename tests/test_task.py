@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 
-def run_cli(*flags, cwd):
+def run_cli(*flags, cwd, env=None):
   done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=cwd, capture_output=True, text=True,
-                        timeout=300)
+                        timeout=300, env={**os.environ, **(env or {})})
   return done.returncode, done.stdout, done.stderr
 
 
@@ -21,8 +21,8 @@ def error_line(stderr):
   return lines[0]
 
 
-def assert_fails(tmp_path, flags, *expected):
-  code, _, stderr = run_cli(*flags, cwd=tmp_path)
+def assert_fails(tmp_path, flags, *expected, env=None):
+  code, _, stderr = run_cli(*flags, cwd=tmp_path, env=env)
   assert code != 0
   assert "Traceback" not in stderr, stderr
   line = error_line(stderr)
@@ -113,3 +113,21 @@ def test_bad_image_folders(tmp_path, make_image_folder, case, expected):
   else:
     flags.append(f"--data={make_image_folder({'red': 4})}")
   assert_fails(tmp_path, flags, *expected)
+
+
+@pytest.mark.parametrize("env, flags, expected", [
+    ({"TF_CONFIG": "{not json"}, [], ["TF_CONFIG"]),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 3}}'}, [],
+     ["TF_CONFIG", "3"]),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}'}, [],
+     ["parameter servers"]),
+    ({"JOB_COMPLETION_INDEX": "5"}, ["--indexed_job_hosts=train-{index}.svc:2222", "--num_workers=2"],
+     ["JOB_COMPLETION_INDEX"]),
+    ({}, ["--strategy=mirrored_everywhere"], ["--strategy"]),
+])
+def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, expected):
+  """Before TensorFlow starts any server: one line, a non-zero exit, within seconds (no hang)."""
+  import time
+  started = time.time()
+  assert_fails(tmp_path, flags, *expected, env=env)
+  assert time.time() - started < 30

@@ -8,7 +8,7 @@ import dataclasses
 import datetime
 import glob
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 
 class UserError(Exception):
@@ -57,12 +57,31 @@ class Config:
   # cnn with tfds:NAME: where TFDS keeps prepared datasets; downloading only when asked.
   tfds_data_dir: Optional[str] = None
   tfds_download: bool = False
+  # tf.distribute strategy: auto picks multi-worker when the cluster names several tasks,
+  # mirrored when several GPUs (or --cpu_devices) are visible, the default strategy otherwise.
+  strategy: str = "auto"
+  # Split the CPU into this many logical devices (mirrored without GPUs: rehearsals and tests).
+  cpu_devices: int = 0
+  # Mixed precision: float16 compute with loss scaling on GPUs, bfloat16 on CPUs.
+  mixed_precision: bool = False
+  # XLA-compile each replica's training step.
+  jit_compile: bool = False
+  # This process's place in the cluster (trainer.cluster.resolve); None: alone.
+  cluster: Any = None
   # Fraction of the rows held out for testing: at random for tables, as the tutorial did;
   # the last rows for forecasts without --test_start.
   test_split: float = 0.2
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
+    if self.cluster is None:
+      from trainer import cluster as cluster_lib  # no TensorFlow there: safe before any server starts
+      self.cluster = cluster_lib.alone()
+    strategies = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
+    if self.strategy not in strategies:
+      raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(strategies)}")
+    if self.cpu_devices < 0:
+      raise UserError(f"--cpu_devices must be 0 (no split) or more (got {self.cpu_devices})")
     if self.model not in MODEL_NAMES:
       raise UserError(f"--model={self.model!r} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
     for name in ("window", "epochs", "batch_size", "patience"):

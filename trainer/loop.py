@@ -16,19 +16,20 @@ from trainer.config import UserError
 
 
 def squared_error(targets, outputs):
-  """Per-example loss of a one-output regressor."""
-  return tf.square(outputs[:, 0] - targets)
+  """Per-example loss of a one-output regressor (in float32 under mixed precision too)."""
+  return tf.square(tf.cast(outputs[:, 0], tf.float32) - targets)
 
 
 def cross_entropy(labels, probabilities):
-  """Per-example loss of a softmax classifier."""
-  return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+  """Per-example loss of a softmax classifier (in float32 under mixed precision too)."""
+  return keras.losses.sparse_categorical_crossentropy(labels, tf.cast(probabilities, tf.float32))
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
-        log_dir=None):
+        log_dir=None, jit_compile=False):
   """Trains until `epochs` or until validation loss has not improved for `patience` epochs, then
-  restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n}."""
+  restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n}.
+  jit_compile: XLA-compile each replica's step (the cross-replica part stays outside XLA)."""
   replicas = strategy.num_replicas_in_sync
 
   def distributed(split, epoch=0):
@@ -41,14 +42,22 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
     # Sum and count rather than a mean, so the epoch's loss is exact whatever the batch sizes.
     return tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)
 
+  def gradients(inputs, targets):
+    with tf.GradientTape() as tape:
+      losses = loss_fn(targets, model(inputs, training=True))
+      # scale_loss: the loss scale of a LossScaleOptimizer (float16), the loss itself otherwise.
+      loss = optimizer.scale_loss(tf.nn.compute_average_loss(losses))
+    return tape.gradient(loss, model.trainable_variables), summed(losses)
+
+  if jit_compile:
+    gradients = tf.function(gradients, jit_compile=True)
+
   @tf.function
   def train_step(inputs, targets):
     def step(inputs, targets):
-      with tf.GradientTape() as tape:
-        losses = loss_fn(targets, model(inputs, training=True))
-        loss = tf.nn.compute_average_loss(losses)
-      optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-      return summed(losses)
+      grads, sums = gradients(inputs, targets)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      return sums
     return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(step, (inputs, targets))]
 
   @tf.function

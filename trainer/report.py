@@ -170,13 +170,15 @@ def _classification_plots(plots, prepared, predictions, evaluation):
 
 
 def summary_table(report):
+  lines = [f"strategy {report['strategy']}: {report['num_replicas']} replicas on {report['num_workers']} workers, "
+           f"batch {report['global_batch_size']} ({report['per_replica_batch_size']} per replica)"]
   if "accuracy" in report["test"]:
-    return "\n".join([f"{report['model']} (test) accuracy  {report['test']['accuracy']:.3f}",
-                      f"{report['baseline']['name']} accuracy  {report['baseline']['accuracy']:.3f}"])
+    return "\n".join(lines + [f"{report['model']} (test) accuracy  {report['test']['accuracy']:.3f}",
+                               f"{report['baseline']['name']} accuracy  {report['baseline']['accuracy']:.3f}"])
   name = f"{report['model']} (test)"
   base = report["baseline"]["name"]
   width = max(len(name), len(base))
-  lines = [f"{'':<{width}}  {'RMSE':>10}  {'MAE':>10}  {'R2':>7}"]
+  lines.append(f"{'':<{width}}  {'RMSE':>10}  {'MAE':>10}  {'R2':>7}")
   for label, m in ((name, report["test"]), (base, report["baseline"])):
     lines.append(f"{label:<{width}}  {m['rmse']:>10.4g}  {m['mae']:>10.4g}  {m['r2']:>7.3f}")
   lines.append(f"{'RMSE vs baseline':<{width}}  {report['test']['rmse'] / report['baseline']['rmse']:>10.3f}x")

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from trainer import cluster as cluster_lib  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,6 +38,15 @@ flags.DEFINE_integer("image_size", 150, "cnn: images are resized to this square 
 flags.DEFINE_bool("augment", True, "cnn: random rotation, shear, zoom and flips of training images.")
 flags.DEFINE_string("tfds_data_dir", None, "cnn with tfds:NAME: the TFDS data folder.")
 flags.DEFINE_bool("tfds_download", False, "cnn with tfds:NAME: allow downloading the dataset.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"],
+                  "tf.distribute strategy; auto: multi_worker_mirrored when the cluster environment names several "
+                  "tasks, mirrored with several GPUs (or --cpu_devices), else default.")
+flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (mirrored without GPUs).")
+flags.DEFINE_bool("mixed_precision", False, "Mixed precision: float16 with loss scaling on GPUs, bfloat16 on CPUs.")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile each replica's training step.")
+flags.DEFINE_string("indexed_job_hosts", None, "Kubernetes Indexed Job without TF_CONFIG: host:port of every "
+                    "worker with {index}, e.g. train-{index}.train-workers:2222 (env TRAINER_INDEXED_JOB_HOSTS).")
+flags.DEFINE_integer("num_workers", None, "Kubernetes Indexed Job: number of workers (env TRAINER_NUM_WORKERS).")
 flags.DEFINE_string("job_dir", None, "Folder for the model, report and plots; default: a new folder under ./runs/.")
 
 
@@ -44,6 +54,7 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f"trainer: error: unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
   try:
+    cluster = cluster_lib.resolve(os.environ, FLAGS.indexed_job_hosts, FLAGS.num_workers)
     config = config_lib.Config(
         model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
         feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
@@ -51,7 +62,8 @@ def main(argv):
         patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
         validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
         image_size=FLAGS.image_size, augment=FLAGS.augment, tfds_data_dir=FLAGS.tfds_data_dir,
-        tfds_download=FLAGS.tfds_download)
+        tfds_download=FLAGS.tfds_download, strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
+        mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile, cluster=cluster)
     job_dir = FLAGS.job_dir or os.path.join("runs", f"{FLAGS.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
     result = train.train_and_evaluate(config, job_dir)
@@ -59,7 +71,8 @@ def main(argv):
     sys.exit(f"trainer: error: {e}")
   from trainer import report
   print(report.summary_table(result))
-  print(f"report: {os.path.join(job_dir, 'report.json')}")
+  if cluster.is_chief:
+    print(f"report: {os.path.join(job_dir, 'report.json')}")
 
 
 def run():

@@ -6,10 +6,9 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 from absl import logging
 
-from trainer import loop, report
+from trainer import distribution, loop, report
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
 
@@ -18,22 +17,47 @@ DATA = {"dense": tabular, "gru": timeseries, "lstm": timeseries, "cnn": images}
 
 
 def train_and_evaluate(config, job_dir):
-  """Trains config.model into job_dir and returns the report (also written as report.json)."""
+  """Trains config.model into job_dir and returns the report (written as report.json by the
+  chief; other workers of a cluster write only to a temporary folder, removed at the end)."""
   started = time.time()
+  # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
+  # before TensorFlow sets up its devices.
+  strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
+  replicas = strategy.num_replicas_in_sync
+  distributed = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
+                 "num_replicas": replicas, "global_batch_size": config.batch_size,
+                 "per_replica_batch_size": distribution.per_replica_batch_size(config.batch_size, replicas)}
+  logging.info("strategy %(strategy)s: %(num_replicas)d replicas on %(num_workers)d workers, global batch "
+               "%(global_batch_size)d (%(per_replica_batch_size)d per replica)", distributed)
+  out_dir = distribution.writable_job_dir(job_dir, config.cluster)
+  try:
+    return _train_and_evaluate(config, out_dir, strategy, distributed, started)
+  finally:
+    distribution.cleanup(out_dir, job_dir)
+
+
+def _train_and_evaluate(config, job_dir, strategy, distributed, started):
   keras.utils.set_random_seed(config.seed)
   prepared = DATA[config.model].prepare(config)
   os.makedirs(job_dir, exist_ok=True)
 
-  strategy = tf.distribute.get_strategy()
-  with strategy.scope():
-    model = MODELS[config.model](prepared.input_shape, prepared.num_outputs, config.bidirectional)
-    optimizer = OPTIMIZERS[config.model](config.learning_rate)
-    optimizer.build(model.trainable_variables)
+  policy = distribution.precision_policy(config.mixed_precision)
+  keras.mixed_precision.set_global_policy(policy)
+  try:
+    with strategy.scope():
+      model = MODELS[config.model](prepared.input_shape, prepared.num_outputs, config.bidirectional)
+      optimizer = OPTIMIZERS[config.model](config.learning_rate)
+      if policy == "mixed_float16":
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      optimizer.build(model.trainable_variables)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), job_dir)
 
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
-  history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy,
-                     config.batch_size, config.epochs, config.patience, log_dir=os.path.join(job_dir, "logs"))
+  history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
+                     config.patience, log_dir=os.path.join(job_dir, "logs"), jit_compile=config.jit_compile)
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
   save_model(model, prepared.preprocessing, os.path.join(job_dir, "model"))
@@ -41,6 +65,8 @@ def train_and_evaluate(config, job_dir):
   result = {
       "model": config.model,
       "config": dataclasses.asdict(config),
+      **distributed,
+      "precision": policy,
       "data": prepared.summary,
       "epochs_run": len(history["loss"]),
       "best_epoch": history["best_epoch"],

@@ -1,0 +1,95 @@
+"""Distribution: which tf.distribute strategy runs the job, how the global batch splits across
+replicas, and where each process writes.
+
+The strategy if-chain follows TF Model Garden's `distribute_utils` in spirit. Only the chief
+writes the real job folder; every other worker writes what it must to a temporary folder of
+its own that is removed at the end (Keras 3 callbacks have no chief logic, so the trainer has
+to have it).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import UserError
+
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
+
+
+def split_cpu(devices):
+  """Splits the CPU into `devices` logical devices, so MirroredStrategy runs (and is tested)
+  without GPUs. Must run before TensorFlow initialises its devices."""
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+  except RuntimeError:
+    # Already initialised (a second job in one process, as in tests): fine if it matches.
+    if len(tf.config.list_logical_devices("CPU")) != devices:
+      raise UserError(f"--cpu_devices={devices}: TensorFlow's devices were already set up in this process "
+                      f"with {len(tf.config.list_logical_devices('CPU'))} CPUs; start a new process") from None
+
+
+def make_strategy(name, cluster, cpu_devices=0):
+  """The tf.distribute strategy for --strategy=name in this cluster (trainer.cluster.Cluster)."""
+  if cpu_devices > 1:
+    split_cpu(cpu_devices)
+  # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after
+  # which MultiWorkerMirroredStrategy fails ("Collective ops must be configured at program startup").
+  gpus = tf.config.list_physical_devices("GPU")
+  if name == "auto":
+    name = ("multi_worker_mirrored" if cluster.num_workers > 1 else
+            "mirrored" if len(gpus) > 1 or cpu_devices > 1 else "default")
+  if cluster.num_workers > 1 and name != "multi_worker_mirrored":
+    raise UserError(f"the cluster environment ({cluster.source}) names {cluster.num_workers} tasks, but "
+                    f"--strategy={name} runs on one host; use --strategy=multi_worker_mirrored or auto")
+  if name == "multi_worker_mirrored":
+    if cluster.tf_config is not None:
+      # TensorFlow reads the cluster from TF_CONFIG only; an Indexed Job's is built by trainer.cluster.
+      os.environ["TF_CONFIG"] = json.dumps(cluster.tf_config)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if name == "mirrored":
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+  if name == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  return tf.distribute.get_strategy()
+
+
+def precision_policy(mixed_precision):
+  """The Keras dtype policy: float16 compute on GPUs (with loss scaling in the optimizer),
+  bfloat16 on CPUs, which have no fast float16 but do bfloat16 on recent cores."""
+  if not mixed_precision:
+    return "float32"
+  return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+
+
+def strategy_name(strategy):
+  return {"MultiWorkerMirroredStrategy": "multi_worker_mirrored", "CollectiveAllReduceStrategy": "multi_worker_mirrored",
+          "MirroredStrategy": "mirrored", "OneDeviceStrategy": "one_device"}.get(type(strategy).__name__, "default")
+
+
+def per_replica_batch_size(global_batch_size, replicas):
+  if global_batch_size % replicas:
+    raise UserError(f"--batch_size={global_batch_size} is the global batch and does not split evenly across "
+                    f"{replicas} replicas; use a multiple of {replicas}")
+  return global_batch_size // replicas
+
+
+def writable_job_dir(job_dir, cluster):
+  """The chief writes the real job folder; any other worker a temporary one of its own (remove
+  it with `cleanup` at the end)."""
+  if cluster.is_chief:
+    return job_dir
+  folder = tempfile.mkdtemp(prefix=f"trainer-{cluster.task_type}{cluster.task_index}-")
+  logging.info("%s %d is not the chief: writing to %s, removed at the end", cluster.task_type,
+               cluster.task_index, folder)
+  return folder
+
+
+def cleanup(folder, job_dir):
+  if folder != job_dir:
+    shutil.rmtree(folder, ignore_errors=True)
