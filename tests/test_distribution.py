@@ -74,17 +74,21 @@ def test_speed_flags_train_with_a_falling_loss(flags, tmp_path):
 def test_two_workers_on_localhost_train_as_one_job(tmp_path):
   """A real MultiWorkerMirroredStrategy job: two trainer processes on 127.0.0.1 through
   scripts/local_cluster.py, the same loop as everywhere. Both see the same all-reduced losses;
-  only the chief writes the job folder; the other worker's temporary folder is gone at the end."""
+  only the chief writes the job folder; the other worker's temporary folder is gone at the end.
+  501 rows leave 321 for training: shares of 161 and 160 rows, 11 and 10 batches of 16, and
+  the worker that runs out first must not leave the other hanging in an all-reduce."""
   import json
   import re
   import subprocess
   import sys
+  from trainer.data import builtin
+  builtin.regression_table(rows=501).to_csv(tmp_path / "table.csv", index=False)
   scratch = tmp_path / "scratch"
   scratch.mkdir()
   script = os.path.join(os.path.dirname(__file__), "..", "scripts", "local_cluster.py")
   done = subprocess.run(
-      [sys.executable, script, "--workers=2", "--", "--model=dense", "--epochs=2", "--batch_size=64",
-       f"--job_dir={tmp_path / 'job'}"],
+      [sys.executable, script, "--workers=2", "--", "--model=dense", f"--data={tmp_path / 'table.csv'}",
+       "--target_column=y", "--epochs=2", "--batch_size=32", f"--job_dir={tmp_path / 'job'}"],
       capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
   assert done.returncode == 0, done.stderr[-3000:]
   losses = {task: re.findall(r"epoch \d+/2  loss (\S+)", "\n".join(
@@ -92,5 +96,5 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path):
   assert len(losses[0]) == 2 and losses[0] == losses[1]
   report = json.loads((tmp_path / "job" / "report.json").read_text())
   assert (report["strategy"], report["num_workers"], report["num_replicas"]) == ("multi_worker_mirrored", 2, 2)
-  assert report["per_replica_batch_size"] == 32
+  assert report["per_replica_batch_size"] == 16 and report["data"]["split"]["train"]["rows"] == 321
   assert not [p for p in scratch.iterdir() if p.name.startswith("trainer-worker1-")]
