@@ -211,6 +211,8 @@ def main(argv=None):
       processes.append(subprocess.Popen(
           [sys.executable, "-m", args.module, *trainer_flags], env=env, stdin=subprocess.DEVNULL,
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, preexec_fn=preexec))
+    for task, p in zip(task_list, processes):
+      print(f"local_cluster: started {label(task)} as pid {p.pid}", file=sys.stderr, flush=True)
     # Reader threads only once every task is started: forking with threads running can deadlock the child.
     for task, p in zip(task_list, processes):
       prefix = f"[{label(task)}] ".encode()

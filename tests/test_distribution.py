@@ -48,16 +48,65 @@ def test_only_the_chief_writes_the_job_folder(tmp_path):
   assert not os.path.exists(folder)
 
 
-def test_mirrored_training_on_two_cpus_reports_its_replicas(prices_csv, tmp_path):
-  config = Config(model="gru", data=prices_csv(rows=300), target_column="Close", date_column="Date",
-                  window=10, epochs=3, batch_size=32, strategy="mirrored", cpu_devices=2)
+@pytest.mark.parametrize("model, data", [
+    ("dense", {}),
+    ("gru", {"window": 10}),
+    ("lstm", {"window": 10}),
+    ("cnn", {"image_size": 24, "augment": False}),
+])
+def test_mirrored_training_on_two_cpus_for_every_family(model, data, tmp_path):
+  config = Config(model=model, epochs=3, batch_size=32, strategy="mirrored", cpu_devices=2, learning_rate=3e-3,
+                  **data)
   result = train.train_and_evaluate(config, str(tmp_path / "job"))
   assert (result["strategy"], result["num_workers"], result["num_replicas"]) == ("mirrored", 1, 2)
   assert (result["global_batch_size"], result["per_replica_batch_size"]) == (32, 16)
   assert result["history"]["loss"][-1] < result["history"]["loss"][0]
   # What a mirrored job saves is a plain model: it loads outside any strategy.
   import keras
-  assert keras.models.load_model(tmp_path / "job" / "model" / "model.keras").count_params() == 22_401
+  saved = keras.models.load_model(tmp_path / "job" / "model" / "model.keras")
+  assert saved.count_params() == result["parameters"]
+
+
+@pytest.mark.parametrize("model", ["dense", "gru", "cnn"])
+def test_variables_are_mirrored(model):
+  from trainer.models import MODELS
+  strategy = distribution.make_strategy("mirrored", ALONE, 2)
+  shape = {"dense": (5,), "gru": (10, 1), "cnn": (24, 24, 3)}[model]
+  with strategy.scope():
+    built = MODELS[model](shape)
+  assert {type(v.value).__name__ for v in built.trainable_variables} == {"MirroredVariable"}
+
+
+def test_one_replica_of_64_and_two_of_32_take_the_same_step():
+  """The global batch means what it says: the first step's loss and updated weights are the same
+  whether 64 examples go to one replica or 32 to each of two."""
+  import numpy as np
+  from trainer import loop
+  from trainer.models import MODELS, OPTIMIZERS
+  rng = np.random.default_rng(0)
+  x, y = rng.standard_normal((64, 5)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+
+  def one_batch(split, batch_size, input_context=None, epoch=0):
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if input_context is not None:
+      dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return dataset.batch(batch_size)
+
+  results = []
+  for strategy in (distribution.make_strategy("default", ALONE), distribution.make_strategy("mirrored", ALONE, 2)):
+    import keras
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+      model = MODELS["dense"]((5,))
+      optimizer = OPTIMIZERS["dense"](1e-2)
+      optimizer.build(model.trainable_variables)
+    history = loop.fit(model, optimizer, loop.squared_error, one_batch, strategy, 64, epochs=1, patience=1)
+    results.append((history["loss"][0], model.get_weights()))
+  (loss_1, weights_1), (loss_2, weights_2) = results
+  assert loss_1 == pytest.approx(loss_2, rel=1e-5)
+  for a, b in zip(weights_1, weights_2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(weights_1[0], MODELS["dense"]((5,)).get_weights()[0])  # it did move
 
 
 @pytest.mark.parametrize("flags", [{"mixed_precision": True}, {"jit_compile": True}])
@@ -71,7 +120,8 @@ def test_speed_flags_train_with_a_falling_loss(flags, tmp_path):
   assert keras.mixed_precision.global_policy().name == "float32"  # nothing leaks to the next job
 
 
-def test_two_workers_on_localhost_train_as_one_job(tmp_path):
+@pytest.mark.parametrize("model", ["dense", "gru"])
+def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
   """A real MultiWorkerMirroredStrategy job: two trainer processes on 127.0.0.1 through
   scripts/local_cluster.py, the same loop as everywhere. Both see the same all-reduced losses;
   only the chief writes the job folder; the other worker's temporary folder is gone at the end.
@@ -82,19 +132,64 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path):
   import subprocess
   import sys
   from trainer.data import builtin
-  builtin.regression_table(rows=501).to_csv(tmp_path / "table.csv", index=False)
+  if model == "dense":
+    builtin.regression_table(rows=501).to_csv(tmp_path / "table.csv", index=False)
+    data = [f"--data={tmp_path / 'table.csv'}", "--target_column=y"]
+  else:
+    builtin.price_series(days=400).to_csv(tmp_path / "prices.csv", index=False)
+    data = [f"--data={tmp_path / 'prices.csv'}", "--target_column=Close", "--date_column=Date", "--window=10"]
   scratch = tmp_path / "scratch"
   scratch.mkdir()
   script = os.path.join(os.path.dirname(__file__), "..", "scripts", "local_cluster.py")
   done = subprocess.run(
-      [sys.executable, script, "--workers=2", "--", "--model=dense", f"--data={tmp_path / 'table.csv'}",
-       "--target_column=y", "--epochs=2", "--batch_size=32", f"--job_dir={tmp_path / 'job'}"],
+      [sys.executable, script, "--workers=2", "--", f"--model={model}", *data, "--epochs=2", "--batch_size=32",
+       f"--job_dir={tmp_path / 'job'}"],
       capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
   assert done.returncode == 0, done.stderr[-3000:]
   losses = {task: re.findall(r"epoch \d+/2  loss (\S+)", "\n".join(
       line for line in done.stderr.splitlines() if line.startswith(f"[worker {task}]"))) for task in (0, 1)}
   assert len(losses[0]) == 2 and losses[0] == losses[1]
+  checksums = [re.findall(r"\[worker %d\].*final weights checksum (\S+)" % task, done.stderr) for task in (0, 1)]
+  assert len(checksums[0]) == 1 and checksums[0] == checksums[1]  # the same final weights
   report = json.loads((tmp_path / "job" / "report.json").read_text())
   assert (report["strategy"], report["num_workers"], report["num_replicas"]) == ("multi_worker_mirrored", 2, 2)
-  assert report["per_replica_batch_size"] == 16 and report["data"]["split"]["train"]["rows"] == 321
+  assert report["per_replica_batch_size"] == 16
+  if model == "dense":
+    assert report["data"]["split"]["train"]["rows"] == 321
+  assert sorted(os.listdir(tmp_path / "job")) == ["logs", "model", "plots", "report.json"]
   assert not [p for p in scratch.iterdir() if p.name.startswith("trainer-worker1-")]
+
+
+def test_a_dead_worker_fails_the_job_within_seconds(tmp_path):
+  """One of two workers killed mid-run: the survivor fails on its own within seconds instead
+  of waiting forever in an all-reduce (no launcher stops it here)."""
+  import json
+  import signal
+  import socket
+  import subprocess
+  import sys
+  import time
+  ports = []
+  for _ in range(2):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      ports.append(s.getsockname()[1])
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+  workers = [subprocess.Popen(
+      [sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=500", "--patience=500",
+       f"--job_dir={tmp_path / 'job'}"],
+      env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    for line in workers[1].stderr:
+      if "epoch 2/500" in line:
+        break
+    workers[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    code = workers[0].wait(timeout=120)
+    assert code != 0
+    assert time.time() - killed < 60
+  finally:
+    for worker in workers:
+      worker.kill()
+      worker.wait()

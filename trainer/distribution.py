@@ -19,6 +19,12 @@ from trainer.config import UserError
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
 
+# One strategy of each kind per process: a second MirroredStrategy over the same devices reuses
+# the first one's collective instance keys, and its all-reduces then meet the first one's
+# ("Shape mismatch in the collective instance"); a MultiWorkerMirroredStrategy can only be made
+# once. A job is one process, but tests and notebooks run several jobs in one.
+_made = {}
+
 
 def split_cpu(devices):
   """Splits the CPU into `devices` logical devices, so MirroredStrategy runs (and is tested)
@@ -46,6 +52,14 @@ def make_strategy(name, cluster, cpu_devices=0):
   if cluster.num_workers > 1 and name != "multi_worker_mirrored":
     raise UserError(f"the cluster environment ({cluster.source}) names {cluster.num_workers} tasks, but "
                     f"--strategy={name} runs on one host; use --strategy=multi_worker_mirrored or auto")
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name not in _made:
+    _made[name] = _new_strategy(name, cluster, gpus)
+  return _made[name]
+
+
+def _new_strategy(name, cluster, gpus):
   if name == "multi_worker_mirrored":
     if cluster.tf_config is not None:
       # TensorFlow reads the cluster from TF_CONFIG only; an Indexed Job's is built by trainer.cluster.
@@ -54,9 +68,7 @@ def make_strategy(name, cluster, cpu_devices=0):
   if name == "mirrored":
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in devices])
-  if name == "one_device":
-    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-  return tf.distribute.get_strategy()
+  return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
 
 
 def precision_policy(mixed_precision):

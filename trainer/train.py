@@ -6,6 +6,7 @@ import os
 import time
 
 import keras
+import numpy as np
 from absl import logging
 
 from trainer import distribution, loop, report
@@ -58,6 +59,9 @@ def _train_and_evaluate(config, job_dir, strategy, distributed, started):
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
   history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
                      config.patience, log_dir=os.path.join(job_dir, "logs"), jit_compile=config.jit_compile)
+  # Every worker logs it: workers of one job that disagree have trained different weights.
+  checksum = float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
+  logging.info("final weights checksum %.10g", checksum)
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
   save_model(model, prepared.preprocessing, os.path.join(job_dir, "model"))
@@ -74,6 +78,7 @@ def _train_and_evaluate(config, job_dir, strategy, distributed, started):
       "history": {"loss": history["loss"], "val_loss": history["val_loss"]},
       "weights": [list(w.shape) for w in model.get_weights()],
       "parameters": model.count_params(),
+      "weights_checksum": checksum,
   }
   result["plots"] = report.write_plots(job_dir, prepared, history, predictions, config.model, evaluation)
   result["wall_time_s"] = round(time.time() - started, 1)
