@@ -140,7 +140,11 @@ def test_every_line_is_prefixed_and_whole(cluster_env):
     else:
       assert re.fullmatch(r"\[(chief|worker 0)\] \{.*\}", line), line
   assert counts == {"chief": 300, "worker 0": 300}
-  assert sorted(stderr[:-1]) == ["[chief] stderr of chief_0", "[worker 0] stderr of worker_0"]
+  started = [re.sub(r"\d+$", "N", line) for line in stderr if line.startswith("local_cluster: started")]
+  assert started == ["local_cluster: started chief as pid N", "local_cluster: started worker 0 as pid N"]
+  assert sorted(line for line in stderr[:-1] if not line.startswith("local_cluster:")) == [
+      "[chief] stderr of chief_0", "[worker 0] stderr of worker_0"]
+
 
 
 @pytest.mark.parametrize("exit_flag, code, words", [
