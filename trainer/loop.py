@@ -66,11 +66,13 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
     return [strategy.reduce("SUM", v, axis=None) for v in strategy.run(step, (inputs, targets))]
 
   def run_epoch(step_fn, data):
-    total, count = 0.0, 0.0
+    # Summed as tensors and read once per epoch: a float() per step would make the host wait for
+    # every step to finish before it could queue the next.
+    total, count = tf.constant(0.0), tf.constant(0.0)
     for inputs, targets in data:
       loss_sum, n = step_fn(inputs, targets)
-      total, count = total + float(loss_sum), count + float(n)
-    return total / max(count, 1)
+      total, count = total + loss_sum, count + n
+    return float(total) / max(float(count), 1)
 
   writers = {}
   if log_dir:
