@@ -52,7 +52,7 @@ flags.DEFINE_string("job_dir", None, "Folder for the model, report and plots; de
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f"trainer: error: unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
+    fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
   try:
     cluster = cluster_lib.resolve(os.environ, FLAGS.indexed_job_hosts, FLAGS.num_workers)
     config = config_lib.Config(
@@ -68,11 +68,18 @@ def main(argv):
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
     result = train.train_and_evaluate(config, job_dir)
   except config_lib.UserError as e:
-    sys.exit(f"trainer: error: {e}")
+    fail(str(e))
   from trainer import report
   print(report.summary_table(result))
   if cluster.is_chief:
     print(f"report: {os.path.join(job_dir, 'report.json')}")
+
+
+def fail(message):
+  """A mistake in the job's input: one line, and exit code 2, which TFJob's ExitCode restart
+  policy and a Job's podFailurePolicy treat as permanent (retrying cannot fix it)."""
+  print(f"trainer: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def run():
