@@ -22,6 +22,6 @@ def test_summary_table_shows_model_beside_baseline():
                                 "strategy": "mirrored", "num_workers": 1, "num_replicas": 2,
                                 "global_batch_size": 32, "per_replica_batch_size": 16})
   lines = table.splitlines()
-  assert lines[0] == "strategy mirrored: 2 replicas on 1 workers, batch 32 (16 per replica)"
+  assert lines[0] == "strategy mirrored: 2 replicas on 1 worker, batch 32 (16 per replica)"
   assert lines[2].split()[:2] == ["gru", "(test)"] and "persistence" in lines[3]
   assert lines[-1].endswith("0.978x")

@@ -170,8 +170,10 @@ def _classification_plots(plots, prepared, predictions, evaluation):
 
 
 def summary_table(report):
-  lines = [f"strategy {report['strategy']}: {report['num_replicas']} replicas on {report['num_workers']} workers, "
-           f"batch {report['global_batch_size']} ({report['per_replica_batch_size']} per replica)"]
+  plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"
+  lines = [f"strategy {report['strategy']}: {plural(report['num_replicas'], 'replica')} on "
+           f"{plural(report['num_workers'], 'worker')}, batch {report['global_batch_size']} "
+           f"({report['per_replica_batch_size']} per replica)"]
   if "accuracy" in report["test"]:
     return "\n".join(lines + [f"{report['model']} (test) accuracy  {report['test']['accuracy']:.3f}",
                                f"{report['baseline']['name']} accuracy  {report['baseline']['accuracy']:.3f}"])
