@@ -1,4 +1,5 @@
-"""Shared fixtures: every test starts from the same seeds, and CSV files are made on the spot."""
+"""Shared fixtures: every test starts from the same seeds; CSV files and image folders are made
+on the spot."""
 
 import os
 
@@ -15,6 +16,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from image_files import expected_rgb, rgb, write_image  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +60,40 @@ def make_image_folder(tmp_path):
           (root / label / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
     return str(root)
   return write
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+  """Two classes of odd-sized images in every format, plus broken and foreign files.
+
+  Returns (folder, good: {path: (expected RGB pixels, exact?)}, broken: set of paths).
+  """
+  root = str(tmp_path / "messy")
+  good, broken = {}, set()
+  lossless = {
+      "cats/gray.png": np.random.default_rng(1).integers(0, 256, (9, 11, 1), dtype=np.uint8),
+      "cats/alpha.png": np.random.default_rng(2).integers(0, 256, (20, 8, 4), dtype=np.uint8),
+      "cats/plain.bmp": rgb(10, 13, seed=3),
+      "cats/few.gif": rgb(12, 9, seed=4, colours=6),
+      "dogs/wide.png": rgb(8, 19, seed=5),
+      "dogs/nested/deep.png": rgb(15, 15, seed=6),
+  }
+  for name, pixels in lossless.items():
+    write_image(os.path.join(root, name), pixels)
+    good[os.path.join(root, name)] = (expected_rgb(pixels), True)
+  # Gradient JPEGs: lossy, but they come back within a few levels (random pixels would be ~85 off).
+  for name, shape in {"cats/photo.jpg": (13, 17), "dogs/small.jpg": (8, 8)}.items():
+    pixels = np.broadcast_to(np.linspace(0, 200, shape[1], dtype=np.uint8)[None, :, None], shape + (3,)).copy()
+    write_image(os.path.join(root, name), pixels)
+    good[os.path.join(root, name)] = (pixels, False)
+  truncated = write_image(os.path.join(root, "cats/truncated.jpg"), rgb(16, 16, seed=9))
+  with open(os.path.join(root, "cats/truncated.jpg"), "wb") as f:
+    f.write(truncated[:len(truncated) // 2])
+  for name, text in {"cats/text.jpg": "not a picture", "dogs/notes.txt": "labelled by hand"}.items():
+    with open(os.path.join(root, name), "w") as f:
+      f.write(text)
+  broken |= {os.path.join(root, n) for n in ("cats/truncated.jpg", "cats/text.jpg", "dogs/notes.txt")}
+  with open(os.path.join(root, "cats", ".DS_Store"), "w") as f:  # hidden: not data, not a warning
+    f.write("\0\0")
+  os.makedirs(os.path.join(root, ".ipynb_checkpoints"))  # hidden: not a class
+  return root, good, broken

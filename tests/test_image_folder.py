@@ -1,85 +1,15 @@
 """Class folders: a messy folder scans with exactly its broken files left out, decode works eagerly
 and inside tf.data, every user mistake stops with one line, and splits keep class proportions."""
 
-import io
 import logging
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
-
+from image_files import rgb, write_image
 from trainer.config import UserError
 from trainer.data import image_folder
-
-
-def write_image(path, pixels):
-  """Writes uint8 pixels ([H, W, C], C = 1, 3 or 4) in the format the file extension names."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  ext = os.path.splitext(path)[1]
-  if ext == ".jpg":
-    data = tf.io.encode_jpeg(pixels, quality=95).numpy()
-  elif ext == ".png":
-    data = tf.io.encode_png(pixels).numpy()
-  else:  # TF encodes neither BMP nor GIF
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels).save(buffer, ext[1:].upper())
-    data = buffer.getvalue()
-  with open(path, "wb") as f:
-    f.write(data)
-  return data
-
-
-def rgb(rows, cols, seed, colours=None):
-  rng = np.random.default_rng(seed)
-  if colours is None:
-    return rng.integers(0, 256, (rows, cols, 3), dtype=np.uint8)
-  # Few colours: a GIF's palette holds them exactly, so its pixels survive unchanged.
-  palette = rng.integers(0, 256, (colours, 3), dtype=np.uint8)
-  return palette[rng.integers(0, colours, (rows, cols))]
-
-
-def expected_rgb(pixels):
-  """What decode must give for pixels written losslessly: gray copied to R, G, B; alpha dropped."""
-  return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels[..., :3]
-
-
-@pytest.fixture
-def messy_folder(tmp_path):
-  """Two classes of odd-sized images in every format, plus broken and foreign files.
-
-  Returns (folder, good: {path: (expected RGB pixels, exact?)}, broken: set of paths).
-  """
-  root = str(tmp_path / "messy")
-  good, broken = {}, set()
-  lossless = {
-      "cats/gray.png": np.random.default_rng(1).integers(0, 256, (9, 11, 1), dtype=np.uint8),
-      "cats/alpha.png": np.random.default_rng(2).integers(0, 256, (20, 8, 4), dtype=np.uint8),
-      "cats/plain.bmp": rgb(10, 13, seed=3),
-      "cats/few.gif": rgb(12, 9, seed=4, colours=6),
-      "dogs/wide.png": rgb(8, 19, seed=5),
-      "dogs/nested/deep.png": rgb(15, 15, seed=6),
-  }
-  for name, pixels in lossless.items():
-    write_image(os.path.join(root, name), pixels)
-    good[os.path.join(root, name)] = (expected_rgb(pixels), True)
-  # Gradient JPEGs: lossy, but they come back within a few levels (random pixels would be ~85 off).
-  for name, shape in {"cats/photo.jpg": (13, 17), "dogs/small.jpg": (8, 8)}.items():
-    pixels = np.broadcast_to(np.linspace(0, 200, shape[1], dtype=np.uint8)[None, :, None], shape + (3,)).copy()
-    write_image(os.path.join(root, name), pixels)
-    good[os.path.join(root, name)] = (pixels, False)
-  truncated = write_image(os.path.join(root, "cats/truncated.jpg"), rgb(16, 16, seed=9))
-  with open(os.path.join(root, "cats/truncated.jpg"), "wb") as f:
-    f.write(truncated[:len(truncated) // 2])
-  for name, text in {"cats/text.jpg": "not a picture", "dogs/notes.txt": "labelled by hand"}.items():
-    with open(os.path.join(root, name), "w") as f:
-      f.write(text)
-  broken |= {os.path.join(root, n) for n in ("cats/truncated.jpg", "cats/text.jpg", "dogs/notes.txt")}
-  with open(os.path.join(root, "cats", ".DS_Store"), "w") as f:  # hidden: not data, not a warning
-    f.write("\0\0")
-  os.makedirs(os.path.join(root, ".ipynb_checkpoints"))  # hidden: not a class
-  return root, good, broken
 
 
 def test_messy_folder_skips_exactly_the_broken_files(messy_folder, caplog):

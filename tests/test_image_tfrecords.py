@@ -9,7 +9,7 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from test_image_folder import messy_folder, rgb, write_image  # noqa: F401 (messy_folder is a fixture)
+from image_files import rgb, write_image
 from trainer.config import UserError
 from trainer.data import image_folder, image_tfrecords
 

@@ -10,7 +10,7 @@ import sys
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) hides the job's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from trainer import cluster as cluster_lib  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
