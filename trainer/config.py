@@ -18,6 +18,7 @@ class UserError(Exception):
 MODEL_NAMES = ("dense", "gru", "lstm", "cnn")
 FORECAST_MODELS = ("gru", "lstm")
 IMAGE_MODELS = ("cnn",)
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -77,9 +78,8 @@ class Config:
     if self.cluster is None:
       from trainer import cluster as cluster_lib  # no TensorFlow there: safe before any server starts
       self.cluster = cluster_lib.alone()
-    strategies = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
-    if self.strategy not in strategies:
-      raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(strategies)}")
+    if self.strategy not in STRATEGIES:
+      raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     if self.cpu_devices < 0:
       raise UserError(f"--cpu_devices must be 0 (no split) or more (got {self.cpu_devices})")
     if self.model not in MODEL_NAMES:

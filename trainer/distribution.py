@@ -17,8 +17,6 @@ from absl import logging
 
 from trainer.config import UserError
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
-
 # One strategy of each kind per process: a second MirroredStrategy over the same devices reuses
 # the first one's collective instance keys, and its all-reduces then meet the first one's
 # ("Shape mismatch in the collective instance"); a MultiWorkerMirroredStrategy can only be made

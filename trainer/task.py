@@ -38,7 +38,7 @@ flags.DEFINE_integer("image_size", 150, "cnn: images are resized to this square 
 flags.DEFINE_bool("augment", True, "cnn: random rotation, shear, zoom and flips of training images.")
 flags.DEFINE_string("tfds_data_dir", None, "cnn with tfds:NAME: the TFDS data folder.")
 flags.DEFINE_bool("tfds_download", False, "cnn with tfds:NAME: allow downloading the dataset.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"],
+flags.DEFINE_enum("strategy", "auto", config_lib.STRATEGIES,
                   "tf.distribute strategy; auto: multi_worker_mirrored when the cluster environment names several "
                   "tasks, mirrored with several GPUs (or --cpu_devices), else default.")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical devices (mirrored without GPUs).")
