@@ -18,6 +18,7 @@ setup(
         "pandas>=2.1",  # CSV parsing with dates and missing values
     ],
     # scipy: the tests and scripts/benchmark_input.py compare against ImageDataGenerator, which needs it.
-    extras_require={"test": ["pytest>=8", "scipy>=1.10"]},
+    # gcp-storage-emulator: gs:// is tested against a local emulator, never the network (2026.7 checked).
+    extras_require={"test": ["pytest>=8", "scipy>=1.10", "gcp-storage-emulator>=2026.7"]},
     entry_points={"console_scripts": ["trainer=trainer.task:run"]},
 )

@@ -1,0 +1,399 @@
+"""One file-system layer for local paths and gs://, so every caller treats both the same.
+
+Why not tf.io.gfile: its gs:// endpoint is hard-coded, so tests cannot point it at an emulator,
+and tf.train.latest_checkpoint swallows its network errors and returns None, which would
+restart a job from scratch (GUIDE section 4). Here a failure is one of two things: the file is
+not there (FileNotFoundError, as for a local file) or the storage could not be used
+(StorageError: one line naming the path and what to do). A dead endpoint fails within
+TRAINER_STORAGE_TIMEOUT seconds (default 60) instead of retrying for minutes.
+"""
+
+import atexit
+import contextlib
+import errno
+import fnmatch
+import functools
+import os
+import posixpath
+import secrets
+import shutil
+import tempfile
+import threading
+
+GS = "gs://"
+_DEFAULT_TIMEOUT = 60
+
+
+class StorageError(Exception):
+  """Storage that could not be reached or refused an operation; the message is one line."""
+
+
+def is_remote(path):
+  return str(path).startswith(GS)
+
+
+def join(base, *parts):
+  if is_remote(base):
+    return posixpath.join(base, *parts)
+  return os.path.join(base, *parts)
+
+
+def exists(path):
+  """True for a file, or for a folder (on gs://: any object below the prefix)."""
+  if not is_remote(path):
+    return os.path.exists(path)
+  bucket, key = _split(path)
+  with _translated(path, "check"):
+    if not key:
+      return _bucket(bucket).exists(**_call())
+    return _bucket(bucket).blob(key).exists(**_call()) or _has_children(path)
+
+
+def is_dir(path):
+  """True for a folder (on gs://: any object below the prefix, or a bucket that exists)."""
+  if not is_remote(path):
+    return os.path.isdir(path)
+  bucket, key = _split(path)
+  if not key:
+    return exists(path)
+  return _has_children(path)
+
+
+def read_bytes(path):
+  """The file's contents; FileNotFoundError when it is missing, IsADirectoryError for a folder."""
+  if not is_remote(path):
+    with _translated(path, "read"):
+      with open(path, "rb") as f:
+        return f.read()
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  with _translated(path, "read"):
+    try:
+      return _bucket(bucket).blob(key).download_as_bytes(**_call())
+    except exceptions.NotFound:
+      pass
+  # Missing object, missing bucket or a folder: the listing tells which (and raises for the bucket).
+  if _has_children(path):
+    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+  raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+
+def read_text(path):
+  return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path, data):
+  """Writes the whole file so that a reader sees the old contents or the new, never a part."""
+  if is_remote(path):
+    bucket, key = _split(path)
+    with _translated(path, "write"):
+      _bucket(bucket).blob(key).upload_from_string(data, **_call())
+    return
+  with _translated(path, "write"):
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Not mkstemp: its files are private (0600), and the umask should decide, as for open().
+    temp = os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
+    try:
+      with open(temp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # so a crash cannot leave the new name pointing at empty blocks
+      os.replace(temp, path)
+    except BaseException:
+      with contextlib.suppress(OSError):
+        os.remove(temp)
+      raise
+
+
+def write_text(path, text):
+  write_bytes(path, text.encode("utf-8"))
+
+
+def list_dir(path):
+  """Sorted names of a folder's files and sub-folders; [] when there is no such folder."""
+  if not is_remote(path):
+    with _translated(path, "list"):
+      return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "list"):
+    blobs = _bucket(bucket).list_blobs(prefix=prefix, delimiter="/", **_call())
+    names = [blob.name[len(prefix):] for blob in blobs]
+    names += [p[len(prefix):].rstrip("/") for p in blobs.prefixes]
+  return sorted(n for n in set(names) if n)  # "" is a folder-marker object, not a child
+
+
+def remove(path):
+  """Removes a file or a folder with everything in it; a missing path is not an error."""
+  if not is_remote(path):
+    with _translated(path, "remove"):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      elif os.path.lexists(path):
+        os.remove(path)
+    return
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  if not key:
+    raise StorageError(f"{path}: refusing to remove a whole bucket; name a folder in it")
+  with _translated(path, "remove"):
+    names = [key] + [blob.name for blob in _bucket(bucket).list_blobs(prefix=key + "/", **_call())]
+    for name in names:
+      with contextlib.suppress(exceptions.NotFound):
+        _bucket(bucket).blob(name).delete(**_call())
+
+
+def publish_dir(local_dir, dest, last=()):
+  """Copies a complete local folder to dest so that a reader never sees part of it.
+
+  Locally the copy is made in a hidden sibling folder and renamed onto dest in one step. On
+  gs:// there is no rename: every file is uploaded and the files named in `last` (relative
+  paths) go at the end in that order, so a reader that waits for them (a completion marker
+  such as state.json) sees everything else already there. An existing dest is removed first:
+  callers publish fresh names, so it can only be the leftover of an interrupted publish.
+  """
+  files = _files_below(local_dir)
+  missing = [name for name in last if name not in files]
+  if missing:
+    raise ValueError(f"publish_dir: {missing[0]} (in last) is not a file of {local_dir}")
+  if is_remote(dest):
+    remove(dest)
+    for name in [f for f in files if f not in last] + list(last):
+      _upload(os.path.join(local_dir, name), join(dest, name))
+    return
+  with _translated(dest, "write"):
+    parent, name = os.path.split(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    temp = os.path.join(parent, f".tmp-{name}-{secrets.token_hex(4)}")
+    try:
+      shutil.copytree(local_dir, temp)
+      remove(dest)
+      os.rename(temp, dest)
+    except BaseException:
+      shutil.rmtree(temp, ignore_errors=True)
+      raise
+
+
+def download_dir(path, local_dir):
+  """Copies a folder (local or gs://) into local_dir; FileNotFoundError when it is missing."""
+  if not is_remote(path):
+    with _translated(path, "read"):
+      shutil.copytree(path, local_dir, dirs_exist_ok=True)
+    return
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "read"):
+    names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
+  names = [n for n in names if n and not n.endswith("/")]  # folder markers hold nothing
+  if not names:
+    raise FileNotFoundError(errno.ENOENT, "no such folder", path)
+  os.makedirs(local_dir, exist_ok=True)
+  for name in names:
+    target = os.path.normpath(os.path.join(local_dir, *name.split("/")))
+    if not target.startswith(os.path.abspath(local_dir) + os.sep) and not target.startswith(local_dir + os.sep):
+      raise StorageError(f"{path}{name}: object name leaves the folder; refusing to download it")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with _translated(path + name, "read"):
+      _bucket(bucket).blob(prefix + name).download_to_filename(target, **_call())
+
+
+# (local_dir, dest) -> {relative path: (size, mtime_ns)} as of the last sync_dir of that pair.
+_synced = {}
+_synced_lock = threading.Lock()
+
+
+def sync_dir(local_dir, dest):
+  """Copies the files of local_dir that are new or changed (size or mtime) since the last sync
+  of the same pair; returns their relative paths. For logs written while a job runs (TensorBoard
+  event files): not atomic, a reader may see a file of the last sync."""
+  if not is_remote(dest) and os.path.realpath(dest) == os.path.realpath(local_dir):
+    return []
+  key = (os.path.abspath(local_dir), dest)
+  with _synced_lock:
+    seen = _synced.setdefault(key, {})
+    changed = []
+    for name in _files_below(local_dir):
+      source = os.path.join(local_dir, name)
+      stat = os.stat(source)
+      if seen.get(name) == (stat.st_size, stat.st_mtime_ns):
+        continue
+      _upload(source, join(dest, *name.split("/")))
+      seen[name] = (stat.st_size, stat.st_mtime_ns)
+      changed.append(name)
+  return changed
+
+
+# Remote path -> its local copy, for this process; removed at exit.
+_cache = {}
+_cache_lock = threading.Lock()
+_cache_dir = None
+
+
+def local_path(path):
+  """A local path holding the file or folder: the path itself, or a copy of a gs:// one
+  downloaded once per process (the same remote path gives the same copy)."""
+  if not is_remote(path):
+    return path
+  path = path.rstrip("/")
+  with _cache_lock:
+    if path in _cache:
+      return _cache[path]
+    target = os.path.join(tempfile.mkdtemp(dir=_cache_root()), posixpath.basename(path) or "bucket")
+    try:
+      data = read_bytes(path)
+    except IsADirectoryError:
+      download_dir(path, target)
+    else:
+      with open(target, "wb") as f:
+        f.write(data)
+    _cache[path] = target
+    return target
+
+
+def glob(pattern):
+  """Sorted paths matching a glob; on gs:// only the last part may hold wildcards."""
+  if not is_remote(pattern):
+    import glob as globbing
+    return sorted(globbing.glob(pattern))
+  folder, name = posixpath.split(pattern)
+  return sorted(join(folder, n) for n in fnmatch.filter(list_dir(folder), name))
+
+
+def timeout():
+  """Seconds a gs:// operation may take, retries included (env TRAINER_STORAGE_TIMEOUT)."""
+  value = os.environ.get("TRAINER_STORAGE_TIMEOUT", str(_DEFAULT_TIMEOUT))
+  try:
+    seconds = float(value)
+  except ValueError:
+    seconds = -1
+  if not seconds > 0:
+    raise StorageError(f"TRAINER_STORAGE_TIMEOUT={value!r} is not a positive number of seconds")
+  return seconds
+
+
+def _call():
+  """Keyword arguments for every google-cloud-storage call: its default retry runs for minutes
+  against a dead endpoint; bounding the whole retry and each request fails it in time."""
+  from google.cloud.storage.retry import DEFAULT_RETRY
+  seconds = timeout()
+  return {"retry": DEFAULT_RETRY.with_timeout(seconds), "timeout": seconds}
+
+
+def _client():
+  return _client_for(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for(emulator_host):
+  """One client per endpoint: the emulator's (anonymous, a dummy project) or Google's, with the
+  default credentials (Workload Identity on GKE, the service account on Vertex AI)."""
+  from google.cloud import storage
+  if emulator_host:
+    from google.auth.credentials import AnonymousCredentials
+    return storage.Client(project="emulator", credentials=AnonymousCredentials())
+  return storage.Client()
+
+
+def _bucket(name):
+  return _client().bucket(name)
+
+
+def _split(path):
+  bucket, _, key = path[len(GS):].partition("/")
+  if not bucket:
+    raise StorageError(f"{path}: no bucket name; write gs://BUCKET/PATH")
+  return bucket, key
+
+
+def _as_folder(path):
+  return path if path.endswith("/") else path + "/"
+
+
+def _has_children(path):
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "list"):
+    return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix, max_results=1, **_call()))
+
+
+def _upload(source, dest):
+  if not is_remote(dest):
+    with _translated(dest, "write"):
+      os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+      shutil.copy2(source, dest)
+    return
+  bucket, key = _split(dest)
+  with _translated(dest, "write"):
+    _bucket(bucket).blob(key).upload_from_filename(source, **_call())
+
+
+def _files_below(folder):
+  """Relative posix paths of every file below folder, sorted."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    relative = os.path.relpath(root, folder)
+    found += [f if relative == "." else posixpath.join(*relative.split(os.sep), f) for f in sorted(files)]
+  return found
+
+
+def _cache_root():
+  global _cache_dir
+  if _cache_dir is None:
+    _cache_dir = tempfile.mkdtemp(prefix="trainer-storage-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  return _cache_dir
+
+
+@contextlib.contextmanager
+def _translated(path, action):
+  """Turns what google-cloud-storage, requests, google-auth and the OS raise into StorageError;
+  FileNotFoundError and IsADirectoryError pass, as they say what the caller can act on."""
+  try:
+    yield
+  except (FileNotFoundError, IsADirectoryError, StorageError):
+    raise
+  except Exception as e:  # noqa: BLE001 - narrowed just below, by module, to keep imports lazy
+    message = _message(e, path, action)
+    if message is None:
+      raise
+    raise StorageError(message) from e
+
+
+def _message(error, path, action):
+  """One line for an error from a storage library or the OS; None for anything else (a bug)."""
+  module = type(error).__module__ or ""
+  if isinstance(error, OSError) and not module.startswith(("requests", "urllib3", "google")):
+    return f"cannot {action} {path}: {error.strerror or error}"
+  if not module.startswith(("google", "requests", "urllib3")):
+    return None
+  from google.api_core import exceptions
+  from google.auth import exceptions as auth_exceptions
+  if isinstance(error, auth_exceptions.DefaultCredentialsError):
+    return (f"cannot {action} {path}: no Google Cloud credentials found (use Workload Identity or a "
+            "service account on the node, or set STORAGE_EMULATOR_HOST for an emulator)")
+  if isinstance(error, exceptions.NotFound):
+    return f"{path}: bucket not found; create it or fix the bucket name"
+  if isinstance(error, (exceptions.Forbidden, exceptions.Unauthorized)):
+    return (f"cannot {action} {path}: permission denied ({_first_line(error)}); give the job's service "
+            "account access to the bucket")
+  return f"cannot {action} {path}: {_root_cause(error)} (is the bucket reachable and are credentials set?)"
+
+
+def _root_cause(error):
+  """The innermost reason (e.g. "Connection refused") of an error wrapped by retries and HTTP."""
+  seen, reason = set(), _first_line(error)
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
+    error = getattr(error, "cause", None) or error.__cause__ or (nested[0] if nested else None) or error.__context__
+    if error is not None and str(error).strip():
+      reason = _first_line(error)
+  return reason
+
+
+def _first_line(error):
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
