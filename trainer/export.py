@@ -1,0 +1,138 @@
+"""Versioned exports: `<export_dir>/<version>/` holds a SavedModel for TF Serving and, beside it,
+trainer_export.json, everything else inference needs (normalisation, window, columns, classes).
+
+A version is complete once its trainer_export.json exists: it is published last, so a reader
+that finds it finds the whole SavedModel. Version folders without it are leftovers of a killed
+upload and are removed before the next export, since TF Serving would try to serve them.
+
+TensorFlow is imported only where a model is written or loaded: `python -m trainer.predict`
+finds the version and reads its metadata first, so a wrong folder fails in a second.
+"""
+
+import datetime
+import json
+import os
+import tempfile
+
+from absl import logging
+
+from trainer import storage
+from trainer.config import UserError
+
+METADATA = "trainer_export.json"
+SIGNATURE = "serving_default"
+# Bumped when the metadata changes in a way older readers would misread.
+FORMAT = 1
+
+
+def write_export(model, prepared, result, export_dir):
+  """Exports model as the next version under export_dir; returns that version's folder.
+
+  result is the job's report (its config, test and baseline metrics and data summary go into
+  the metadata, so an export says how it was made and how good it was).
+  """
+  with tempfile.TemporaryDirectory() as scratch:
+    local = os.path.join(scratch, "export")
+    model.export(local, verbose=False)
+    input_name, output_key = _signature_keys(local)
+    version = next_version(export_dir)
+    metadata = {
+        "format": FORMAT, "model": result["model"], "kind": prepared.kind, "signature": SIGNATURE,
+        "input": input_name, "output": output_key, "preprocessing": prepared.preprocessing,
+        "flags": result["config"], "test": result["test"], "baseline": result["baseline"], "data": result["data"],
+        "version": version, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(local, METADATA), "w") as f:
+      json.dump(metadata, f, indent=2)
+    folder = storage.join(export_dir, str(version))
+    # TF Serving loads a version once saved_model.pb is there, our readers once the metadata is.
+    storage.publish_dir(local, folder, last=("saved_model.pb", METADATA))
+  logging.info("exported version %d of the %s model to %s", version, result["model"], folder)
+  return folder
+
+
+def _signature_keys(saved_model_dir):
+  """(input name, output key) of the serving signature, read back from what was written."""
+  import tensorflow as tf
+
+  signature = tf.saved_model.load(saved_model_dir).signatures[SIGNATURE]
+  (input_name,) = signature.structured_input_signature[1]
+  (output_key,) = signature.structured_outputs
+  return input_name, output_key
+
+
+def next_version(export_dir):
+  """1 + the highest complete version; first removes incomplete version folders."""
+  complete = []
+  for version in _versions(export_dir):
+    folder = storage.join(export_dir, str(version))
+    if storage.exists(storage.join(folder, METADATA)):
+      complete.append(version)
+    else:
+      logging.warning("removing %s: an incomplete export (no %s), left by an interrupted one", folder, METADATA)
+      storage.remove(folder)
+  return max(complete, default=0) + 1
+
+
+def latest_version(export_dir):
+  """The folder of the highest complete version under export_dir, or None."""
+  for version in reversed(_versions(export_dir)):
+    folder = storage.join(export_dir, str(version))
+    if storage.exists(storage.join(folder, METADATA)):
+      return folder
+  return None
+
+
+def _versions(export_dir):
+  """Integer-named children of export_dir, ascending: 10 after 9, not after 1."""
+  return sorted(int(name) for name in storage.list_dir(export_dir) if name.isdigit())
+
+
+def read_metadata(version_dir):
+  """The version's trainer_export.json as a dict; UserError if it is missing or unreadable."""
+  path = storage.join(version_dir, METADATA)
+  try:
+    metadata = json.loads(storage.read_text(path))
+  except (OSError, storage.StorageError) as e:
+    raise UserError(f"{path}: cannot read the export's metadata ({getattr(e, 'strerror', None) or e})") from None
+  except ValueError as e:  # JSON, or UTF-8, that is not
+    raise UserError(f"{path}: the export's metadata is not valid JSON ({e}); re-export the model") from None
+  if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+    found = metadata.get("format") if isinstance(metadata, dict) else None
+    raise UserError(f"{path}: export metadata format {found!r}, this trainer reads format {FORMAT}; "
+                    "use the trainer version that wrote it")
+  return metadata
+
+
+def find_version(model_dir):
+  """model_dir itself if it is a complete version, else its highest complete version."""
+  if storage.exists(storage.join(model_dir, METADATA)):
+    return model_dir
+  folder = latest_version(model_dir)
+  if folder is None and storage.exists(storage.join(model_dir, "saved_model.pb")):
+    raise UserError(f"{model_dir}: a SavedModel without {METADATA}: an export that did not finish (or not "
+                    "one of this trainer's); export again")
+  if folder is None:
+    raise UserError(f"{model_dir}: no export found: looked for {storage.join(model_dir, METADATA)} and for "
+                    f"version folders {storage.join(model_dir, '<N>', METADATA)}; give an export folder "
+                    "(<job_dir>/export) or one of its version folders")
+  return folder
+
+
+def load(version_dir, metadata):
+  """The version's serving signature, called as a Keras model is, `model(x, training=False)`, so
+  the functions that feed a trained model (timeseries.forecast, tabular.predict_table) feed it."""
+  import tensorflow as tf
+
+  loaded = tf.saved_model.load(storage.local_path(version_dir))
+  signature = loaded.signatures[metadata["signature"]]
+
+  def model(x, training=False):
+    del training  # a SavedModel signature always infers
+    outputs = signature(**{metadata["input"]: tf.convert_to_tensor(x, tf.float32)})
+    # Mixed-precision models answer in (b)float16; the data's functions compute in float32 or more.
+    return tf.cast(outputs[metadata["output"]], tf.float32)
+
+  model.saved_model = loaded  # the signature needs its object alive (GUIDE section 4)
+  return model
+
