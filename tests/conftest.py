@@ -1,7 +1,13 @@
 """Shared fixtures: every test starts from the same seeds; CSV files and image folders are made
-on the spot."""
+on the spot; gs:// is a Cloud Storage emulator on 127.0.0.1, started once per session."""
 
+import itertools
 import os
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -97,3 +103,76 @@ def messy_folder(tmp_path):
     f.write("\0\0")
   os.makedirs(os.path.join(root, ".ipynb_checkpoints"))  # hidden: not a class
   return root, good, broken
+
+
+class GcsEmulator:
+  """gcp-storage-emulator in a subprocess, its objects on disk so that they outlive a restart."""
+
+  def __init__(self, data_dir, log_path):
+    self.data_dir, self.log_path = str(data_dir), str(log_path)
+    with socket.socket() as s:  # a free port; the restart binds the same one (SO_REUSEADDR)
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.host = f"http://127.0.0.1:{self.port}"
+    self._process = None
+    self._names = itertools.count()
+
+  def start(self):
+    # --data-dir belongs to the main parser, before the subcommand; without it objects go to ./.
+    command = ["gcp-storage-emulator", f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1",
+               f"--port={self.port}", "--quiet"]
+    with open(self.log_path, "ab") as log:
+      self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      if self._process.poll() is not None:
+        raise RuntimeError(f"the storage emulator exited with {self._process.returncode}; see {self.log_path}")
+      try:
+        with urllib.request.urlopen(f"{self.host}/storage/v1/b", timeout=1):
+          return
+      except OSError:
+        time.sleep(0.1)
+    self.stop()
+    raise RuntimeError(f"the storage emulator did not answer on {self.host} within 30 s; see {self.log_path}")
+
+  def stop(self):
+    if self._process is not None and self._process.poll() is None:
+      self._process.terminate()
+      try:
+        self._process.wait(10)
+      except subprocess.TimeoutExpired:
+        self._process.kill()
+        self._process.wait()
+    self._process = None
+
+  def new_bucket(self):
+    """Creates an empty bucket with a name no other test uses; returns "gs://<name>"."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    name = f"test-{next(self._names)}-{uuid.uuid4().hex[:8]}"
+    storage.Client(project="emulator", credentials=AnonymousCredentials(),
+                   client_options={"api_endpoint": self.host}).create_bucket(name)
+    return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+  """A Cloud Storage emulator on 127.0.0.1 for the session; STORAGE_EMULATOR_HOST points every
+  client (and every subprocess a test starts) at it, and TRAINER_STORAGE_TIMEOUT=5 makes a
+  stopped emulator fail an operation in seconds."""
+  folder = tmp_path_factory.mktemp("gcs")
+  emulator = GcsEmulator(folder / "data", folder / "emulator.log")
+  emulator.start()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    patch.setenv("TRAINER_STORAGE_TIMEOUT", "5")
+    try:
+      yield emulator
+    finally:
+      emulator.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator):
+  """A fresh, empty gs:// bucket in the emulator."""
+  return gcs_emulator.new_bucket()

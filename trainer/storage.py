@@ -230,8 +230,11 @@ _cache_dir = None
 
 def local_path(path):
   """A local path holding the file or folder: the path itself, or a copy of a gs:// one
-  downloaded once per process (the same remote path gives the same copy)."""
+  downloaded once per process (the same remote path gives the same copy). FileNotFoundError
+  when there is nothing at path, for both kinds alike."""
   if not is_remote(path):
+    if not os.path.lexists(path):
+      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     return path
   path = path.rstrip("/")
   with _cache_lock:
