@@ -19,6 +19,28 @@ MODEL_NAMES = ("dense", "gru", "lstm", "cnn")
 FORECAST_MODELS = ("gru", "lstm")
 IMAGE_MODELS = ("cnn",)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
+# Vertex AI custom training says where a job should write through these variables; a flag given
+# on the command line wins.
+VERTEX_FOLDERS = {"export_dir": "AIP_MODEL_DIR", "checkpoint_dir": "AIP_CHECKPOINT_DIR",
+                  "tensorboard_dir": "AIP_TENSORBOARD_LOG_DIR"}
+
+
+def output_folders(environ, job_dir, model, **flags):
+  """(job_dir, {export_dir, checkpoint_dir, tensorboard_dir}) from the flags, else Vertex AI's
+  AIP_* variables. Without --job_dir: on Vertex AI the folder above AIP_MODEL_DIR (its base
+  output directory), elsewhere a new folder under ./runs/."""
+  folders = {name: flags.get(name) or environ.get(variable) or None for name, variable in VERTEX_FOLDERS.items()}
+  if not job_dir:
+    model_dir = environ.get("AIP_MODEL_DIR", "").rstrip("/")
+    job_dir = (model_dir.rsplit("/", 1)[0] if "/" in model_dir else
+               os.path.join("runs", f"{model}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+  return job_dir, folders
+
+
+# Flags that must keep their value for a job to resume from its checkpoints (Config.resume_mismatch).
+RESUME_FIELDS = ("model", "data", "test_data", "target_column", "date_column", "feature_columns", "test_start",
+                 "window", "batch_size", "seed", "bidirectional", "validation_split", "test_split", "image_size",
+                 "augment")
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -72,6 +94,16 @@ class Config:
   # Fraction of the rows held out for testing: at random for tables, as the tutorial did;
   # the last rows for forecasts without --test_start.
   test_split: float = 0.2
+  # Where checkpoints, TensorBoard logs and versioned SavedModels go (local or gs://); None: the
+  # job folder's checkpoints/, logs/ and export/ (trainer.task fills them from AIP_* on Vertex AI).
+  checkpoint_dir: Optional[str] = None
+  tensorboard_dir: Optional[str] = None
+  export_dir: Optional[str] = None
+  # 0: a checkpoint at the end of every epoch only; N: also every N training steps.
+  checkpoint_every_steps: int = 0
+  keep_checkpoints: int = 3
+  # Ignore the checkpoints of an earlier run of this job and train from scratch.
+  restart: bool = False
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
@@ -84,9 +116,11 @@ class Config:
       raise UserError(f"--cpu_devices must be 0 (no split) or more (got {self.cpu_devices})")
     if self.model not in MODEL_NAMES:
       raise UserError(f"--model={self.model!r} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
-    for name in ("window", "epochs", "batch_size", "patience"):
+    for name in ("window", "epochs", "batch_size", "patience", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+    if self.checkpoint_every_steps < 0:
+      raise UserError(f"--checkpoint_every_steps must be 0 (every epoch) or more (got {self.checkpoint_every_steps})")
     if not self.learning_rate > 0:
       raise UserError(f"--learning_rate must be positive (got {self.learning_rate})")
     for name in ("validation_split", "test_split"):
@@ -97,11 +131,12 @@ class Config:
         raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} (got {self.image_size})")
       for flag in ("data", "test_data"):
         location = getattr(self, flag)
-        if location and not location.startswith("tfds:") and not (os.path.isdir(location) or glob.glob(location)):
+        if (location and not location.startswith(("tfds:", "gs://"))
+            and not (os.path.isdir(location) or glob.glob(location))):
           raise UserError(f"--{flag}={location}: no such folder or files; give a folder with one subfolder "
                           "per class, a folder or glob of TFRecord shards, or tfds:NAME")
     elif self.data is not None:
-      if not os.path.isfile(self.data):
+      if not self.data.startswith("gs://") and not os.path.isfile(self.data):
         raise UserError(f"--data={self.data}: no such file; give the path of a CSV file")
       if not self.target_column:
         raise UserError("--target_column is required with --data: name the column to predict")
@@ -117,6 +152,17 @@ class Config:
         datetime.date.fromisoformat(self.test_start)
       except ValueError:
         raise UserError(f"--test_start={self.test_start!r} is not a date; write it as YYYY-MM-DD") from None
+
+  def resume_mismatch(self, saved):
+    """The first flag whose value differs from `saved` (a checkpoint's config) in a way that makes
+    its checkpoints useless or misleading for this job, as (flag, saved value, value), or None.
+    --epochs, --patience and --learning_rate may change: going on for longer, or going on with a
+    smaller step after a divergence, is what resuming is for."""
+    for name in RESUME_FIELDS:
+      saved_value, value = saved.get(name), getattr(self, name)
+      if (list(value) if isinstance(value, tuple) else value) != saved_value:
+        return name, saved_value, value
+    return None
 
   @property
   def is_forecast(self) -> bool:

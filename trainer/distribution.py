@@ -15,6 +15,7 @@ import tempfile
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.config import UserError
 
 # One strategy of each kind per process: a second MirroredStrategy over the same devices reuses
@@ -90,13 +91,14 @@ def per_replica_batch_size(global_batch_size, replicas):
 
 
 def writable_job_dir(job_dir, cluster):
-  """The chief writes the real job folder; any other worker a temporary one of its own (remove
-  it with `cleanup` at the end)."""
-  if cluster.is_chief:
+  """The local folder this process writes: a local job folder itself for the chief; otherwise a
+  temporary one (remove it with `cleanup` at the end), which the chief of a gs:// job uploads."""
+  if cluster.is_chief and not storage.is_remote(job_dir):
     return job_dir
   folder = tempfile.mkdtemp(prefix=f"trainer-{cluster.task_type}{cluster.task_index}-")
-  logging.info("%s %d is not the chief: writing to %s, removed at the end", cluster.task_type,
-               cluster.task_index, folder)
+  if not cluster.is_chief:
+    logging.info("%s %d is not the chief: writing to %s, removed at the end", cluster.task_type,
+                 cluster.task_index, folder)
   return folder
 
 

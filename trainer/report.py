@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # jobs run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from trainer import storage  # noqa: E402
+
 
 def metrics(targets, predictions):
   """RMSE, MAE and R2 in the data's own units."""
@@ -188,5 +190,5 @@ def summary_table(report):
 
 
 def write_report(job_dir, report):
-  with open(os.path.join(job_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  """report.json, written whole or not at all (local or gs://)."""
+  storage.write_text(storage.join(job_dir, "report.json"), json.dumps(report, indent=2))

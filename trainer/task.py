@@ -3,7 +3,6 @@
 Defines the flags, builds a Config and calls train.train_and_evaluate; nothing else.
 """
 
-import datetime
 import os
 import sys
 
@@ -14,6 +13,7 @@ from absl import app, flags  # noqa: E402
 
 from trainer import cluster as cluster_lib  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
+from trainer import storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES,
@@ -47,7 +47,15 @@ flags.DEFINE_bool("jit_compile", False, "XLA-compile each replica's training ste
 flags.DEFINE_string("indexed_job_hosts", None, "Kubernetes Indexed Job without TF_CONFIG: host:port of every "
                     "worker with {index}, e.g. train-{index}.train-workers:2222 (env TRAINER_INDEXED_JOB_HOSTS).")
 flags.DEFINE_integer("num_workers", None, "Kubernetes Indexed Job: number of workers (env TRAINER_NUM_WORKERS).")
-flags.DEFINE_string("job_dir", None, "Folder for the model, report and plots; default: a new folder under ./runs/.")
+flags.DEFINE_string("job_dir", None, "Folder (local or gs://) for checkpoints, logs, exports, the report and plots; "
+                    "default: the folder above AIP_MODEL_DIR on Vertex AI, else a new folder under ./runs/.")
+flags.DEFINE_string("checkpoint_dir", None, "Checkpoints; default: AIP_CHECKPOINT_DIR, else <job_dir>/checkpoints.")
+flags.DEFINE_string("tensorboard_dir", None, "TensorBoard logs; default: AIP_TENSORBOARD_LOG_DIR, else <job_dir>/logs.")
+flags.DEFINE_string("export_dir", None, "Versioned SavedModels (<export_dir>/<version>/); default: AIP_MODEL_DIR, "
+                    "else <job_dir>/export.")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N training steps (0: at each epoch's end only).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.")
+flags.DEFINE_bool("restart", False, "Delete this job's checkpoints and train from scratch instead of resuming.")
 
 
 def main(argv):
@@ -55,6 +63,9 @@ def main(argv):
     fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
   try:
     cluster = cluster_lib.resolve(os.environ, FLAGS.indexed_job_hosts, FLAGS.num_workers)
+    job_dir, folders = config_lib.output_folders(os.environ, FLAGS.job_dir, FLAGS.model, export_dir=FLAGS.export_dir,
+                                                 checkpoint_dir=FLAGS.checkpoint_dir,
+                                                 tensorboard_dir=FLAGS.tensorboard_dir)
     config = config_lib.Config(
         model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
         feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
@@ -63,23 +74,38 @@ def main(argv):
         validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
         image_size=FLAGS.image_size, augment=FLAGS.augment, tfds_data_dir=FLAGS.tfds_data_dir,
         tfds_download=FLAGS.tfds_download, strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
-        mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile, cluster=cluster)
-    job_dir = FLAGS.job_dir or os.path.join("runs", f"{FLAGS.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+        mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile, cluster=cluster,
+        checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
+        restart=FLAGS.restart, **folders)
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
     result = train.train_and_evaluate(config, job_dir)
   except config_lib.UserError as e:
     fail(str(e))
+  except storage.StorageError as e:
+    fail(str(e), STORAGE_FAILURE)
+  except Exception as e:  # noqa: BLE001 -- only the two kinds below; anything else keeps its traceback
+    from trainer.preemption import Preempted
+    if isinstance(e, Preempted):
+      fail(str(e), e.exit_code, prefix="trainer: ")
+    raise
   from trainer import report
   print(report.summary_table(result))
   if cluster.is_chief:
-    print(f"report: {os.path.join(job_dir, 'report.json')}")
+    print(f"report: {storage.join(job_dir, 'report.json')}")
 
 
-def fail(message):
-  """A mistake in the job's input: one line, and exit code 2, which TFJob's ExitCode restart
-  policy and a Job's podFailurePolicy treat as permanent (retrying cannot fix it)."""
-  print(f"trainer: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+# Exit codes (README "Exit codes"): 0 done; 2 a mistake in the job's input or a diverged training,
+# which retrying cannot fix (TFJob's ExitCode policy treats 1-127 as permanent); 3 storage could
+# not be read or written; 128 + the signal (143 SIGTERM, 130 SIGINT) stopped after saving a
+# checkpoint: restart the same command to resume (128-255: retryable).
+USER_ERROR = 2
+STORAGE_FAILURE = 3
+
+
+def fail(message, code=USER_ERROR, prefix="trainer: error: "):
+  """One line on stderr, no traceback, and the exit code that tells a cluster what to do next."""
+  print(f"{prefix}{message}", file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def run():

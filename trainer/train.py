@@ -1,4 +1,5 @@
-"""train_and_evaluate(config, job_dir): data, model, training, test metrics, plots and report."""
+"""train_and_evaluate(config, job_dir): data, model, training with checkpoints, test metrics,
+plots, export and report."""
 
 import dataclasses
 import json
@@ -7,19 +8,54 @@ import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, loop, report
+from trainer import distribution, loop, report, storage
+from trainer.checkpoints import Checkpoints
+from trainer.config import RESUME_FIELDS, UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
+from trainer.preemption import StopSignal
+
+# TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
+# logger, the job's own) would drown the job's.
+tf.get_logger().setLevel("WARNING")
+logging.get_absl_logger().addFilter(
+    lambda record: record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname)
 
 # The data module that feeds each model.
 DATA = {"dense": tabular, "gru": timeseries, "lstm": timeseries, "cnn": images}
 
 
+@dataclasses.dataclass
+class Folders:
+  """Where a job's outputs go (local or gs://) and the local folder this process writes first."""
+  job: str
+  checkpoints: str
+  tensorboard: str
+  export: str
+  local: str
+
+  @classmethod
+  def of(cls, config, job_dir, local_dir):
+    return cls(job=job_dir, local=local_dir,
+               checkpoints=config.checkpoint_dir or storage.join(job_dir, "checkpoints"),
+               tensorboard=config.tensorboard_dir or storage.join(job_dir, "logs"),
+               export=config.export_dir or storage.join(job_dir, "export"))
+
+  @property
+  def local_logs(self):
+    """TensorBoard writes through tf.io.gfile, which reaches no emulator: into a local folder,
+    synced to a remote --tensorboard_dir (trainer.storage) after every checkpoint."""
+    return self.tensorboard if self.local == self.job and not storage.is_remote(self.tensorboard) else \
+        os.path.join(self.local, "logs")
+
+
 def train_and_evaluate(config, job_dir):
-  """Trains config.model into job_dir and returns the report (written as report.json by the
-  chief; other workers of a cluster write only to a temporary folder, removed at the end)."""
+  """Trains config.model into job_dir (local or gs://) and returns the report (written as
+  report.json by the chief; other workers of a cluster write only to a temporary folder).
+  Resumes from the job's latest checkpoint unless config.restart."""
   started = time.time()
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
@@ -28,19 +64,23 @@ def train_and_evaluate(config, job_dir):
   distributed = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
                  "num_replicas": replicas, "global_batch_size": config.batch_size,
                  "per_replica_batch_size": distribution.per_replica_batch_size(config.batch_size, replicas)}
-  logging.info("strategy %(strategy)s: %(num_replicas)d replicas on %(num_workers)d workers, global batch "
+  logging.info("strategy %(strategy)s: %(num_replicas)d replica(s) on %(num_workers)d worker(s), global batch "
                "%(global_batch_size)d (%(per_replica_batch_size)d per replica)", distributed)
-  out_dir = distribution.writable_job_dir(job_dir, config.cluster)
+  local_dir = distribution.writable_job_dir(job_dir, config.cluster)
   try:
-    return _train_and_evaluate(config, out_dir, strategy, distributed, started)
+    # After the strategy: MultiWorkerMirroredStrategy installs a SIGTERM handler of its own.
+    with StopSignal() as stop:
+      return _train_and_evaluate(config, Folders.of(config, job_dir, local_dir), strategy, distributed, stop,
+                                 started)
   finally:
-    distribution.cleanup(out_dir, job_dir)
+    distribution.cleanup(local_dir, job_dir)
 
 
-def _train_and_evaluate(config, job_dir, strategy, distributed, started):
+def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   keras.utils.set_random_seed(config.seed)
   prepared = DATA[config.model].prepare(config)
-  os.makedirs(job_dir, exist_ok=True)
+  os.makedirs(folders.local, exist_ok=True)
+  is_chief = config.cluster.is_chief
 
   policy = distribution.precision_policy(config.mixed_precision)
   keras.mixed_precision.set_global_policy(policy)
@@ -51,20 +91,32 @@ def _train_and_evaluate(config, job_dir, strategy, distributed, started):
       if policy == "mixed_float16":
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+      # Built before any restore, or the optimizer's state would only be restored at the first step.
       optimizer.build(model.trainable_variables)
   finally:
     keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
-  logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), job_dir)
+  logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
+
+  checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
+                            info={"config": {name: _plain(getattr(config, name)) for name in RESUME_FIELDS}})
+  state, best_weights, resumed_from = _resume(config, checkpoints, model, optimizer, strategy)
+
+  def sync_logs():
+    if is_chief and folders.local_logs != folders.tensorboard:
+      storage.sync_dir(folders.local_logs, folders.tensorboard)
 
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
+  checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs)
   history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
-                     config.patience, log_dir=os.path.join(job_dir, "logs"), jit_compile=config.jit_compile)
+                     config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
+                     checkpointing=checkpointing, state=state, best_weights=best_weights)
+  sync_logs()
   # Every worker logs it: workers of one job that disagree have trained different weights.
   checksum = float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
   logging.info("final weights checksum %.10g", checksum)
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
-  save_model(model, prepared.preprocessing, os.path.join(job_dir, "model"))
+  save_model(model, prepared.preprocessing, os.path.join(folders.local, "model"))
 
   result = {
       "model": config.model,
@@ -72,6 +124,7 @@ def _train_and_evaluate(config, job_dir, strategy, distributed, started):
       **distributed,
       "precision": policy,
       "data": prepared.summary,
+      "resumed_from": resumed_from,
       "epochs_run": len(history["loss"]),
       "best_epoch": history["best_epoch"],
       **evaluation,
@@ -79,11 +132,70 @@ def _train_and_evaluate(config, job_dir, strategy, distributed, started):
       "weights": [list(w.shape) for w in model.get_weights()],
       "parameters": model.count_params(),
       "weights_checksum": checksum,
+      "checkpoints": folders.checkpoints,
   }
-  result["plots"] = report.write_plots(job_dir, prepared, history, predictions, config.model, evaluation)
+  result["plots"] = report.write_plots(folders.local, prepared, history, predictions, config.model, evaluation)
+  if is_chief:
+    from trainer import export  # noqa: PLC0415
+    result["export"] = export.write_export(model, prepared, result, folders.export)
   result["wall_time_s"] = round(time.time() - started, 1)
-  report.write_report(job_dir, result)
+  # The report last: whoever sees it can rely on everything it names being there.
+  if folders.local != folders.job and is_chief:
+    storage.sync_dir(folders.local, folders.job)
+  report.write_report(folders.local if not is_chief else folders.job, result)
   return result
+
+
+def _resume(config, checkpoints, model, optimizer, strategy):
+  """(loop state, best weights, report's resumed_from) from the job's latest checkpoint, or
+  Nones for a fresh start. Every worker restores the same checkpoint; a job that cannot read its
+  checkpoint folder stops here (trainer.storage.StorageError) rather than start again."""
+  if config.restart:
+    if config.cluster.is_chief:
+      logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
+      checkpoints.remove_all()
+    return None, None, None
+  restored = checkpoints.restore_latest()
+  step = restored[0] if restored else 0
+  _check_same_step(strategy, config.cluster, step)
+  if restored is None:
+    logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
+    return None, None, None
+  step, saved, best_weights = restored
+  mismatch = config.resume_mismatch(saved.get("config", {}))
+  if mismatch:
+    name, before, now = mismatch
+    raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "
+                    f"{now!r}; use another --job_dir, or --restart to discard them")
+  state = loop.State(**{f.name: saved[f.name] for f in dataclasses.fields(loop.State)})
+  replicas = strategy.num_replicas_in_sync
+  if state.step and state.num_replicas != replicas:
+    logging.warning("checkpoint written by %d replicas, resumed on %d in the middle of epoch %d: the rest of "
+                    "that epoch skips as many examples but not the same ones", state.num_replicas, replicas,
+                    state.epoch + 1)
+  if float(optimizer.learning_rate) != np.float32(config.learning_rate):
+    logging.info("learning rate %g from the checkpoint replaced by --learning_rate=%g",
+                 float(optimizer.learning_rate), config.learning_rate)
+    optimizer.learning_rate = config.learning_rate
+  logging.info("resuming from %s: %d epochs done, %d steps into epoch %d (global step %d)",
+               checkpoints.path(step), state.epoch, state.step, state.epoch + 1, state.global_step)
+  return state, best_weights, {"checkpoint": checkpoints.path(step), "epoch": state.epoch, "step": state.step,
+                               "global_step": state.global_step}
+
+
+def _check_same_step(strategy, cluster, step):
+  """Workers that restored different checkpoints would all-reduce gradients of different
+  weights without any error (GUIDE section 4): compare before the first step."""
+  if cluster.num_workers < 2:
+    return
+  total = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(float(step))), axis=None))()
+  if float(total) != step * strategy.num_replicas_in_sync:
+    raise UserError(f"workers restored different checkpoints (this one step {step}): every worker must read the "
+                    "same --job_dir or --checkpoint_dir, e.g. a gs:// folder, not a local disk of its own")
+
+
+def _plain(value):
+  return list(value) if isinstance(value, tuple) else value
 
 
 def save_model(model, preprocessing, folder):

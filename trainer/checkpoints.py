@@ -1,0 +1,111 @@
+"""Checkpoints that survive preemption, dead nodes and flaky buckets.
+
+A checkpoint is a folder `<checkpoint_dir>/ckpt-<global step>/` holding the model and optimizer
+(a TF checkpoint, `ckpt.*`), the best weights so far (`best.npz`, for early stopping) and
+`state.json` (epoch, step, history: trainer.loop.State). TF's checkpoint writers go through
+tf.io.gfile, which cannot reach a storage emulator and whose `latest_checkpoint` turns an
+unreachable bucket into "no checkpoint" (GUIDE section 4), so every checkpoint is written to a
+local folder first and published through trainer.storage: renamed into place locally, uploaded
+with `state.json` last on gs://. A folder without `state.json` is not a checkpoint.
+"""
+
+import json
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import storage
+from trainer.config import UserError
+
+STATE = "state.json"
+_NAME = re.compile(r"ckpt-(\d+)$")
+
+
+class Checkpoints:
+  """Saves and restores model, optimizer and loop state under `directory`.
+
+  Every worker saves (a TF checkpoint of distributed variables may need all of them), but only
+  the chief (`publish=True`) publishes; the others throw their copy away.
+  """
+
+  def __init__(self, directory, model, optimizer, keep=3, publish=True, info=None):
+    """info: saved in every state.json beside the loop's state (the trainer puts its config there)."""
+    self.directory, self.keep, self.publish, self.info = directory, keep, publish, info or {}
+    # Dropout's random state lives outside model.weights and tf.train.Checkpoint skips it; without
+    # it a resumed job would draw other dropout masks than the run it continues.
+    weights = {id(w) for w in model.weights}
+    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                           random_state=[v for v in model.variables if id(v) not in weights])
+
+  def complete(self):
+    """Global steps of the complete checkpoints, oldest first. Raises StorageError when the
+    folder cannot be read: an unreachable bucket must never look like a fresh start."""
+    steps = []
+    for name in storage.list_dir(self.directory):
+      match = _NAME.match(name)
+      if match and STATE in storage.list_dir(storage.join(self.directory, name)):
+        steps.append(int(match.group(1)))
+    return sorted(steps)
+
+  def path(self, step):
+    return storage.join(self.directory, f"ckpt-{step}")
+
+  def restore_latest(self):
+    """Restores the newest checkpoint that reads back whole, falling back to older ones with a
+    warning. Returns (global step, state dict, best weights), or None when there is none."""
+    steps = self.complete()
+    for step in reversed(steps):
+      try:
+        return step, *self._restore(self.path(step))
+      except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", self.path(step),
+                        type(e).__name__, reason)
+    if steps:
+      raise UserError(f"none of the {len(steps)} checkpoints in {self.directory} can be read; "
+                      "use --restart to train from scratch, or another --job_dir")
+    return None
+
+  def _restore(self, folder):
+    local = storage.local_path(folder)
+    state = json.loads(storage.read_text(storage.join(local, STATE)))
+    self._checkpoint.read(storage.join(local, "ckpt")).assert_existing_objects_matched()
+    with np.load(storage.join(local, "best.npz")) as best:
+      best_weights = [best[f"arr_{i}"] for i in range(len(best.files))] or None
+    return state, best_weights
+
+  def save(self, step, state, best_weights):
+    """Writes checkpoint `step`; the chief publishes it whole, then keeps only the newest `keep`."""
+    staging = tempfile.mkdtemp(prefix="trainer-ckpt-")
+    try:
+      self._checkpoint.write(f"{staging}/ckpt")
+      np.savez(f"{staging}/best.npz", *(best_weights or []))
+      with open(f"{staging}/{STATE}", "w") as f:
+        json.dump({**self.info, **state}, f, indent=1)
+      if self.publish:
+        storage.publish_dir(staging, self.path(step), last=(STATE,))
+        self._prune(step)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+
+  def remove_all(self):
+    """Deletes every checkpoint (--restart): left in place, older ones with higher step numbers
+    would be taken for the newest at the next resume."""
+    for name in storage.list_dir(self.directory):
+      if _NAME.match(name) or name.startswith(".tmp-"):
+        storage.remove(storage.join(self.directory, name))
+
+  def _prune(self, newest):
+    complete = self.complete()
+    old = set(complete[:-self.keep])
+    for name in storage.list_dir(self.directory):
+      match = _NAME.match(name)
+      # Older incomplete folders are leftovers of a killed upload; newer ones cannot exist here
+      # (this job just published `newest`), and a hidden .tmp- folder is a killed local copy.
+      leftover = match and int(match.group(1)) not in complete and int(match.group(1)) < newest
+      if (match and int(match.group(1)) in old) or leftover or name.startswith(".tmp-"):
+        storage.remove(storage.join(self.directory, name))

@@ -1,0 +1,65 @@
+"""Preemption: SIGTERM (a node drained or preempted, a pod deleted) or SIGINT (Ctrl-C) asks the
+job to save a checkpoint at the next step boundary and exit with a code that says "retry me".
+
+The signal only sets a flag. The flag travels inside the training step's all-reduce
+(trainer.loop), so under MultiWorkerMirroredStrategy every worker learns at the same step that
+one of them was signalled, and all stop and save that same step. (TF's
+PreemptionCheckpointHandler does the same through the coordination service, but it turns itself
+off on GCE CPU machines and asks the GCE metadata server where it runs.)
+"""
+
+import signal
+
+import tensorflow as tf
+from absl import logging
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_code(signum):
+  """128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process killed
+  by it: in the 128-255 range that TFJob's ExitCode restart policy retries."""
+  return 128 + signum
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving a checkpoint; exit with `exit_code` to be restarted."""
+
+  def __init__(self, signum, global_step, checkpoint):
+    self.exit_code = exit_code(signum)
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {global_step}; checkpoint {checkpoint} "
+                     f"saved; run the same command again to resume (exit code {self.exit_code})")
+
+
+class StopSignal:
+  """Catches SIGTERM and SIGINT while installed (`with StopSignal() as stop:`).
+
+  Install it after the distribution strategy exists: MultiWorkerMirroredStrategy sets its own
+  SIGTERM handler, which just keeps training (GUIDE section 4). A second Ctrl-C stops at once.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      logging.warning("%s received: saving a checkpoint at the next step boundary, then exiting",
+                      signal.Signals(signum).name)
+      self.signum = signum
+
+  def flag(self):
+    """1.0 once a signal arrived, as a tensor, so passing it to a tf.function does not retrace it."""
+    return tf.constant(0.0 if self.signum is None else 1.0)
