@@ -1,0 +1,80 @@
+"""Exports: a SavedModel that tf.saved_model.load alone serves as the trained model answers, its
+metadata beside it, and versions that count up past the leftovers of interrupted exports."""
+
+import datetime
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from trained_jobs import trained
+
+from trainer import export
+from trainer.config import UserError
+
+INPUTS = {"dense": "features", "gru": "window", "cnn": "image"}
+
+
+@pytest.mark.parametrize("name", ["dense", "gru", "cnn"])
+def test_export_serves_the_trained_models_answers(name, tmp_path_factory):
+  job = trained(name, tmp_path_factory)
+  loaded = tf.saved_model.load(job.version_dir)
+  metadata = export.read_metadata(job.version_dir)
+  x, _ = next(iter(job.prepared.make_dataset("validation", 16)))
+  served = loaded.signatures["serving_default"](**{metadata["input"]: x})[metadata["output"]]
+  np.testing.assert_allclose(served.numpy(), job.model(x, training=False).numpy(), atol=1e-5)
+
+  assert metadata["input"] == INPUTS[name] and metadata["signature"] == "serving_default"
+  assert metadata["model"] == name and metadata["kind"] == job.prepared.kind
+  assert metadata["version"] == int(os.path.basename(job.version_dir))
+  for key, value in {"preprocessing": job.prepared.preprocessing, "flags": job.result["config"],
+                     "test": job.result["test"], "baseline": job.result["baseline"], "data": job.result["data"]}.items():
+    assert metadata[key] == json.loads(json.dumps(value)), key
+  created = datetime.datetime.fromisoformat(metadata["created"])
+  assert created.utcoffset() == datetime.timedelta(0)
+  assert abs(datetime.datetime.now(datetime.timezone.utc) - created) < datetime.timedelta(hours=1)
+
+
+def test_versions_count_up_past_leftovers_of_interrupted_exports(tmp_path_factory, tmp_path):
+  job = trained("dense", tmp_path_factory)
+  folder = str(tmp_path / "export")
+  assert export.latest_version(folder) is None
+  write = lambda: export.write_export(job.model, job.prepared, job.result, folder)  # noqa: E731
+  assert write() == os.path.join(folder, "1")
+  assert write() == os.path.join(folder, "2")
+  # A killed upload: files of version 5 but no metadata. Not a version, and removed by the next export.
+  os.makedirs(tmp_path / "export" / "5" / "variables")
+  (tmp_path / "export" / "5" / "saved_model.pb").write_bytes(b"half")
+  (tmp_path / "export" / "notes").mkdir()  # not a version: left alone
+  assert export.latest_version(folder) == os.path.join(folder, "2")
+  assert write() == os.path.join(folder, "3")
+  assert sorted(os.listdir(folder)) == ["1", "2", "3", "notes"]
+  assert export.latest_version(folder) == os.path.join(folder, "3")
+  assert export.read_metadata(os.path.join(folder, "3"))["version"] == 3
+  assert {"saved_model.pb", "variables", "trainer_export.json"} <= set(os.listdir(os.path.join(folder, "3")))
+  # Version 10 sorts after 9, not after 1.
+  os.rename(os.path.join(folder, "3"), os.path.join(folder, "10"))
+  assert export.find_version(folder) == os.path.join(folder, "10")
+  assert export.find_version(os.path.join(folder, "2")) == os.path.join(folder, "2")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("empty", ["no export found", os.path.join("<N>", "trainer_export.json")]),
+    ("no_metadata", ["a SavedModel without trainer_export.json"]),
+    ("bad_json", ["not valid JSON"]),
+    ("newer_format", ["format 2", "format 1"]),
+])
+def test_unusable_exports_are_user_errors(tmp_path, case, expected):
+  folder = tmp_path / "export"
+  folder.mkdir()
+  if case == "no_metadata":
+    (folder / "saved_model.pb").write_bytes(b"")
+  elif case == "bad_json":
+    (folder / "trainer_export.json").write_text("{not json")
+  elif case == "newer_format":
+    (folder / "trainer_export.json").write_text('{"format": 2}')
+  with pytest.raises(UserError) as raised:
+    export.read_metadata(export.find_version(str(folder)))
+  for text in expected:
+    assert text in str(raised.value)
