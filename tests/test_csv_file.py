@@ -1,6 +1,7 @@
 import pandas as pd
 import pytest
 
+from trainer import storage
 from trainer.config import UserError
 from trainer.data import csv_file
 
@@ -76,3 +77,28 @@ def test_dates_come_back_as_timestamps(tmp_path):
   path = write(tmp_path, "Date,Close\n2020-01-01,1\n")
   frame, _ = csv_file.read_columns(path, "Close", date_column="Date")
   assert frame.Date[0] == pd.Timestamp("2020-01-01")
+
+
+@pytest.mark.parametrize("name", ["prices.csv", "prices.csv.gz"])
+def test_a_csv_on_gcs_reads_like_the_local_copy(prices_csv, gcs_bucket, name):
+  path = prices_csv(rows=50, name=name)  # pandas writes .gz compressed, by the name
+  remote = storage.join(gcs_bucket, "data", name)
+  with open(path, "rb") as f:
+    storage.write_bytes(remote, f.read())
+  local_frame, local_gaps = csv_file.read_columns(path, "Close", date_column="Date")
+  remote_frame, remote_gaps = csv_file.read_columns(remote, "Close", date_column="Date")
+  pd.testing.assert_frame_equal(remote_frame, local_frame)
+  assert remote_gaps == local_gaps and len(remote_frame) == 50
+
+
+def test_a_missing_csv_on_gcs_is_the_same_one_line_error(tmp_path, gcs_bucket):
+  for path in (str(tmp_path / "prices.csv"), storage.join(gcs_bucket, "prices.csv")):
+    with pytest.raises(UserError) as error:
+      csv_file.read_columns(path, "Close")
+    assert str(error.value) == (f"--data={path}: cannot read it as CSV ([Errno 2] No such file or directory: "
+                                f"'{path}'); give a CSV file with a header row")
+
+
+def test_an_unusable_bucket_is_a_storage_error_not_a_user_error(gcs_emulator):
+  with pytest.raises(storage.StorageError, match=r"^gs://no-such-bucket-y/prices.csv: bucket not found"):
+    csv_file.read_columns("gs://no-such-bucket-y/prices.csv", "Close")

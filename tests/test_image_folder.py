@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from image_files import rgb, write_image
+from trainer import storage
 from trainer.config import UserError
 from trainer.data import image_folder
 
@@ -135,3 +136,23 @@ def test_stratified_split_keeps_class_proportions():
   # Every class with two or more examples keeps at least one for training.
   _, most = image_folder.stratified_split(labels, 0.9, seed=7)
   assert np.bincount(labels[most], minlength=5).tolist() == [45, 27, 2, 1, 0]
+
+
+def test_a_folder_on_gcs_scans_and_reads_like_the_local_copy(messy_folder, gcs_bucket):
+  root, _, broken = messy_folder
+  remote = storage.join(gcs_bucket, "images", "messy")
+  storage.publish_dir(root, remote)
+  local, copy = image_folder.scan(root), image_folder.scan(remote, flag="--test_data")
+  assert (copy.class_names, copy.labels, copy.counts) == (local.class_names, local.labels, local.counts)
+  assert (copy.directory, copy.flag) == (remote, "--test_data")
+  assert {s["path"] for s in copy.skipped_files} == {remote + p[len(root):] for p in broken}
+  assert all(os.path.exists(p) for p in copy.paths)  # decoded from a local copy
+  pixels = lambda scan: [(i.tobytes(), i.shape, int(l)) for i, l in
+                         image_folder.dataset(scan.paths, scan.labels).as_numpy_iterator()]
+  assert pixels(copy) == pixels(local)
+
+
+def test_a_missing_folder_or_a_file_on_gcs_is_one_line(gcs_bucket):
+  one_line_error(storage.join(gcs_bucket, "nowhere"), "no such folder")
+  storage.write_bytes(storage.join(gcs_bucket, "one.png"), b"a file, not a folder")
+  one_line_error(storage.join(gcs_bucket, "one.png"), "not a folder", flag="--test_data")

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from image_files import rgb, write_image
+from trainer import storage
 from trainer.config import UserError
 from trainer.data import image_folder, image_tfrecords
 
@@ -127,3 +128,31 @@ def test_script_writes_shards_and_reports_skipped_files(messy_folder, tmp_path, 
   message = str(exit_.value.code)
   assert message.startswith("make_tfrecords: error: SRC_DIR=") and "no such folder" in message
   assert "\n" not in message
+
+
+def test_shards_on_gcs_read_like_the_local_copy(tmp_path, gcs_bucket):
+  scan = class_folder(str(tmp_path / "src"))
+  out = str(tmp_path / "shards")
+  metadata = image_tfrecords.write_shards(scan, out, 4)
+  remote = storage.join(gcs_bucket, "shards")
+  storage.publish_dir(out, remote, last=(image_tfrecords.METADATA,))
+  dataset, read_metadata = image_tfrecords.read(remote)
+  assert examples(dataset) == examples(image_tfrecords.read(out)[0])
+  assert read_metadata["files"] == [storage.join(remote, name) for name in metadata["shards"]]
+  subset = "images-0000[13]-*.tfrecord"
+  assert (examples(image_tfrecords.read(storage.join(remote, subset))[0])
+          == examples(image_tfrecords.read(os.path.join(out, subset))[0]))
+  assert shares(remote, 2) == shares(out, 2) and shares(remote, 5) == shares(out, 5)
+
+
+def test_missing_shards_on_gcs_are_one_line(tmp_path, gcs_bucket):
+  with pytest.raises(UserError, match="--test_data=gs://.*/nothing: no TFRecord files match"):
+    image_tfrecords.read(storage.join(gcs_bucket, "nothing"), flag="--test_data")
+  out = str(tmp_path / "shards")
+  image_tfrecords.write_shards(class_folder(str(tmp_path / "src")), out, 2)
+  os.remove(os.path.join(out, "metadata.json"))
+  remote = storage.join(gcs_bucket, "unfinished")
+  storage.publish_dir(out, remote)
+  with pytest.raises(UserError, match="metadata.json is missing") as error:
+    image_tfrecords.read(remote)
+  assert "\n" not in str(error.value) and str(error.value).startswith(f"--data={remote}: {remote}/metadata.json")

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer import train
+from trainer import storage, train
 from trainer.config import Config, UserError
 from trainer.data import builtin, image_folder, image_tfrecords, images
 
@@ -101,6 +101,19 @@ def test_tfrecord_shards_as_data(make_image_folder, tmp_path):
   train_y = batches(prepared.make_dataset("train", 64))[1]
   val_y = batches(prepared.make_dataset("validation", 64))[1]
   assert len(train_y) + len(val_y) + len(prepared.test_targets) == 36
+
+
+def test_folders_and_shards_on_gcs_give_what_the_local_copies_give(make_image_folder, tmp_path, gcs_bucket):
+  folder = make_image_folder({"a": 8, "b": 6})
+  shards = str(tmp_path / "shards")
+  image_tfrecords.write_shards(image_folder.scan(folder), shards, 2)
+  for local, remote in [(folder, storage.join(gcs_bucket, "images")), (shards, storage.join(gcs_bucket, "shards"))]:
+    storage.publish_dir(local, remote)
+    expected, got = (images.prepare(Config(model="cnn", data=data, image_size=24)) for data in (local, remote))
+    assert got.summary["counts"] == expected.summary["counts"]
+    np.testing.assert_array_equal(got.test_targets, expected.test_targets)
+    np.testing.assert_array_equal(batches(got.make_dataset("validation", 64))[0],
+                                  batches(expected.make_dataset("validation", 64))[0])
 
 
 def test_tfds_by_name_through_mock_data():

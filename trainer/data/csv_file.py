@@ -1,8 +1,12 @@
-"""Reads a CSV into clean numeric columns, or stops with one line naming the file and column."""
+"""Reads a CSV (a local path or gs://) into clean numeric columns, or stops with one line naming
+the file and column."""
+
+import io
 
 import pandas as pd
 from absl import logging
 
+from trainer import storage
 from trainer.config import UserError
 
 
@@ -14,7 +18,11 @@ def read_columns(path, target_column, feature_columns=None, date_column=None, fi
   filled forward from the previous row. `gaps` says how many rows and what was done.
   """
   try:
-    frame = pd.read_csv(path)
+    # Bytes through the storage layer, so gs:// works and a missing file is FileNotFoundError
+    # either way; an unreachable bucket is storage.StorageError and is left to the caller.
+    # pandas guesses compression (.gz, .zip, ...) only from a path, so it is told.
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(path)),
+                        compression=pd.io.common.infer_compression(path, "infer"))
   except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"--data={path}: cannot read it as CSV ({reason}); give a CSV file with a header row")

@@ -1,4 +1,5 @@
-"""Images in one subfolder per class (`--data=DIR`, `--test_data=DIR`), checked before training.
+"""Images in one subfolder per class (`--data=DIR`, `--test_data=DIR`, local or gs://), checked
+before training.
 
 Every file is decoded once while the folder is scanned, in parallel, so a corrupt or truncated
 file is reported (and left out) before the job starts instead of killing it in epoch 7. What
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.config import UserError
 
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
@@ -59,19 +61,23 @@ def scan(directory, flag="--data"):
 
   Class names are the sorted subfolder names. Files anywhere below a class folder count, as in
   keras.utils.image_dataset_from_directory. Hidden files and folders (".DS_Store",
-  ".ipynb_checkpoints") are not data and are left out without a warning.
+  ".ipynb_checkpoints") are not data and are left out without a warning. A gs:// folder is
+  downloaded once into a local cache (many small files are read faster from disk), so `paths`
+  are local; skipped files are named by their gs:// path.
   """
-  class_names = _class_folders(directory, flag)
+  local = _local_folder(directory, flag)
+  class_names = _class_folders(local, directory, flag)
   candidates, candidate_labels = [], []
   for label, name in enumerate(class_names):
-    files = _files_below(os.path.join(directory, name))
+    files = _files_below(os.path.join(local, name))
     candidates += files
     candidate_labels += [label] * len(files)
   failures = _undecodable(candidates)
   skipped = []
   for index in sorted(failures):
-    logging.warning("%s: skipped, not a readable image (%s)", candidates[index], failures[index])
-    skipped.append({"path": candidates[index], "reason": failures[index]})
+    shown = directory.rstrip("/") + candidates[index][len(local):] if local != directory else candidates[index]
+    logging.warning("%s: skipped, not a readable image (%s)", shown, failures[index])
+    skipped.append({"path": shown, "reason": failures[index]})
   keep = [i for i in range(len(candidates)) if i not in failures]
   result = FolderScan(paths=[candidates[i] for i in keep], labels=[candidate_labels[i] for i in keep],
                       class_names=class_names, skipped_files=skipped, directory=directory, flag=flag)
@@ -130,17 +136,23 @@ def dataset(paths, labels, input_context=None):
                    num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _class_folders(directory, flag):
-  if not os.path.exists(directory):
+def _local_folder(directory, flag):
+  try:
+    return storage.local_path(directory)
+  except FileNotFoundError:
     raise UserError(f"{flag}={directory}: no such folder; give a folder with one subfolder of images per class")
-  if not os.path.isdir(directory):
+
+
+def _class_folders(local, directory, flag):
+  """The class subfolders of `local`, the local copy of `directory` (which errors name)."""
+  if not os.path.isdir(local):
     raise UserError(f"{flag}={directory} is a file, not a folder; give a folder with one subfolder of images per class")
-  entries = sorted(e for e in os.listdir(directory) if not e.startswith("."))
-  classes = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+  entries = sorted(e for e in os.listdir(local) if not e.startswith("."))
+  classes = [e for e in entries if os.path.isdir(os.path.join(local, e))]
   loose = [e for e in entries if e not in classes]
   if not classes:
     raise UserError(f"{flag}={directory} has no class subfolders; put each class's images in "
-                    f"{os.path.join(directory, '<class name>')}/")
+                    f"{storage.join(directory, '<class name>')}/")
   if loose:
     logging.warning("%s=%s: %d files outside the class folders are ignored (%s)", flag, directory, len(loose),
                     ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else ""))
@@ -205,7 +217,7 @@ def _check_every_class_has_images(result):
   skipped = f" ({n} unreadable file{'' if n == 1 else 's'} skipped)" if n else ""
   if not result.paths:
     raise UserError(f"{result.flag}={result.directory}: no readable image in any class folder{skipped}; "
-                    f"put JPEG, PNG, BMP or GIF files in {os.path.join(result.directory, '<class name>')}/")
+                    f"put JPEG, PNG, BMP or GIF files in {storage.join(result.directory, '<class name>')}/")
   empty = [repr(name) for name, count in counts.items() if count == 0]
   if empty:
     folders = f"class folder {empty[0]} has" if len(empty) == 1 else f"class folders {', '.join(empty)} have"

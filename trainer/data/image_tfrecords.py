@@ -4,7 +4,8 @@ Why: thousands of small image files are slow to list and open, above all on Clou
 few large files read in parallel are fast, and give each worker whole files of its own. A shard
 holds tf.train.Examples with the original encoded bytes (`image`, so nothing is re-encoded or
 lost) and the class index (`label`); `metadata.json` beside the shards holds the class names
-and counts. Write them with scripts/make_tfrecords.py.
+and counts. Write them with scripts/make_tfrecords.py. Shards on gs:// are read from a local
+copy: a worker downloads the files it reads once (trainer/storage.py).
 """
 
 import json
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.config import UserError
 from trainer.data import image_folder
 
@@ -80,11 +82,11 @@ def read(location, input_context=None, flag="--data"):
   least as many files as pipelines, and every n-th record otherwise. Sharding is done here
   because tf.distribute's automatic sharding of a single file across workers hangs.
   """
-  if tf.io.gfile.isdir(location):
-    folder, pattern = location, os.path.join(location, SHARD_PATTERN)
+  if storage.is_dir(location):
+    folder, pattern = location, storage.join(location, SHARD_PATTERN)
   else:
     folder, pattern = os.path.dirname(location) or ".", location
-  files = sorted(tf.io.gfile.glob(pattern))
+  files = storage.glob(pattern)
   if not files:
     raise UserError(f"{flag}={location}: no TFRecord files match {pattern}; "
                     "write shards with scripts/make_tfrecords.py")
@@ -92,14 +94,15 @@ def read(location, input_context=None, flag="--data"):
   unknown = [os.path.basename(f) for f in files if os.path.basename(f) not in metadata["shards"]]
   if unknown:
     raise UserError(f"{flag}={location}: {unknown[0]} is not one of the shards listed in "
-                    f"{os.path.join(folder, METADATA)}; write all shards of a folder in one go")
-  records = tf.data.Dataset.from_tensor_slices(files)
-  by_data = False
+                    f"{storage.join(folder, METADATA)}; write all shards of a folder in one go")
+  mine, by_data = files, False
   if input_context is not None and input_context.num_input_pipelines > 1:
     if len(files) >= input_context.num_input_pipelines:
-      records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+      # Dataset.shard's rule, applied to the list so that a worker downloads only its own files.
+      mine = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
     else:
       by_data = True
+  records = tf.data.Dataset.from_tensor_slices([storage.local_path(f) for f in mine])
   # Sharding by data needs every worker to see the records in the same order, whatever
   # options.deterministic says; otherwise the order is left to the dataset's options.
   records = records.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE,
@@ -125,9 +128,9 @@ def _parse(record):
 
 
 def _read_metadata(folder, location, flag):
-  path = os.path.join(folder, METADATA)
-  if not tf.io.gfile.exists(path):
+  path = storage.join(folder, METADATA)
+  try:
+    return json.loads(storage.read_text(path))
+  except FileNotFoundError:
     raise UserError(f"{flag}={location}: {path} is missing (an unfinished or foreign write); "
                     "write shards with scripts/make_tfrecords.py")
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)

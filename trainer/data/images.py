@@ -6,12 +6,11 @@ floats' size); each epoch then only shuffles and augments, in parallel, in an or
 random transforms fixed by (seed, epoch), so a resumed job sees what it would have seen.
 """
 
-import os
-
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import storage
 from trainer.config import UserError
 from trainer.data import Prepared, augment, builtin, image_folder, image_tfds, image_tfrecords
 
@@ -128,7 +127,7 @@ def _splits(config):
     return _from_builtin(config)
   if config.data.startswith("tfds:"):
     return _from_tfds(config)
-  if os.path.isdir(config.data) and not tf.io.gfile.glob(os.path.join(config.data, "*.tfrecord")):
+  if storage.is_dir(config.data) and not storage.glob(storage.join(config.data, "*.tfrecord")):
     return _from_folder(config)
   return _from_tfrecords(config)
 
