@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fnmatch
 import functools
+import glob as globbing
 import os
 import posixpath
 import secrets
@@ -90,10 +91,7 @@ def write_bytes(path, data):
       _bucket(bucket).blob(key).upload_from_string(data, **_call())
     return
   with _translated(path, "write"):
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # Not mkstemp: its files are private (0600), and the umask should decide, as for open().
-    temp = os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
+    temp = _temp_sibling(path)
     try:
       with open(temp, "xb") as f:
         f.write(data)
@@ -162,9 +160,7 @@ def publish_dir(local_dir, dest, last=()):
       _upload(os.path.join(local_dir, name), join(dest, name))
     return
   with _translated(dest, "write"):
-    parent, name = os.path.split(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    temp = os.path.join(parent, f".tmp-{name}-{secrets.token_hex(4)}")
+    temp = _temp_sibling(dest)
     try:
       shutil.copytree(local_dir, temp)
       remove(dest)
@@ -186,10 +182,11 @@ def download_dir(path, local_dir):
   names = [n for n in names if n and not n.endswith("/")]  # folder markers hold nothing
   if not names:
     raise FileNotFoundError(errno.ENOENT, "no such folder", path)
-  os.makedirs(local_dir, exist_ok=True)
+  root = os.path.abspath(local_dir)
+  os.makedirs(root, exist_ok=True)
   for name in names:
-    target = os.path.normpath(os.path.join(local_dir, *name.split("/")))
-    if not target.startswith(os.path.abspath(local_dir) + os.sep) and not target.startswith(local_dir + os.sep):
+    target = os.path.normpath(os.path.join(root, *name.split("/")))
+    if not target.startswith(root + os.sep):  # an object named "../x" must not land outside
       raise StorageError(f"{path}{name}: object name leaves the folder; refusing to download it")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with _translated(path + name, "read"):
@@ -255,7 +252,6 @@ def local_path(path):
 def glob(pattern):
   """Sorted paths matching a glob; on gs:// only the last part may hold wildcards."""
   if not is_remote(pattern):
-    import glob as globbing
     return sorted(globbing.glob(pattern))
   folder, name = posixpath.split(pattern)
   return sorted(join(folder, n) for n in fnmatch.filter(list_dir(folder), name))
@@ -315,6 +311,14 @@ def _has_children(path):
   bucket, prefix = _split(_as_folder(path))
   with _translated(path, "list"):
     return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix, max_results=1, **_call()))
+
+
+def _temp_sibling(path):
+  """A fresh hidden name beside path (its folder created), for a write renamed onto path.
+  Not mkstemp/mkdtemp: what they make is private (0600/0700); the umask should decide."""
+  folder, name = os.path.split(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  return os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
 
 
 def _upload(source, dest):
