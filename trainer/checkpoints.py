@@ -10,6 +10,7 @@ with `state.json` last on gs://. A folder without `state.json` is not a checkpoi
 """
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -61,7 +62,9 @@ class Checkpoints:
     for step in reversed(steps):
       try:
         return step, *self._restore(self.path(step))
-      except (OSError, ValueError, KeyError, tf.errors.OpError) as e:
+      except storage.StorageError:
+        raise  # unreachable is not corrupt: never fall back to an older checkpoint, or to none, for that
+      except Exception as e:  # noqa: BLE001 -- a damaged file fails in TF, NumPy or JSON in many ways
         reason = str(e).strip().splitlines()[0][:200]
         logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", self.path(step),
                         type(e).__name__, reason)
@@ -71,12 +74,21 @@ class Checkpoints:
     return None
 
   def _restore(self, folder):
-    local = storage.local_path(folder)
-    state = json.loads(storage.read_text(storage.join(local, STATE)))
-    self._checkpoint.read(storage.join(local, "ckpt")).assert_existing_objects_matched()
-    with np.load(storage.join(local, "best.npz")) as best:
-      best_weights = [best[f"arr_{i}"] for i in range(len(best.files))] or None
-    return state, best_weights
+    # A fresh download every time (not storage.local_path's cache): after --restart a checkpoint
+    # of the same name holds other weights.
+    local = folder if not storage.is_remote(folder) else tempfile.mkdtemp(prefix="trainer-restore-")
+    try:
+      if local != folder:
+        storage.download_dir(folder, local)
+      with open(os.path.join(local, STATE)) as f:
+        state = json.load(f)
+      self._checkpoint.read(os.path.join(local, "ckpt")).assert_existing_objects_matched()
+      with np.load(os.path.join(local, "best.npz")) as best:
+        best_weights = [best[f"arr_{i}"] for i in range(len(best.files))] or None
+      return state, best_weights
+    finally:
+      if local != folder:
+        shutil.rmtree(local, ignore_errors=True)
 
   def save(self, step, state, best_weights):
     """Writes checkpoint `step`; the chief publishes it whole, then keeps only the newest `keep`."""
