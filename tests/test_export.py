@@ -28,8 +28,8 @@ def test_export_serves_the_trained_models_answers(name, tmp_path_factory):
   assert metadata["input"] == INPUTS[name] and metadata["signature"] == "serving_default"
   assert metadata["model"] == name and metadata["kind"] == job.prepared.kind
   assert metadata["version"] == int(os.path.basename(job.version_dir))
-  for key, value in {"preprocessing": job.prepared.preprocessing, "flags": job.result["config"],
-                     "test": job.result["test"], "baseline": job.result["baseline"], "data": job.result["data"]}.items():
+  from_report = {key: job.result[key] for key in ("test", "baseline", "data")}
+  for key, value in {"preprocessing": job.prepared.preprocessing, "flags": job.result["config"], **from_report}.items():
     assert metadata[key] == json.loads(json.dumps(value)), key
   created = datetime.datetime.fromisoformat(metadata["created"])
   assert created.utcoffset() == datetime.timedelta(0)

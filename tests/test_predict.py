@@ -1,6 +1,7 @@
 """`python -m trainer.predict` in a subprocess: from the export alone it predicts what the trained
 Keras model predicts on the same data, and bad input ends in one line and exit code 2."""
 
+import io
 import os
 import re
 import shutil
@@ -93,7 +94,7 @@ def test_a_flat_folder_has_no_classes_to_measure(tmp_path):
   assert predict.list_images(str(tmp_path), {}) == (str(tmp_path), [("a.jpg", None), ("b.png", None)])
 
 
-def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factory, tmp_path):
+def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factory):
   job = trained("dense", tmp_path_factory)
   export_dir = f"{gcs_bucket}/models/dense"
   assert export.write_export(job.model, job.prepared, job.result, export_dir) == f"{export_dir}/1"
@@ -102,12 +103,13 @@ def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factor
   assert export.latest_version(export_dir) == f"{export_dir}/1"
 
   rows = pd.read_csv(job.config.data).head(12)
-  rows.to_csv(tmp_path / "rows.csv", index=False)
-  output = tmp_path / "predictions.csv"
-  stdout = predict_ok(f"--model_dir={export_dir}", f"--data={tmp_path / 'rows.csv'}", f"--output={output}")
+  storage.write_text(f"{gcs_bucket}/rows.csv", rows.to_csv(index=False))
+  stdout = predict_ok(f"--model_dir={export_dir}", f"--data={gcs_bucket}/rows.csv",
+                      f"--output={gcs_bucket}/predictions.csv")
   assert f"export: {export_dir}/1 " in stdout
   expected = tabular.predict_table(job.model, job.prepared.preprocessing, rows[job.prepared.preprocessing["features"]])
-  np.testing.assert_allclose(pd.read_csv(output).predicted_y, expected, rtol=1e-4)
+  written = pd.read_csv(io.StringIO(storage.read_text(f"{gcs_bucket}/predictions.csv")))
+  np.testing.assert_allclose(written.predicted_y, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case, expected", [

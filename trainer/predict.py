@@ -25,11 +25,11 @@ from trainer.data import csv_file  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "An export folder (its highest complete version is used) or one version "
                     "folder of it; local or gs://.")
-flags.DEFINE_string("data", None, "Forecasts: a CSV with the columns the model was trained on; tables: a CSV with "
-                    "its feature columns; images: one image, or a folder of images (flat, or in class subfolders "
-                    "to measure accuracy against the folder names).")
-flags.DEFINE_string("output", None, "CSV file for every prediction; for forecasts one per window of --data: "
-                    "each row's value and the forecast of the next one.")
+flags.DEFINE_string("data", None, "Forecasts: a CSV with the columns the model was trained on; tables: a CSV "
+                    "with its feature columns; images: one image, or a folder of images (flat, or in class "
+                    "subfolders to measure accuracy against the folder names). Local or gs://.")
+flags.DEFINE_string("output", None, "CSV file (local or gs://) for every prediction; for forecasts one per "
+                    "window of --data: each row's value and the forecast of the next one.")
 flags.mark_flags_as_required(["model_dir", "data"])
 
 # Files a single-image --data may be, as tf.io.decode_image reads them.
@@ -56,7 +56,7 @@ def main(argv):
         f"made {metadata['created']})")
   print(text)
   if FLAGS.output:
-    predictions.to_csv(FLAGS.output, index=False)
+    storage.write_text(FLAGS.output, predictions.to_csv(index=False))
     print(f"{len(predictions)} predictions written to {FLAGS.output}")
 
 
