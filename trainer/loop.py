@@ -46,11 +46,13 @@ class State:
 class Checkpointing:
   """When and where fit saves: `checkpoints` (trainer.checkpoints.Checkpoints) at every epoch's
   end and every `every_steps` steps; `stop` (trainer.preemption.StopSignal) asks for a save and
-  an exit; `after_save()` runs after each save (the trainer syncs TensorBoard logs there)."""
+  an exit; `after_save()` runs after each save (the trainer syncs TensorBoard logs there);
+  `restored`: the checkpoint the job resumed from, the last good one until the next save."""
   checkpoints: object = None
   every_steps: int = 0
   stop: object = None
   after_save: object = None
+  restored: Optional[str] = None
 
 
 def squared_error(targets, outputs):
@@ -115,7 +117,7 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
     return strategy.reduce("SUM", strategy.run(step, (inputs, targets)), axis=None)
 
   stop = checkpointing.stop
-  saved = {"checkpoint": None}
+  saved = {"checkpoint": checkpointing.restored}
 
   def check(sums, step):
     """Reads global step `step`'s [loss sum, count, stop flag]; raises Diverged on a NaN or

@@ -106,7 +106,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
       storage.sync_dir(folders.local_logs, folders.tensorboard)
 
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
-  checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs)
+  checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs,
+                                     restored=resumed_from and resumed_from["checkpoint"])
   history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
                      config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
                      checkpointing=checkpointing, state=state, best_weights=best_weights)
@@ -173,9 +174,10 @@ def _resume(config, checkpoints, model, optimizer, strategy):
     logging.warning("checkpoint written by %d replicas, resumed on %d in the middle of epoch %d: the rest of "
                     "that epoch skips as many examples but not the same ones", state.num_replicas, replicas,
                     state.epoch + 1)
-  if float(optimizer.learning_rate) != np.float32(config.learning_rate):
-    logging.info("learning rate %g from the checkpoint replaced by --learning_rate=%g",
-                 float(optimizer.learning_rate), config.learning_rate)
+  saved_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # a MirroredVariable under a strategy
+  if saved_rate != np.float32(config.learning_rate):
+    logging.info("learning rate %g from the checkpoint replaced by --learning_rate=%g", saved_rate,
+                 config.learning_rate)
     optimizer.learning_rate = config.learning_rate
   logging.info("resuming from %s: %d epochs done, %d steps into epoch %d (global step %d)",
                checkpoints.path(step), state.epoch, state.step, state.epoch + 1, state.global_step)

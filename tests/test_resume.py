@@ -1,0 +1,290 @@
+"""Preemption and resume with real trainer processes, real signals and the real storage emulator:
+every scenario on a local job folder and on a gs:// one."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trainer import storage
+
+ROWS = 1500  # GRU epochs of ~70 steps: long enough for a signal to land mid-epoch
+
+
+class Job:
+  """`python -m trainer.task` (or `python <script>`) in a subprocess; its stderr is collected
+  line by line so a test can wait for a line before it sends a signal."""
+
+  def __init__(self, flags, env=None, script=None):
+    command = [sys.executable, script] if script else [sys.executable, "-m", "trainer.task"]
+    self.process = subprocess.Popen(command + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **(env or {})})
+    self.lines, self._new_line = [], threading.Condition()
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.process.stderr:
+      with self._new_line:
+        self.lines.append(line.rstrip("\n"))
+        self._new_line.notify_all()
+
+  def wait_for(self, pattern, timeout=120):
+    """The first stderr line matching pattern; fails if the process ends or time runs out first."""
+    deadline = time.monotonic() + timeout
+    with self._new_line:
+      while True:
+        for line in self.lines:
+          if re.search(pattern, line):
+            return line
+        if self.process.poll() is not None and not self._reader.is_alive():
+          raise AssertionError(f"exited {self.process.returncode} before {pattern!r}:\n" + self.stderr[-3000:])
+        if time.monotonic() > deadline:
+          raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + self.stderr[-3000:])
+        self._new_line.wait(0.2)
+
+  def finish(self, timeout=300):
+    code = self.process.wait(timeout)
+    self._reader.join(10)
+    return code
+
+  @property
+  def stderr(self):
+    return "\n".join(self.lines)
+
+  def last_line(self):
+    return self.lines[-1] if self.lines else ""
+
+
+def run(flags, **kwargs):
+  job = Job(flags, **kwargs)
+  return job.finish(), job
+
+
+@pytest.fixture(scope="module")
+def prices(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  close = 50 * np.exp(np.cumsum(0.0005 + 0.015 * rng.standard_normal(ROWS)))
+  path = tmp_path_factory.mktemp("data") / "prices.csv"
+  pd.DataFrame({"Date": pd.bdate_range("2010-01-01", periods=ROWS).strftime("%Y-%m-%d"),
+                "Close": close.round(3)}).to_csv(path, index=False)
+  return str(path)
+
+
+def gru_flags(prices, job_dir, *extra):
+  return ["--model=gru", f"--data={prices}", "--target_column=Close", "--date_column=Date", "--window=10",
+          "--epochs=2", "--batch_size=16", f"--job_dir={job_dir}", *extra]
+
+
+def dense_flags(job_dir, *extra):
+  return ["--model=dense", "--epochs=2", f"--job_dir={job_dir}", *extra]
+
+
+@pytest.fixture(params=["local", "gcs"])
+def job_root(request, tmp_path):
+  """Where the test's job folders go: tmp_path, or a fresh bucket in the storage emulator."""
+  if request.param == "local":
+    return str(tmp_path)
+  return request.getfixturevalue("gcs_bucket")
+
+
+def report(job_dir):
+  return json.loads(storage.read_text(storage.join(job_dir, "report.json")))
+
+
+def complete_checkpoints(job_dir):
+  folder = storage.join(job_dir, "checkpoints")
+  return [n for n in storage.list_dir(folder)
+          if re.fullmatch(r"ckpt-\d+", n) and "state.json" in storage.list_dir(storage.join(folder, n))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prices, tmp_path_factory):
+  """The report of the GRU job run from start to end without a signal."""
+  job_dir = str(tmp_path_factory.mktemp("reference") / "job")
+  code, job = run(gru_flags(prices, job_dir))
+  assert code == 0, job.stderr[-3000:]
+  return report(job_dir)
+
+
+def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stopped(prices, job_root, uninterrupted):
+  job_dir = f"{job_root}/gru"
+  job = Job(gru_flags(prices, job_dir))
+  job.wait_for(r"epoch 1/2 ")
+  job.process.send_signal(signal.SIGTERM)
+  assert job.finish() == 143
+  stopped = re.fullmatch(r"trainer: stopped by SIGTERM at step (\d+); checkpoint (\S+) saved; run the same command "
+                         r"again to resume \(exit code 143\)", job.last_line())
+  assert stopped, job.stderr[-2000:]
+  step = int(stopped.group(1))
+  assert f"ckpt-{step}" in complete_checkpoints(job_dir)
+
+  code, rerun = run(gru_flags(prices, job_dir))
+  assert code == 0, rerun.stderr[-3000:]
+  assert re.search(rf"resuming from \S+ckpt-{step}: 1 epochs done, \d+ steps into epoch 2", rerun.stderr)
+  result = report(job_dir)
+  assert result["resumed_from"]["epoch"] == 1 and result["resumed_from"]["step"] > 0  # mid-epoch
+  # Same seed, same data order from the saved step on, dropout's random state restored: exactly equal.
+  assert result["history"] == uninterrupted["history"]
+  assert result["weights_checksum"] == uninterrupted["weights_checksum"]
+  assert result["test"] == uninterrupted["test"]
+
+
+# Run as `python slow_writes.py <trainer flags>`: the trainer, with every checkpoint after the first
+# stalled in the middle of its publication (locally before the rename of the copied folder, on
+# gs:// before state.json is uploaded) and a line on stderr saying so, for the test to kill it there.
+SLOW_WRITES = '''
+import os, sys, time
+from google.cloud.storage import Blob
+from trainer import task
+
+published = []
+
+def stall(what):
+  published.append(what)
+  if len(published) > 1:
+    print("STALLED", what, file=sys.stderr, flush=True)
+    time.sleep(600)
+
+rename = os.rename
+def slow_rename(source, dest):
+  if os.path.basename(str(dest)).startswith("ckpt-"):
+    stall(dest)
+  return rename(source, dest)
+os.rename = slow_rename
+
+upload = Blob.upload_from_filename
+def slow_upload(self, *args, **kwargs):
+  if self.name.endswith("/state.json"):
+    stall(self.name)
+  return upload(self, *args, **kwargs)
+Blob.upload_from_filename = slow_upload
+
+task.run()
+'''
+
+
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(job_root, tmp_path):
+  job_dir = f"{job_root}/killed"
+  script = tmp_path / "slow_writes.py"
+  script.write_text(SLOW_WRITES)
+  job = Job(dense_flags(job_dir, "--epochs=3"), script=str(script))
+  job.wait_for("STALLED")
+  job.process.send_signal(signal.SIGKILL)
+  assert job.finish() == -signal.SIGKILL
+  folder = storage.join(job_dir, "checkpoints")
+  assert complete_checkpoints(job_dir) == ["ckpt-200"]  # the first epoch's; the second is half written
+  assert len(storage.list_dir(folder)) == 2
+
+  code, rerun = run(dense_flags(job_dir, "--epochs=3"))
+  assert code == 0, rerun.stderr[-3000:]
+  assert "resuming from " + storage.join(folder, "ckpt-200") in rerun.stderr
+  assert storage.list_dir(folder) == ["ckpt-200", "ckpt-400", "ckpt-600"]  # the half-written one replaced
+
+
+def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(job_root):
+  job_dir = f"{job_root}/nan"
+  code, first = run(dense_flags(job_dir, "--epochs=1"))
+  assert code == 0, first.stderr[-3000:]
+  folder = storage.join(job_dir, "checkpoints", "ckpt-200")
+  before = {name: storage.read_bytes(storage.join(folder, name)) for name in storage.list_dir(folder)}
+
+  # Resuming with a learning rate this large (a new --learning_rate replaces the saved one) diverges.
+  code, diverged = run(dense_flags(job_dir, "--epochs=3", "--learning_rate=1e12"))
+  assert code == 2
+  assert re.fullmatch(r"trainer: error: training diverged: the loss is (nan|inf) at step \d+ \(epoch 2\); "
+                      rf"checkpoint {re.escape(folder)} is kept; resume from it with a lower --learning_rate",
+                      diverged.last_line()), diverged.stderr[-2000:]
+  assert complete_checkpoints(job_dir) == ["ckpt-200"]
+  assert {name: storage.read_bytes(storage.join(folder, name)) for name in storage.list_dir(folder)} == before
+
+  code, resumed = run(dense_flags(job_dir, "--epochs=2"))
+  assert code == 0, resumed.stderr[-3000:]
+  assert "resuming from " + folder in resumed.stderr
+  assert report(job_dir)["resumed_from"] == {"checkpoint": folder, "epoch": 1, "step": 0, "global_step": 200}
+
+
+def test_restart_discards_the_checkpoints(job_root):
+  job_dir = f"{job_root}/restart"
+  assert run(dense_flags(job_dir, "--epochs=2"))[0] == 0
+  code, again = run(dense_flags(job_dir, "--epochs=1", "--restart"))
+  assert code == 0, again.stderr[-3000:]
+  assert report(job_dir)["resumed_from"] is None
+  assert complete_checkpoints(job_dir) == ["ckpt-200"]
+
+
+def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emulator):
+  job_dir = gcs_emulator.new_bucket() + "/outage"
+  job = Job(dense_flags(job_dir, "--epochs=1000", "--patience=1000"))
+  try:
+    job.wait_for(r"checkpoint \S+ckpt-600 saved")
+    gcs_emulator.stop()
+    assert job.finish() == 3
+    assert re.match(r"trainer: error: .*gs://", job.last_line()), job.stderr[-2000:]
+    assert "Traceback" not in job.stderr
+    # While storage is down, a restarted job must not mistake it for "no checkpoint".
+    code, blind = run(dense_flags(job_dir, "--epochs=1000"))
+    assert code == 3 and "training from the start" not in blind.stderr
+    assert re.match(r"trainer: error: .*gs://", blind.last_line())
+  finally:
+    gcs_emulator.start()
+  kept = complete_checkpoints(job_dir)
+  assert "ckpt-600" in kept
+  code, resumed = run(dense_flags(job_dir, f"--epochs={int(kept[-1][5:]) // 200 + 1}"))
+  assert code == 0, resumed.stderr[-3000:]
+  assert f"resuming from {job_dir}/checkpoints/{kept[-1]}" in resumed.stderr
+  # Every checkpoint still in the bucket loads.
+  from trainer.checkpoints import Checkpoints
+  from trainer.models import MODELS, OPTIMIZERS
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](1e-3)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(f"{job_dir}/checkpoints", model, optimizer)
+  for step in checkpoints.complete():
+    checkpoints._restore(checkpoints.path(step))
+
+
+def free_ports(n):
+  sockets = [socket.socket() for _ in range(n)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def workers(flags):
+  """Two trainer processes of one MultiWorkerMirroredStrategy job on 127.0.0.1."""
+  cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+  return [Job(flags, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+          for i in range(2)]
+
+
+def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(prices, job_root):
+  job_dir = f"{job_root}/pair"
+  flags = gru_flags(prices, job_dir)
+  pair = workers(flags)
+  pair[1].wait_for(r"epoch 1/2 ")
+  pair[1].process.send_signal(signal.SIGTERM)  # the non-chief: the chief must notice and save
+  assert [w.finish() for w in pair] == [143, 143], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+  steps = [re.search(r"stopped by SIGTERM at step (\d+)", w.last_line()).group(1) for w in pair]
+  assert steps[0] == steps[1]
+  assert complete_checkpoints(job_dir)[-1] == f"ckpt-{steps[0]}"
+
+  pair = workers(flags)
+  assert [w.finish() for w in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+  for w in pair:
+    assert re.search(rf"resuming from \S+ckpt-{steps[0]}:", w.stderr)
+  checksums = [re.search(r"final weights checksum (\S+)", w.stderr).group(1) for w in pair]
+  assert checksums[0] == checksums[1]
+  assert report(job_dir)["resumed_from"]["global_step"] == int(steps[0])
