@@ -156,7 +156,7 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
   assert report["per_replica_batch_size"] == 16
   if model == "dense":
     assert report["data"]["split"]["train"]["rows"] == 321
-  assert sorted(os.listdir(tmp_path / "job")) == ["logs", "model", "plots", "report.json"]
+  assert sorted(os.listdir(tmp_path / "job")) == ["checkpoints", "export", "logs", "model", "plots", "report.json"]
   assert not [p for p in scratch.iterdir() if p.name.startswith("trainer-worker1-")]
 
 

@@ -3,6 +3,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import loop
+from trainer.checkpoints import Checkpoints
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
 
@@ -55,3 +56,17 @@ def test_tensorboard_logs_are_written(tmp_path):
   train(epochs=2, patience=2, log_dir=str(tmp_path))
   for split in ("train", "validation"):
     assert list((tmp_path / split).glob("events.out.tfevents.*"))
+
+
+def test_checkpoints_every_n_steps_and_at_every_epoch_end(tmp_path):
+  strategy = tf.distribute.get_strategy()
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer, keep=10)
+  # 256 rows in batches of 32: 8 steps an epoch.
+  loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, 2, 2,
+           checkpointing=loop.Checkpointing(checkpoints, every_steps=3))
+  assert checkpoints.complete() == [3, 6, 8, 9, 12, 15, 16]
+  step, state, _ = checkpoints.restore_latest()
+  assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 16)

@@ -288,3 +288,20 @@ def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(pr
   checksums = [re.search(r"final weights checksum (\S+)", w.stderr).group(1) for w in pair]
   assert checksums[0] == checksums[1]
   assert report(job_dir)["resumed_from"]["global_step"] == int(steps[0])
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+  job = Job(dense_flags(str(tmp_path / "job"), "--epochs=50"))
+  job.wait_for(r"epoch 1/50 ")
+  job.process.send_signal(signal.SIGINT)
+  assert job.finish() == 130
+  assert re.fullmatch(r"trainer: stopped by SIGINT at step \d+; .*\(exit code 130\)", job.last_line())
+
+
+def test_a_job_folder_of_another_job_is_refused(tmp_path):
+  job_dir = str(tmp_path / "job")
+  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+  code, other = run(dense_flags(job_dir, "--epochs=1", "--seed=7"))
+  assert code == 2
+  assert other.last_line() == (f"trainer: error: {job_dir}/checkpoints holds checkpoints of another job: --seed was "
+                               "42, now 7; use another --job_dir, or --restart to discard them")
