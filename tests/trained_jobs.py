@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import export, train
+from trainer import train
 from trainer.config import Config
 from trainer.data import builtin
 
@@ -23,7 +23,7 @@ class Job:
   model: keras.Model  # as trained: loaded from <job_dir>/model/model.keras
   prepared: Any  # the data module's prepare(config), as training had it
   result: Dict[str, Any]
-  version_dir: str  # the export of the trained model
+  version_dir: str  # the job's export (<job_dir>/export/1), written by train_and_evaluate
 
 
 _jobs = {}
@@ -51,9 +51,7 @@ def _train(name, folder):
   result = train.train_and_evaluate(config, os.path.join(folder, "job"))
   model = keras.models.load_model(os.path.join(folder, "job", "model", "model.keras"))
   prepared = train.DATA[name].prepare(config)
-  # train.py exports the chief's model itself once it is wired to trainer.export.
-  version_dir = result.get("export") or export.write_export(model, prepared, result, os.path.join(folder, "export"))
-  return Job(config, model, prepared, result, version_dir)
+  return Job(config, model, prepared, result, version_dir=result["export"])
 
 
 def _write(frame, folder, name):
