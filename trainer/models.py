@@ -10,7 +10,7 @@ def build_dense(input_shape, num_outputs=1, bidirectional=False):
   del bidirectional  # recurrent models only
   inputs = keras.Input(input_shape, name="features")
   hidden = layers.Dense(16, activation="relu")(inputs)
-  return keras.Model(inputs, layers.Dense(num_outputs)(hidden), name="dense")
+  return keras.Model(inputs, _output(num_outputs)(hidden), name="dense")
 
 
 def build_gru(input_shape, num_outputs=1, bidirectional=False):
@@ -31,7 +31,7 @@ def _recurrent_stack(cell, name, input_shape, num_outputs, bidirectional):
     x = (layers.Bidirectional(recurrent) if bidirectional else recurrent)(x)
     if i in (1, 3):
       x = layers.Dropout(0.2)(x)
-  return keras.Model(inputs, layers.Dense(num_outputs)(x), name=name)
+  return keras.Model(inputs, _output(num_outputs)(x), name=name)
 
 
 def build_cnn(input_shape, num_outputs=6, bidirectional=False):
@@ -43,7 +43,13 @@ def build_cnn(input_shape, num_outputs=6, bidirectional=False):
   for _ in range(3):
     x = layers.MaxPooling2D(2)(layers.Conv2D(32, 3, activation="relu")(x))
   x = layers.Dense(128, activation="relu")(layers.Flatten()(x))
-  return keras.Model(inputs, layers.Dense(num_outputs, activation="softmax")(x), name="cnn")
+  return keras.Model(inputs, _output(num_outputs, activation="softmax")(x), name="cnn")
+
+
+def _output(units, activation=None):
+  """The output layer, in float32 under mixed precision too: exported models then answer
+  serving clients in float32, and a softmax in bfloat16 would round probabilities coarsely."""
+  return layers.Dense(units, activation=activation, dtype="float32")
 
 
 MODELS = {"dense": build_dense, "gru": build_gru, "lstm": build_lstm, "cnn": build_cnn}
