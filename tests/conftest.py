@@ -176,3 +176,12 @@ def gcs_emulator(tmp_path_factory):
 def gcs_bucket(gcs_emulator):
   """A fresh, empty gs:// bucket in the emulator."""
   return gcs_emulator.new_bucket()
+
+
+@pytest.fixture(params=["local", "gcs"])
+def storage_root(request, tmp_path):
+  """A folder that does not exist yet, under tmp_path or in a fresh emulator bucket: a test that
+  takes it runs on both."""
+  if request.param == "local":
+    return str(tmp_path / "root")
+  return request.getfixturevalue("gcs_bucket") + "/root"

@@ -14,12 +14,9 @@ from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
 
 
-@pytest.fixture(params=["local", "gcs"])
-def root(request, tmp_path):
-  """A checkpoint folder that does not exist yet: under tmp_path, or in a fresh emulator bucket."""
-  if request.param == "local":
-    return str(tmp_path / "checkpoints")
-  return request.getfixturevalue("gcs_bucket") + "/job/checkpoints"
+@pytest.fixture
+def root(storage_root):
+  return storage_root + "/checkpoints"
 
 
 def make(root, keep=3):

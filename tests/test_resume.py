@@ -89,14 +89,6 @@ def dense_flags(job_dir, *extra):
   return ["--model=dense", "--epochs=2", f"--job_dir={job_dir}", *extra]
 
 
-@pytest.fixture(params=["local", "gcs"])
-def job_root(request, tmp_path):
-  """Where the test's job folders go: tmp_path, or a fresh bucket in the storage emulator."""
-  if request.param == "local":
-    return str(tmp_path)
-  return request.getfixturevalue("gcs_bucket")
-
-
 def report(job_dir):
   return json.loads(storage.read_text(storage.join(job_dir, "report.json")))
 
@@ -116,8 +108,8 @@ def uninterrupted(prices, tmp_path_factory):
   return report(job_dir)
 
 
-def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stopped(prices, job_root, uninterrupted):
-  job_dir = f"{job_root}/gru"
+def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stopped(prices, storage_root, uninterrupted):
+  job_dir = f"{storage_root}/gru"
   job = Job(gru_flags(prices, job_dir))
   job.wait_for(r"epoch 1/2 ")
   job.process.send_signal(signal.SIGTERM)
@@ -173,8 +165,8 @@ task.run()
 '''
 
 
-def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(job_root, tmp_path):
-  job_dir = f"{job_root}/killed"
+def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(storage_root, tmp_path):
+  job_dir = f"{storage_root}/killed"
   script = tmp_path / "slow_writes.py"
   script.write_text(SLOW_WRITES)
   job = Job(dense_flags(job_dir, "--epochs=3"), script=str(script))
@@ -191,8 +183,8 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(job_r
   assert storage.list_dir(folder) == ["ckpt-200", "ckpt-400", "ckpt-600"]  # the half-written one replaced
 
 
-def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(job_root):
-  job_dir = f"{job_root}/nan"
+def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(storage_root):
+  job_dir = f"{storage_root}/nan"
   code, first = run(dense_flags(job_dir, "--epochs=1"))
   assert code == 0, first.stderr[-3000:]
   folder = storage.join(job_dir, "checkpoints", "ckpt-200")
@@ -213,8 +205,8 @@ def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(job
   assert report(job_dir)["resumed_from"] == {"checkpoint": folder, "epoch": 1, "step": 0, "global_step": 200}
 
 
-def test_restart_discards_the_checkpoints(job_root):
-  job_dir = f"{job_root}/restart"
+def test_restart_discards_the_checkpoints(storage_root):
+  job_dir = f"{storage_root}/restart"
   assert run(dense_flags(job_dir, "--epochs=2"))[0] == 0
   code, again = run(dense_flags(job_dir, "--epochs=1", "--restart"))
   assert code == 0, again.stderr[-3000:]
@@ -270,8 +262,8 @@ def workers(flags):
           for i in range(2)]
 
 
-def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(job_root):
-  job_dir = f"{job_root}/pair"
+def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(storage_root):
+  job_dir = f"{storage_root}/pair"
   flags = dense_flags(job_dir, "--batch_size=64")
   pair = workers(flags)
   pair[1].wait_for(r"epoch 1/2 ")

@@ -10,12 +10,9 @@ import pytest
 from trainer import storage
 
 
-@pytest.fixture(params=["local", "gcs"])
-def base(request, tmp_path):
-  """A folder that does not exist yet: under tmp_path, or in a fresh emulator bucket."""
-  if request.param == "local":
-    return str(tmp_path / "store")
-  return request.getfixturevalue("gcs_bucket") + "/store"
+@pytest.fixture
+def base(storage_root):
+  return storage_root
 
 
 def write_tree(root, files):
