@@ -142,7 +142,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   result["wall_time_s"] = round(time.time() - started, 1)
   # The report last: whoever sees it can rely on everything it names being there.
   if folders.local != folders.job and is_chief:
-    storage.sync_dir(folders.local, folders.job)
+    for name in ("model", "plots"):  # the logs went to --tensorboard_dir already
+      storage.sync_dir(os.path.join(folders.local, name), storage.join(folders.job, name))
   report.write_report(folders.local if not is_chief else folders.job, result)
   return result
 
