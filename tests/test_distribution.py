@@ -63,7 +63,7 @@ def test_mirrored_training_on_two_cpus_for_every_family(model, data, tmp_path):
   assert result["history"]["loss"][-1] < result["history"]["loss"][0]
   # What a mirrored job saves is a plain model: it loads outside any strategy.
   import keras
-  saved = keras.models.load_model(tmp_path / "job" / "model" / "model.keras")
+  saved = keras.models.load_model(tmp_path / "job" / "export" / "1" / "model.keras")
   assert saved.count_params() == result["parameters"]
 
 
@@ -156,7 +156,7 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
   assert report["per_replica_batch_size"] == 16
   if model == "dense":
     assert report["data"]["split"]["train"]["rows"] == 321
-  assert sorted(os.listdir(tmp_path / "job")) == ["checkpoints", "export", "logs", "model", "plots", "report.json"]
+  assert sorted(os.listdir(tmp_path / "job")) == ["checkpoints", "export", "logs", "plots", "report.json"]
   assert not [p for p in scratch.iterdir() if p.name.startswith("trainer-worker1-")]
 
 

@@ -148,7 +148,7 @@ def test_cnn_trains_on_a_messy_folder_and_reports(make_image_folder, tmp_path):
   assert np.array(result["confusion_matrix"]).sum() == result["data"]["test_images"] == 7
   assert sorted(result["plots"]) == ["augmentation_preview.png", "class_distribution.png", "confusion_matrix.png",
                                      "history.png", "test_predictions.png"]
-  saved = json.loads((tmp_path / "job" / "model" / "preprocessing.json").read_text())
+  saved = json.loads((tmp_path / "job" / "export" / "1" / "trainer_export.json").read_text())["preprocessing"]
   assert saved["class_names"] == ["blue", "green", "red"] and saved["image_size"] == 24
 
 

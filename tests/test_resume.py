@@ -130,9 +130,8 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
   assert result["weights_checksum"] == uninterrupted["weights_checksum"]
   assert result["test"] == uninterrupted["test"]
   # A gs:// job folder holds what a local one does.
-  assert storage.list_dir(job_dir) == ["checkpoints", "export", "logs", "model", "plots", "report.json"]
+  assert storage.list_dir(job_dir) == ["checkpoints", "export", "logs", "plots", "report.json"]
   assert storage.list_dir(storage.join(job_dir, "plots")) == ["forecast.png", "history.png"]
-  assert storage.list_dir(storage.join(job_dir, "model")) == ["model.keras", "preprocessing.json"]
   for split in ("train", "validation"):
     assert [n for n in storage.list_dir(storage.join(job_dir, "logs", split)) if n.startswith("events.out")]
   assert storage.list_dir(storage.join(job_dir, "export")) == ["1"]

@@ -131,3 +131,17 @@ def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, expected):
   started = time.time()
   assert_fails(tmp_path, flags, *expected, env=env)
   assert time.time() - started < 30
+
+
+def test_vertex_ai_variables_decide_where_a_job_writes(tmp_path):
+  out = tmp_path / "vertex"
+  env = {"AIP_MODEL_DIR": f"{out}/model/", "AIP_CHECKPOINT_DIR": f"{out}/checkpoints/",
+         "AIP_TENSORBOARD_LOG_DIR": f"{out}/tensorboard/"}
+  code, stdout, stderr = run_cli("--model=dense", "--epochs=1", cwd=tmp_path, env=env)
+  assert code == 0, stderr[-3000:]
+  assert f"report: {out}/report.json" in stdout  # the job folder: Vertex AI's base output directory
+  assert sorted(os.listdir(out / "model" / "1")) == ["assets", "fingerprint.pb", "model.keras",
+                                                     "saved_model.pb", "trainer_export.json", "variables"]
+  assert os.listdir(out / "checkpoints") == ["ckpt-200"]
+  assert sorted(os.listdir(out / "tensorboard")) == ["train", "validation"]
+  assert not os.path.exists(tmp_path / "runs")

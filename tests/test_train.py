@@ -37,8 +37,8 @@ def test_saved_forecaster_reproduces_the_report_without_the_trainer(prices_csv, 
   config = Config(model="gru", data=path, target_column="Close", date_column="Date", test_start="2015-11-02",
                   window=10, epochs=1)
   result = train.train_and_evaluate(config, str(tmp_path / "job"))
-  model = keras.models.load_model(tmp_path / "job" / "model" / "model.keras")
-  preprocessing = json.loads((tmp_path / "job" / "model" / "preprocessing.json").read_text())
+  model = keras.models.load_model(tmp_path / "job" / "export" / "1" / "model.keras")
+  preprocessing = json.loads((tmp_path / "job" / "export" / "1" / "trainer_export.json").read_text())["preprocessing"]
   frame = pd.read_csv(path)
   test_rows = (frame.Date >= "2015-11-02").to_numpy()
   first = int(np.argmax(test_rows))
@@ -55,8 +55,8 @@ def test_dense_trains_reports_and_its_saved_model_reproduces_the_report(tmp_path
   assert result["weights"] == [[5, 16], [16], [16, 1], [1]] and result["parameters"] == 113
   assert result["baseline"]["name"] == "training mean"
   assert sorted(result["plots"]) == ["error_histogram.png", "history.png", "predicted_vs_true.png"]
-  model = keras.models.load_model(tmp_path / "job" / "model" / "model.keras")
-  preprocessing = json.loads((tmp_path / "job" / "model" / "preprocessing.json").read_text())
+  model = keras.models.load_model(tmp_path / "job" / "export" / "1" / "model.keras")
+  preprocessing = json.loads((tmp_path / "job" / "export" / "1" / "trainer_export.json").read_text())["preprocessing"]
   frame = pd.read_csv(tmp_path / "t.csv")
   rows = np.random.default_rng(config.seed).permutation(600)[-120:]  # the test split: the last 20%
   predictions = tabular.predict_table(model, preprocessing, frame.loc[rows, preprocessing["features"]])

@@ -20,7 +20,7 @@ IMAGE_SIZE, WRITTEN_SIZE = 24, 30
 @dataclasses.dataclass
 class Job:
   config: Config
-  model: keras.Model  # as trained: loaded from <job_dir>/model/model.keras
+  model: keras.Model  # as trained: loaded from the export's model.keras
   prepared: Any  # the data module's prepare(config), as training had it
   result: Dict[str, Any]
   version_dir: str  # the job's export (<job_dir>/export/1), written by train_and_evaluate
@@ -49,7 +49,7 @@ def _train(name, folder):
     config = Config(model="cnn", data=write_shapes(os.path.join(folder, "images"), per_class=6),
                     image_size=IMAGE_SIZE, epochs=1, batch_size=8)
   result = train.train_and_evaluate(config, os.path.join(folder, "job"))
-  model = keras.models.load_model(os.path.join(folder, "job", "model", "model.keras"))
+  model = keras.models.load_model(os.path.join(result["export"], "model.keras"))
   prepared = train.DATA[name].prepare(config)
   return Job(config, model, prepared, result, version_dir=result["export"])
 

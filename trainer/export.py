@@ -1,5 +1,6 @@
 """Versioned exports: `<export_dir>/<version>/` holds a SavedModel for TF Serving and, beside it,
-trainer_export.json, everything else inference needs (normalisation, window, columns, classes).
+trainer_export.json, everything else inference needs (normalisation, window, columns, classes),
+and model.keras, the same model for Keras (to fine-tune or warm-start from it).
 
 A version is complete once its trainer_export.json exists: it is published last, so a reader
 that finds it finds the whole SavedModel. Version folders without it are leftovers of a killed
@@ -20,6 +21,7 @@ from trainer import storage
 from trainer.config import UserError
 
 METADATA = "trainer_export.json"
+KERAS_MODEL = "model.keras"
 SIGNATURE = "serving_default"
 # Bumped when the metadata changes in a way older readers would misread.
 FORMAT = 1
@@ -34,6 +36,7 @@ def write_export(model, prepared, result, export_dir):
   with tempfile.TemporaryDirectory() as scratch:
     local = os.path.join(scratch, "export")
     model.export(local, verbose=False)
+    model.save(os.path.join(local, KERAS_MODEL))
     input_name, output_key = _signature_keys(local)
     version = next_version(export_dir)
     metadata = {

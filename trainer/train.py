@@ -2,7 +2,6 @@
 plots, export and report."""
 
 import dataclasses
-import json
 import os
 import time
 
@@ -117,7 +116,6 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   logging.info("final weights checksum %.10g", checksum)
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
-  save_model(model, prepared.preprocessing, os.path.join(folders.local, "model"))
 
   result = {
       "model": config.model,
@@ -142,8 +140,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   result["wall_time_s"] = round(time.time() - started, 1)
   # The report last: whoever sees it can rely on everything it names being there.
   if folders.local != folders.job and is_chief:
-    for name in ("model", "plots"):  # the logs went to --tensorboard_dir already
-      storage.sync_dir(os.path.join(folders.local, name), storage.join(folders.job, name))
+    # The plots; the logs went to --tensorboard_dir already, the model to --export_dir.
+    storage.sync_dir(os.path.join(folders.local, "plots"), storage.join(folders.job, "plots"))
   report.write_report(folders.local if not is_chief else folders.job, result)
   return result
 
@@ -200,10 +198,3 @@ def _check_same_step(strategy, cluster, step):
 def _plain(value):
   return list(value) if isinstance(value, tuple) else value
 
-
-def save_model(model, preprocessing, folder):
-  """The model and, beside it, everything inference needs to feed it (see data.*.predict_*)."""
-  os.makedirs(folder, exist_ok=True)
-  model.save(os.path.join(folder, "model.keras"))
-  with open(os.path.join(folder, "preprocessing.json"), "w") as f:
-    json.dump(preprocessing, f, indent=2)
