@@ -212,4 +212,5 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
                    state.best_epoch)
   if best_weights is not None:
     model.set_weights(best_weights)
-  return {"loss": state.loss, "val_loss": state.val_loss, "best_epoch": state.best_epoch}
+  return {"loss": state.loss, "val_loss": state.val_loss, "best_epoch": state.best_epoch,
+          "global_step": state.global_step}

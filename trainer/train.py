@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, loop, report, storage
+from trainer import distribution, hptuning, loop, report, storage
 from trainer.checkpoints import Checkpoints
 from trainer.config import RESUME_FIELDS, UserError
 from trainer.data import images, tabular, timeseries
@@ -111,6 +111,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
                      config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
                      checkpointing=checkpointing, state=state, best_weights=best_weights)
   sync_logs()
+  if is_chief:
+    hptuning.report(history["val_loss"][history["best_epoch"] - 1], history["global_step"])
   # Every worker logs it: workers of one job that disagree have trained different weights.
   checksum = float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
   logging.info("final weights checksum %.10g", checksum)

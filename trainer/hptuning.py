@@ -1,0 +1,31 @@
+"""Vertex AI hyperparameter tuning: a trial reports its final metric where Vertex AI reads it.
+
+Vertex AI runs each trial as a custom job with the trial's values as flags, and learns how good
+the trial was only from what the job reports through Google's cloudml-hypertune library (a JSON
+line in the file that CLOUD_ML_HP_METRIC_FILE names). The study's metric id must be METRIC.
+"""
+
+import os
+
+from absl import logging
+
+# The study's metricId (k8s/vertex/hptuning_job.yaml): the validation loss of the weights kept.
+METRIC = "val_loss"
+
+
+def in_trial(environ=None):
+  """Whether this job is a tuning trial: Vertex AI names the trial and the metric file."""
+  environ = os.environ if environ is None else environ
+  return "CLOUD_ML_TRIAL_ID" in environ or "CLOUD_ML_HP_METRIC_FILE" in environ
+
+
+def report(val_loss, global_step):
+  """Reports the trial's metric when this job is a trial; returns whether it did."""
+  if not in_trial():
+    return False
+  import hypertune  # noqa: PLC0415 -- only trials need it
+  hypertune.HyperTune().report_hyperparameter_tuning_metric(
+      hyperparameter_metric_tag=METRIC, metric_value=val_loss, global_step=global_step)
+  logging.info("hyperparameter tuning trial %s: reported %s = %g", os.environ.get("CLOUD_ML_TRIAL_ID", "?"),
+               METRIC, val_loss)
+  return True
