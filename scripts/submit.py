@@ -1,0 +1,455 @@
+"""Submits a training job: a Kubernetes workload from k8s/overlays/<target>, or a Vertex AI job.
+
+    python scripts/submit.py --target=indexed-job --image=REGISTRY/PATH:TAG --job_name=gru-1 \\
+        --job_dir=gs://BUCKET/jobs/gru-1 -- --model=gru --epochs=30
+    python scripts/submit.py --target=vertex --image=REGISTRY/PATH:TAG --job_name=gru-1 \\
+        --job_dir=gs://BUCKET/jobs/gru-1 --workers=3 -- --model=gru
+    ... --dry_run   prints what would be applied or run, and changes nothing
+
+Kubernetes targets (gpu-job, tfjob, indexed-job, cronjob): a temporary kustomization takes the
+overlay as its resource, pins the image, appends `-<job_name>` to every object's name (the
+workload, its Service and the generated flags ConfigMap; references between them follow), and
+appends --job_dir and the trainer flags after `--` to the overlay's trainer.flags, which the
+trainer reads with --flagfile (later lines override earlier ones). `kubectl kustomize` renders it;
+the YAML goes to stdout, a summary to stderr, and `kubectl apply -f -` applies it (not with
+--dry_run, whose stdout can be piped into kubectl later).
+
+Vertex AI targets: k8s/vertex/custom_job.yaml (vertex) or hptuning_job.yaml with the custom job
+as its trialJobSpec (vertex-hptuning), filled in and printed as YAML, then passed to
+`gcloud ai custom-jobs create` or `gcloud ai hp-tuning-jobs create` (the command is the first
+line of the output, as a comment). --job_dir becomes baseOutputDirectory, not a trainer flag: the
+trainer takes the folder above AIP_MODEL_DIR.
+
+The trainer flags after `--` are checked against the trainer's own definitions first, so a typo
+fails here and not in a pod. Mistakes are one line on stderr and exit code 2; a failing kubectl or
+gcloud exits with its own code.
+"""
+
+import argparse
+import copy
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+KUBERNETES_TARGETS = ("gpu-job", "tfjob", "indexed-job", "cronjob")
+VERTEX_TARGETS = ("vertex", "vertex-hptuning")
+# Options that only a Vertex AI job has (the Kubernetes overlays fix their own machines and workers).
+VERTEX_OPTIONS = ("region", "workers", "machine_type", "accelerator_type", "accelerator_count")
+HPTUNING_OPTIONS = ("max_trials", "parallel_trials")
+
+# An image reference as Docker reads it: [registry[:port]/]path[:tag][@digest].
+_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE = re.compile(rf"(?P<name>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)"
+                   r"(?::(?P<tag>\w[\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?", re.ASCII)
+DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?", re.ASCII)
+GCS_FOLDER = re.compile(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](?:/.*)?", re.ASCII)
+REGION = re.compile(r"[a-z]+(?:-[a-z]+)+[0-9]+", re.ASCII)
+# Kubernetes' longest names: a DNS label, and 52 for a CronJob (its Jobs add an 11-character suffix).
+MAX_NAME, MAX_CRONJOB_NAME = 63, 52
+
+
+class UsageError(Exception):
+  """A mistake in the command line or its environment: one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    # argparse prints its whole usage block first; one line says it.
+    raise UsageError(message)
+
+
+def parse_args(argv):
+  """(our options, the trainer's flags) from the command line, split at the first `--`."""
+  # Split by hand, as scripts/local_cluster.py does: argparse's own `--` handling differs between versions.
+  ours, trainer_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  parser = Parser(description=__doc__.splitlines()[0],
+                  usage="%(prog)s --target=TARGET --image=REGISTRY/PATH:TAG --job_name=NAME --job_dir=gs://... "
+                        "[--dry_run] [-- <trainer flags>]")
+  parser.add_argument("--target", required=True, choices=KUBERNETES_TARGETS + VERTEX_TARGETS,
+                      help="k8s/overlays/<target>, or Vertex AI custom training (vertex) or tuning (vertex-hptuning).")
+  parser.add_argument("--image", required=True, help="The trainer image, pinned: REGISTRY/PATH:TAG or @sha256:DIGEST.")
+  parser.add_argument("--job_name", required=True,
+                      help="Names this job: a suffix of the Kubernetes objects' names, the Vertex AI display name.")
+  parser.add_argument("--job_dir", required=True, help="The job folder: gs://... (a persistent volume path: gpu-job).")
+  parser.add_argument("--dry_run", action="store_true", help="Print what would be applied or run; change nothing.")
+  vertex = parser.add_argument_group("Vertex AI (--target=vertex or vertex-hptuning)")
+  vertex.add_argument("--region", help="Vertex AI region (default us-central1).")
+  vertex.add_argument("--workers", type=int, help="Replicas of worker pool 1, besides the chief (default 1; 0: none).")
+  vertex.add_argument("--machine_type", help="Every replica's machine type (default: custom_job.yaml's).")
+  vertex.add_argument("--accelerator_type", help="e.g. NVIDIA_L4, or none (default: custom_job.yaml's).")
+  vertex.add_argument("--accelerator_count", type=int, help="Accelerators per replica (default: custom_job.yaml's).")
+  vertex.add_argument("--max_trials", type=int, help="vertex-hptuning: trials in all (default: hptuning_job.yaml's).")
+  vertex.add_argument("--parallel_trials", type=int, help="vertex-hptuning: trials at once (default: its yaml's).")
+  args, unknown = parser.parse_known_args(ours)
+  if unknown:
+    raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (trainer flags go after --)")
+  misplaced = [name for name in VERTEX_OPTIONS + HPTUNING_OPTIONS if getattr(args, name) is not None and (
+      args.target not in VERTEX_TARGETS or name in HPTUNING_OPTIONS and args.target != "vertex-hptuning")]
+  if misplaced:
+    where = "--target=vertex-hptuning" if misplaced[0] in HPTUNING_OPTIONS else "the Vertex AI targets"
+    raise UsageError(f"--{misplaced[0]} is for {where} only (the Kubernetes overlays set their own machines and "
+                     "worker counts)")
+  for name in ("workers", "accelerator_count", "max_trials", "parallel_trials"):
+    least = 0 if name in ("workers", "accelerator_count") else 1
+    if getattr(args, name) is not None and getattr(args, name) < least:
+      raise UsageError(f"--{name} must be at least {least} (got {getattr(args, name)})")
+  return args, trainer_flags
+
+
+# --- checks that need no cluster ------------------------------------------------------------------
+
+def parse_image(image):
+  """(name, tag, digest) of a pinned image reference; UsageError for anything else."""
+  match = IMAGE.fullmatch(image)
+  if not match:
+    raise UsageError(f"--image={image!r} is not an image reference like REGISTRY/PATH:TAG")
+  name, tag, digest = match.group("name", "tag", "digest")
+  # Every pod pulls the image on its own node, and again when it restarts: a moving tag can give one
+  # job's workers different code.
+  if not tag and not digest:
+    raise UsageError(f"--image={image} has no tag or digest: pin the build (REGISTRY/PATH:TAG or "
+                     "REGISTRY/PATH@sha256:DIGEST) so that every worker and every restart runs the same one")
+  if tag == "latest" and not digest:
+    raise UsageError(f"--image={image} is pinned to :latest, which moves with every push: give a version tag or a "
+                     "digest so that every worker and every restart runs the same build")
+  return name, tag, digest
+
+
+def check_job_name(name):
+  if not DNS_LABEL.fullmatch(name) or len(name) > MAX_NAME:
+    raise UsageError(f"--job_name={name!r} is not a DNS-1123 label: lowercase letters, digits and '-', starting and "
+                     f"ending with a letter or digit, at most {MAX_NAME} characters (it becomes part of Kubernetes "
+                     "object and pod host names)")
+
+
+def check_gcs_folder(job_dir, why):
+  """UsageError unless job_dir is gs://BUCKET[/PATH]; `why` says why it must be on Cloud Storage."""
+  if not job_dir.startswith("gs://"):
+    raise UsageError(f"--job_dir={job_dir} is not on Cloud Storage: {why}; give a gs://BUCKET/PATH folder")
+  if not GCS_FOLDER.fullmatch(job_dir):
+    bucket = job_dir[len("gs://"):].split("/")[0]
+    raise UsageError(f"--job_dir={job_dir}: {bucket!r} is not a bucket name (3 or more lowercase letters, digits, "
+                     "'-', '_' and '.', starting and ending with a letter or digit)")
+
+
+def check_trainer_flags(trainer_flags):
+  """The trainer flags after `--`, --flagfile expanded, checked against the trainer's own definitions.
+
+  Returns (the flags to pass, the names of the flags given).
+  """
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python scripts/submit.py` from a checkout without `pip install -e .`
+  from absl import flags
+  import trainer.task  # noqa: F401 -- defines the trainer's flags; it does not import TensorFlow
+  values = copy.deepcopy(flags.FLAGS)  # a copy: this process's own flags stay unparsed
+  try:
+    # A --flagfile names a file on this machine, which the pods do not have: send its lines instead.
+    expanded = values.read_flags_from_files(list(trainer_flags), force_gnu=True)
+    rest = values(["trainer", *expanded], known_only=False)
+  except flags.Error as e:
+    raise UsageError(f"trainer flags after --: {e}") from None
+  if len(rest) > 1:
+    raise UsageError(f"unexpected argument {rest[1]!r} after --: trainer flags are written --name=value")
+  for flag in expanded:
+    if "\n" in flag:
+      raise UsageError(f"trainer flag {flag.splitlines()[0]!r}... holds a line break, which a flags file cannot")
+  given = {name for name in values if values[name].present}
+  if "job_dir" in given:
+    raise UsageError("--job_dir after -- : give it to submit.py, before --, where it is checked and passed on")
+  return expanded, given
+
+
+# --- Kubernetes -----------------------------------------------------------------------------------
+# Kustomize renames a Service's references in the fields it knows; a pod's `subdomain`, which must
+# name the headless Service that gives an Indexed Job's pods their host names, is not one of them.
+NAME_REFERENCES = """\
+nameReference:
+- kind: Service
+  fieldSpecs:
+  - {kind: Job, path: spec/template/spec/subdomain}
+  - {kind: CronJob, path: spec/jobTemplate/spec/template/spec/subdomain}
+"""
+# The labels Kubernetes gives a Job's pods with the Job's name as value: a Service selecting them by
+# it must follow the renamed Job.
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
+# Volumes that outlive their pod: a job folder elsewhere on a pod's disk is lost with the pod.
+PERSISTENT_VOLUMES = ("persistentVolumeClaim", "nfs")
+
+
+class ToolError(Exception):
+  """kubectl failed where it should not have: one line, and kubectl's exit code."""
+
+  def __init__(self, message, code):
+    super().__init__(message)
+    self.code = code
+
+
+def require_kubectl(dry_run):
+  if not shutil.which("kubectl"):
+    raise UsageError("kubectl is not on PATH: it renders the overlay (kubectl kustomize) and applies it; install it")
+  if dry_run:
+    return
+  done = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True)
+  if done.returncode or not done.stdout.strip():
+    said = last_line(done.stderr) or "no context"
+    raise UsageError(f"kubectl has no current context ({said}): choose a cluster with `kubectl config use-context "
+                     "NAME`, or add --dry_run to only print the job")
+
+
+def last_line(text):
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else ""
+
+
+def kustomize(folder):
+  """The objects `kubectl kustomize folder` renders: (YAML text, list of dicts)."""
+  import yaml
+  done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True)
+  if done.returncode:
+    raise ToolError(f"kubectl kustomize {folder} failed: {last_line(done.stderr)}", done.returncode)
+  return done.stdout, [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def pod_specs(obj):
+  """The pod templates' specs of a workload (none for other kinds)."""
+  spec = obj.get("spec") or {}
+  if obj["kind"] == "Job":
+    return [spec["template"]["spec"]]
+  if obj["kind"] == "CronJob":
+    return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+  if obj["kind"] == "TFJob":
+    return [replica["template"]["spec"] for replica in spec["tfReplicaSpecs"].values()]
+  return []
+
+
+def pods_at_once(obj):
+  spec = obj.get("spec") or {}
+  if obj["kind"] == "TFJob":
+    return sum(replica.get("replicas", 1) for replica in spec["tfReplicaSpecs"].values())
+  if obj["kind"] == "CronJob":
+    spec = spec["jobTemplate"]["spec"]
+  return spec.get("parallelism", 1) if obj["kind"] in ("Job", "CronJob") else 0
+
+
+def derived_names(obj):
+  """(what, name, limit): the longest names Kubernetes or the operator derives from an object's name."""
+  name, spec = obj["metadata"]["name"], obj.get("spec") or {}
+  if obj["kind"] == "CronJob":
+    return [("the CronJob", name, MAX_CRONJOB_NAME)]
+  if obj["kind"] == "Job" and spec.get("completionMode") == "Indexed":
+    return [("the last pod's host name", f"{name}-{spec.get('completions', 1) - 1}", MAX_NAME)]
+  if obj["kind"] == "TFJob":
+    return [(f"the last {kind} pod's name", f"{name}-{kind.lower()}-{replica.get('replicas', 1) - 1}", MAX_NAME)
+            for kind, replica in spec["tfReplicaSpecs"].items()]
+  if obj["kind"] in ("Job", "Service"):
+    return [(f"the {obj['kind']}", name, MAX_NAME)]
+  return []
+
+
+def flags_config_map(objects, target):
+  """(the trainer flags ConfigMap's generator name, namespace, data key, text) from the overlay alone."""
+  base = load_yaml(K8S / "base" / "kustomization.yaml")
+  for generator in base.get("configMapGenerator", []):
+    for source in generator.get("files", []):
+      key, _, path = source.rpartition("=")
+      key = key or Path(path).name
+      if Path(path).name == "trainer.flags":
+        name = generator["name"]
+        for obj in objects:  # the overlay's version: it may have merged lines of its own
+          if obj["kind"] == "ConfigMap" and key in obj.get("data", {}) and obj["metadata"]["name"].startswith(name):
+            return name, obj["metadata"].get("namespace"), key, obj["data"][key]
+  raise ToolError(f"k8s/overlays/{target} renders no ConfigMap with trainer.flags from k8s/base", 1)
+
+
+def kustomization(args, objects, overlay, folder):
+  """Writes this submission's kustomization into folder (the overlay renamed, pinned and given its flags)."""
+  name, tag, digest = parse_image(args.image)
+  base = load_yaml(K8S / "base" / "kustomization.yaml")
+  # The overlay's containers carry the image k8s/base pinned for `trainer`: replace that one.
+  pinned = {entry.get("newName", "trainer") for entry in base.get("images", []) if entry.get("name") == "trainer"}
+  images = [{"name": old, "newName": name, **({"newTag": tag} if tag else {}), **({"digest": digest} if digest else {})}
+            for old in sorted(pinned | {"trainer"})]
+  generator, namespace, key, flags_text = flags_config_map(objects, args.target)
+  lines = [flags_text.rstrip("\n"), f"# scripts/submit.py, job {args.job_name}", f"--job_dir={args.job_dir}",
+           *args.trainer_flags]
+  (folder / key).write_text("\n".join(lines) + "\n", encoding="utf-8")
+  (folder / "name_references.yaml").write_text(NAME_REFERENCES, encoding="utf-8")
+  suffix = f"-{args.job_name}"
+  jobs = {obj["metadata"]["name"] for obj in objects if obj["kind"] in ("Job", "CronJob")}
+  patches = []
+  for obj in objects:
+    selector = (obj.get("spec") or {}).get("selector") or {}
+    for label in JOB_NAME_LABELS:
+      if obj["kind"] == "Service" and selector.get(label) in jobs:
+        path = "/spec/selector/" + label.replace("~", "~0").replace("/", "~1")
+        patches.append({"target": {"kind": "Service", "name": obj["metadata"]["name"]},
+                        "patch": dump_yaml([{"op": "replace", "path": path, "value": selector[label] + suffix}])})
+  document = {
+      "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+      # kustomize takes no absolute resource paths.
+      "resources": [os.path.relpath(overlay, folder)],
+      "nameSuffix": suffix,
+      "images": images,
+      "configMapGenerator": [{"name": generator, **({"namespace": namespace} if namespace else {}),
+                              "behavior": "merge", "files": [key]}],
+      "configurations": ["name_references.yaml"],
+      **({"patches": patches} if patches else {}),
+  }
+  (folder / "kustomization.yaml").write_text(dump_yaml(document), encoding="utf-8")
+
+
+def check_rendered(args, objects):
+  """Mistakes only the rendered objects show: names too long, a job folder the pods cannot share."""
+  derived = [names for obj in objects for names in derived_names(obj)]
+  what, name, limit = max(derived, key=lambda names: len(names[1]) - names[2], default=("", "", MAX_NAME))
+  if len(name) > limit:
+    most = len(args.job_name) - (len(name) - limit)
+    raise UsageError(f"--job_name={args.job_name} is too long for --target={args.target}: {what} would be {name} "
+                     f"({len(name)} characters, at most {limit}); use at most {max(most, 0)} characters")
+  workers = max([pods_at_once(obj) for obj in objects] + [0])
+  if args.job_dir.startswith("gs://") or workers > 1:
+    return check_gcs_folder(args.job_dir, f"--target={args.target} runs {workers} workers on different nodes, and "
+                            "every one of them reads the job's checkpoints to resume")
+  mounts = []
+  for obj in objects:
+    for spec in pod_specs(obj):
+      persistent = {volume["name"] for volume in spec.get("volumes", [])
+                    if any(kind in volume for kind in PERSISTENT_VOLUMES)}
+      mounts += [mount["mountPath"] for container in spec.get("containers", [])
+                 for mount in container.get("volumeMounts", []) if mount["name"] in persistent]
+  path = os.path.normpath(args.job_dir)
+  if not (os.path.isabs(path) and any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)):
+    where = f"a folder under {' or '.join(sorted(set(mounts)))}" if mounts else "none: the pod mounts no such volume"
+    raise UsageError(f"--job_dir={args.job_dir} is neither gs:// nor on a persistent volume of the pod, so the job "
+                     f"folder would be lost with the pod; give gs://BUCKET/PATH (local paths: {where})")
+
+
+def submit_kubernetes(args):
+  require_kubectl(args.dry_run)
+  overlay = K8S / "overlays" / args.target
+  _, objects = kustomize(overlay)
+  with tempfile.TemporaryDirectory(prefix="submit-") as folder:
+    kustomization(args, objects, overlay, Path(folder))
+    text, objects = kustomize(folder)
+  check_rendered(args, objects)
+  names = ", ".join(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
+  print(text, end="", flush=True)
+  print(f"submit: {args.target} {args.job_name}: {names}; image {args.image}; job folder {args.job_dir}",
+        file=sys.stderr, flush=True)
+  if args.dry_run:
+    print("submit: dry run: nothing applied (pipe the YAML above into `kubectl apply -f -` to apply it)",
+          file=sys.stderr)
+    return 0
+  return subprocess.run(["kubectl", "apply", "-f", "-"], input=text, text=True).returncode
+
+
+# --- Vertex AI ------------------------------------------------------------------------------------
+
+def load_yaml(path):
+  import yaml
+  with open(path, encoding="utf-8") as f:
+    return yaml.safe_load(f)
+
+
+def dump_yaml(document):
+  import yaml
+  return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+
+
+def custom_job_spec(args, image, trainer_flags):
+  """k8s/vertex/custom_job.yaml filled in for this job (a CustomJobSpec)."""
+  spec = load_yaml(K8S / "vertex" / "custom_job.yaml")
+  pools = spec["workerPoolSpecs"]
+  workers = 1 if args.workers is None else args.workers
+  pools[0]["replicaCount"] = 1  # Vertex AI's chief: one, always
+  del pools[2 if workers else 1:]
+  if workers:
+    pools[1]["replicaCount"] = workers
+  for pool in pools:
+    container = pool["containerSpec"]
+    container["imageUri"] = image
+    container["args"] = [*(container.get("args") or []), *trainer_flags]
+    machine = pool["machineSpec"]
+    if args.machine_type:
+      machine["machineType"] = args.machine_type
+    if args.accelerator_type:
+      machine["acceleratorType"] = args.accelerator_type
+    if args.accelerator_count is not None:
+      machine["acceleratorCount"] = args.accelerator_count
+    if str(machine.get("acceleratorType", "")).lower() in ("", "none") or machine.get("acceleratorCount") == 0:
+      machine.pop("acceleratorType", None)  # a CPU machine: Vertex AI refuses a type with no count and vice versa
+      machine.pop("acceleratorCount", None)
+  spec["baseOutputDirectory"] = {"outputUriPrefix": args.job_dir}
+  return spec
+
+
+def hptuning_job(args, image, trainer_flags, given):
+  """k8s/vertex/hptuning_job.yaml filled in for this job, its trials running custom_job_spec."""
+  job = load_yaml(K8S / "vertex" / "hptuning_job.yaml")
+  tuned = [p["parameterId"] for p in job["studySpec"]["parameters"] if p["parameterId"] in given]
+  if tuned:
+    # Vertex AI appends each trial's value after the args, where it would silently win.
+    raise UsageError(f"--{tuned[0]} after -- is what the study tunes (k8s/vertex/hptuning_job.yaml): drop it, or "
+                     "change its range there")
+  job["displayName"] = args.job_name
+  if args.max_trials is not None:
+    job["maxTrialCount"] = args.max_trials
+  if args.parallel_trials is not None:
+    job["parallelTrialCount"] = args.parallel_trials
+  job["trialJobSpec"] = custom_job_spec(args, image, trainer_flags)
+  return job
+
+
+def submit_vertex(args, trainer_flags, given):
+  region = args.region or "us-central1"
+  if not REGION.fullmatch(region):
+    raise UsageError(f"--region={region!r} is not a Google Cloud region like us-central1")
+  check_gcs_folder(args.job_dir, "Vertex AI writes a job's output to Cloud Storage (baseOutputDirectory)")
+  if args.target == "vertex":
+    document, command = custom_job_spec(args, args.image, trainer_flags), ["ai", "custom-jobs", "create"]
+  else:
+    document, command = hptuning_job(args, args.image, trainer_flags, given), ["ai", "hp-tuning-jobs", "create"]
+  if not args.dry_run and not shutil.which("gcloud"):
+    raise UsageError("gcloud is not on PATH: install the Google Cloud CLI (or use --dry_run to see the job)")
+  text = dump_yaml(document)
+  with tempfile.TemporaryDirectory(prefix="submit-") as folder:
+    config = Path(folder) / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    command = ["gcloud", *command, f"--region={region}", f"--display-name={args.job_name}", f"--config={config}"]
+    shown = shlex.join(command[:-1] + ["--config=FILE"])
+    print(f"# {shown}, FILE holding this document\n{text}", end="", flush=True)
+    if args.dry_run:
+      print("submit: dry run: nothing submitted", file=sys.stderr)
+      return 0
+    return subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+
+
+def main(argv=None):
+  try:
+    args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
+    parse_image(args.image)
+    check_job_name(args.job_name)
+    trainer_flags, given = check_trainer_flags(trainer_flags)
+    if args.target in VERTEX_TARGETS:
+      return submit_vertex(args, trainer_flags, given)
+    args.trainer_flags = trainer_flags
+    return submit_kubernetes(args)
+  except UsageError as e:
+    print(f"submit: error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except ToolError as e:
+    print(f"submit: error: {e}", file=sys.stderr, flush=True)
+    return e.code
+
+
+if __name__ == "__main__":
+  sys.exit(main())
