@@ -1,0 +1,261 @@
+"""scripts/submit.py, the real script in a subprocess: what it renders, what it refuses, what it runs.
+
+Nothing here reaches a cluster or Google Cloud. Rendering uses the real `kubectl kustomize`, which
+works offline; where the script would apply or create a job, a fake `kubectl` or `gcloud` first on
+PATH records its arguments and input instead.
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from absl import flags
+
+import trainer.task  # noqa: F401 -- defines the trainer's flags, which the jobs' args must parse with
+from trainer import hptuning
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "submit.py"
+IMAGE = "europe-docker.pkg.dev/proj/repo/trainer:v1.2.3"
+JOB_DIR = "gs://bucket-1/jobs/gru-7"
+JOB = ["--image=" + IMAGE, "--job_name=gru-7", "--job_dir=" + JOB_DIR]
+REAL_KUBECTL = shutil.which("kubectl")
+
+# Records one JSON line per call (argv, stdin, and for gcloud the --config file's text, which the
+# script deletes afterwards) in $FAKE_LOG. The fake kubectl hands `kustomize` to the real one and
+# has a current context unless $FAKE_NO_CONTEXT is set.
+FAKE_CLI = '''#!{python}
+import json, os, subprocess, sys
+argv = sys.argv[1:]
+if argv[:1] == ["kustomize"]:
+  sys.exit(subprocess.run([os.environ["REAL_KUBECTL"], *argv]).returncode)
+if argv[:2] == ["config", "current-context"]:
+  if os.environ.get("FAKE_NO_CONTEXT"):
+    sys.exit(print("error: current-context is not set", file=sys.stderr) or 1)
+  sys.exit(print("test-cluster"))
+config = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+record = {{"argv": argv, "stdin": sys.stdin.read() if argv[-1:] == ["-"] else None,
+          "config": open(config[0]).read() if config else None}}
+with open(os.environ["FAKE_LOG"], "a") as log:
+  log.write(json.dumps(record) + "\\n")
+print("{name}: created")
+'''
+
+
+def submit(*args, path=None, env=None):
+  """(exit code, stdout, stderr) of the script; `path` replaces PATH (the fakes' folder)."""
+  environ = {**os.environ, **(env or {})}
+  if path is not None:
+    environ["PATH"] = str(path)
+  done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=environ,
+                        timeout=60, cwd=ROOT)
+  return done.returncode, done.stdout, done.stderr
+
+
+def assert_usage_error(code, stderr, *expected):
+  """Exit code 2 and exactly one line on stderr, no traceback, saying each of `expected`."""
+  assert code == 2, stderr
+  assert "Traceback" not in stderr, stderr
+  (line,) = stderr.splitlines()
+  assert line.startswith("submit: error: "), line
+  for text in expected:
+    assert text in line, line
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+  """A PATH folder with a fake kubectl and gcloud; returns (folder, a function reading their calls)."""
+  folder = tmp_path / "bin"
+  folder.mkdir()
+  for name in ("kubectl", "gcloud"):
+    (folder / name).write_text(FAKE_CLI.format(python=sys.executable, name=name))
+    (folder / name).chmod(0o755)
+  log = tmp_path / "calls.jsonl"
+
+  def calls():
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  env = {"FAKE_LOG": str(log), "REAL_KUBECTL": REAL_KUBECTL or "kubectl-is-missing"}
+  return folder, env, calls
+
+
+def trainer_flags(args):
+  """The trainer's flag values for a container's args, parsed by the trainer's own definitions."""
+  values = copy.deepcopy(flags.FLAGS)  # a copy: the test process's flags stay as they are
+  rest = values(["trainer", *args])
+  assert rest == ["trainer"], rest
+  return values
+
+
+# --- argument checks, before anything runs ---------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    (["--image=europe-docker.pkg.dev/proj/repo/trainer"], ["has no tag or digest", "pin"]),
+    (["--image=europe-docker.pkg.dev/proj/repo/trainer:latest"], [":latest", "version tag or a digest"]),
+    (["--image=Trainer Image:v1"], ["not an image reference"]),
+    (["--job_name=GRU_7"], ["--job_name='GRU_7' is not a DNS-1123 label"]),
+    (["--job_name=-gru"], ["is not a DNS-1123 label"]),
+    (["--job_name=" + "a" * 64], ["is not a DNS-1123 label", "at most 63"]),
+    (["--", "--modle=gru"], ["Unknown command line flag 'modle'"]),
+    (["--", "--epochs=many"], ["--epochs=many"]),
+    (["--", "--job_dir=gs://bucket-1/other"], ["give it to submit.py, before --"]),
+    (["--", "gru"], ["unexpected argument 'gru'"]),
+    (["--workers=2"], ["--workers is for the Vertex AI targets only"]),
+    (["--max_trials=4"], ["--max_trials is for --target=vertex-hptuning only"]),
+    (["--epochs=3"], ["unrecognized arguments: --epochs=3", "after --"]),
+])
+def test_mistakes_in_the_command_line_are_one_line_and_exit_2(args, expected, tmp_path):
+  ours, trainer = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, [])
+  # Later options win in argparse: each case replaces one of JOB's.
+  code, stdout, stderr = submit("--target=tfjob", *JOB, *ours, "--dry_run", *trainer, path=tmp_path)
+  assert_usage_error(code, stderr, *expected)
+  assert stdout == ""
+
+
+def test_a_missing_option_or_unknown_target_is_one_line_and_exit_2(tmp_path):
+  assert_usage_error(*submit("--target=tfjob", "--image=" + IMAGE, "--job_dir=" + JOB_DIR, path=tmp_path)[::2],
+                     "--job_name")
+  assert_usage_error(*submit("--target=slurm", *JOB, path=tmp_path)[::2], "--target", "invalid choice")
+
+
+def test_a_flagfile_after_the_separator_is_sent_as_its_flags(tmp_path):
+  (tmp_path / "job.flags").write_text("--model=gru\n--epochs=4\n")
+  code, stdout, stderr = submit("--target=vertex", *JOB, "--dry_run", "--", f"--flagfile={tmp_path / 'job.flags'}",
+                                "--window=30")
+  assert code == 0, stderr
+  args = yaml.safe_load(stdout)["workerPoolSpecs"][0]["containerSpec"]["args"]
+  assert args == ["--model=gru", "--epochs=4", "--window=30"]  # the pods do not have the file
+
+
+# --- Kubernetes: what is checked before anything is applied ----------------------------------------
+
+def test_kubectl_missing_is_one_line_and_exit_2(tmp_path):
+  # PATH without kubectl: the script itself runs from sys.executable's absolute path.
+  code, stdout, stderr = submit("--target=indexed-job", *JOB, "--dry_run", path=tmp_path)
+  assert_usage_error(code, stderr, "kubectl is not on PATH")
+
+
+def test_no_current_context_is_one_line_and_exit_2_and_applies_nothing(fake_bin):
+  folder, env, calls = fake_bin
+  code, stdout, stderr = submit("--target=indexed-job", *JOB, path=folder, env={**env, "FAKE_NO_CONTEXT": "1"})
+  assert_usage_error(code, stderr, "kubectl has no current context", "current-context is not set", "--dry_run")
+  assert calls() == []
+
+
+# --- Vertex AI ---------------------------------------------------------------------------------------
+
+def vertex_dry_run(*args, target="vertex"):
+  code, stdout, stderr = submit(f"--target={target}", *JOB, "--dry_run", *args)
+  assert code == 0, stderr
+  assert stderr.strip() == "submit: dry run: nothing submitted"
+  return stdout, yaml.safe_load(stdout)
+
+
+def check_worker_pools(spec, workers, machine):
+  """Pool 0 one chief, pool 1 the workers; every replica the same image, machine, command and flags."""
+  pools = spec["workerPoolSpecs"]
+  assert [pool["replicaCount"] for pool in pools] == [1] + ([workers] if workers else [])
+  for pool in pools:
+    assert pool["machineSpec"] == machine
+    assert pool["containerSpec"]["imageUri"] == IMAGE
+    assert pool["containerSpec"]["command"] == ["python", "-m", "trainer.task"]
+    values = trainer_flags(pool["containerSpec"]["args"])
+    assert (values.model, values.epochs, values.bidirectional) == ("gru", 5, True)
+    assert values.job_dir is None  # the trainer takes the folder above AIP_MODEL_DIR
+  assert spec["baseOutputDirectory"] == {"outputUriPrefix": JOB_DIR}
+
+
+def test_vertex_custom_job_is_filled_in():
+  stdout, spec = vertex_dry_run("--workers=3", "--machine_type=g2-standard-8", "--accelerator_type=NVIDIA_L4",
+                                "--", "--model=gru", "--epochs=5", "--bidirectional")
+  assert stdout.splitlines()[0] == ("# gcloud ai custom-jobs create --region=us-central1 --display-name=gru-7 "
+                                    "--config=FILE, FILE holding this document")
+  check_worker_pools(spec, 3, {"machineType": "g2-standard-8", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1})
+  assert spec["scheduling"] == {"restartJobOnWorkerRestart": True}
+
+
+def test_vertex_chief_alone_on_a_cpu_machine():
+  _, spec = vertex_dry_run("--workers=0", "--accelerator_type=none", "--region=europe-west4",
+                           "--", "--model=gru", "--epochs=5", "--bidirectional")
+  check_worker_pools(spec, 0, {"machineType": "n1-standard-8"})
+
+
+def test_vertex_tuning_job_is_filled_in():
+  stdout, job = vertex_dry_run("--workers=2", "--max_trials=20", "--parallel_trials=4",
+                               "--", "--model=gru", "--epochs=5", "--bidirectional", target="vertex-hptuning")
+  assert stdout.startswith("# gcloud ai hp-tuning-jobs create --region=us-central1 --display-name=gru-7 ")
+  assert (job["displayName"], job["maxTrialCount"], job["parallelTrialCount"]) == ("gru-7", 20, 4)
+  # The metric the trainer reports, and parameters that are the trainer's flags with values it accepts.
+  assert job["studySpec"]["metrics"] == [{"metricId": hptuning.METRIC, "goal": "MINIMIZE"}]
+  parameters = {p["parameterId"]: p for p in job["studySpec"]["parameters"]}
+  assert parameters["learning_rate"]["scaleType"] == "UNIT_LOG_SCALE"
+  low, high = parameters["learning_rate"]["doubleValueSpec"].values()
+  assert 0 < low < high and trainer_flags([f"--learning_rate={low}"]).learning_rate == low
+  batch_sizes = parameters["batch_size"]["categoricalValueSpec"]["values"]
+  assert [trainer_flags([f"--batch_size={value}"]).batch_size for value in batch_sizes] == [32, 64, 128]
+  _, custom = vertex_dry_run("--workers=2", "--", "--model=gru", "--epochs=5", "--bidirectional")
+  assert job["trialJobSpec"] == custom
+
+
+@pytest.mark.parametrize("target, args, expected", [
+    ("vertex", ["--job_dir=/mnt/jobs/gru-7"], ["--job_dir=/mnt/jobs/gru-7 is not on Cloud Storage"]),
+    ("vertex", ["--job_dir=gs://B/jobs"], ["'B' is not a bucket name"]),
+    ("vertex", ["--region=central"], ["--region='central'"]),
+    ("vertex", ["--workers=-1"], ["--workers must be at least 0"]),
+    ("vertex-hptuning", ["--", "--batch_size=64"], ["--batch_size after -- is what the study tunes"]),
+])
+def test_vertex_mistakes_are_one_line_and_exit_2(target, args, expected, tmp_path):
+  assert_usage_error(*submit(f"--target={target}", *JOB, *args, path=tmp_path)[::2], *expected)
+
+
+def test_vertex_without_gcloud_is_one_line_and_exit_2(tmp_path):
+  assert_usage_error(*submit("--target=vertex", *JOB, path=tmp_path)[::2], "gcloud is not on PATH")
+
+
+@pytest.mark.parametrize("target, command", [("vertex", "custom-jobs"), ("vertex-hptuning", "hp-tuning-jobs")])
+def test_vertex_creates_the_job_with_gcloud(target, command, fake_bin):
+  folder, env, calls = fake_bin
+  dry_run, _ = vertex_dry_run("--", "--model=gru", target=target)
+  code, stdout, stderr = submit(f"--target={target}", *JOB, "--", "--model=gru", path=folder, env=env)
+  assert code == 0, stderr
+  assert stdout == dry_run + "gcloud: created\n"
+  (call,) = calls()
+  assert call["argv"][:5] == ["ai", command, "create", "--region=us-central1", "--display-name=gru-7"]
+  assert call["argv"][5].startswith("--config=") and len(call["argv"]) == 6
+  assert call["config"] == dry_run.split("\n", 1)[1]  # the document printed, without the command line
+  assert not Path(call["argv"][5].split("=", 1)[1]).exists()  # the temporary file is gone
+
+
+def gcloud_sdk():
+  """The Google Cloud SDK's root when gcloud is installed as a whole SDK, else None."""
+  gcloud = shutil.which("gcloud")
+  root = Path(os.path.realpath(gcloud)).parents[1] if gcloud else None
+  return root if root and (root / "lib" / "googlecloudsdk").is_dir() else None
+
+
+# gcloud's own reading of a --config file (googlecloudsdk/api_lib/ai), offline: unknown or misspelt
+# fields and enum values are errors there, as they would be in `gcloud ai ... create`.
+PARSE_AS_GCLOUD = '''
+import sys
+sys.path[:0] = [sys.argv[1] + "/lib", sys.argv[1] + "/lib/third_party"]
+from googlecloudsdk.api_lib.util import apis, messages
+from googlecloudsdk.core import yaml
+message = getattr(apis.GetMessagesModule("aiplatform", "v1"), "GoogleCloudAiplatformV1" + sys.argv[2])
+messages.DictToMessageWithErrorCheck(yaml.load_path(sys.argv[3]), message)
+'''
+
+
+@pytest.mark.skipif(gcloud_sdk() is None, reason="the Google Cloud SDK (gcloud's own libraries) is not installed")
+@pytest.mark.parametrize("target, message", [("vertex", "CustomJobSpec"),
+                                             ("vertex-hptuning", "HyperparameterTuningJob")])
+def test_vertex_configs_parse_as_gcloud_reads_them(target, message, tmp_path):
+  stdout, _ = vertex_dry_run("--", "--model=gru", target=target)
+  (tmp_path / "config.yaml").write_text(stdout)
+  done = subprocess.run([sys.executable, "-c", PARSE_AS_GCLOUD, str(gcloud_sdk()), message,
+                         str(tmp_path / "config.yaml")], capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr[-2000:]
