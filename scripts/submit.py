@@ -169,6 +169,10 @@ def check_trainer_flags(trainer_flags):
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
+# The objects each submission gets its own of, renamed <name>-<job_name>. Anything else the overlay
+# renders (the Workload Identity ServiceAccount, volumes...) is shared by every job and keeps its
+# name: a renamed ServiceAccount would lose its IAM binding.
+PER_JOB_KINDS = ("Job", "CronJob", "TFJob", "Service", "ConfigMap")
 # Kustomize renames a Service's references in the fields it knows; a pod's `subdomain`, which must
 # name the headless Service that gives an Indexed Job's pods their host names, is not one of them.
 NAME_REFERENCES = """\
@@ -186,9 +190,9 @@ PERSISTENT_VOLUMES = ("persistentVolumeClaim", "nfs")
 
 
 class ToolError(Exception):
-  """kubectl failed where it should not have: one line, and kubectl's exit code."""
+  """kubectl failed, or an overlay is not what this script expects: one line, and an exit code."""
 
-  def __init__(self, message, code):
+  def __init__(self, message, code=1):
     super().__init__(message)
     self.code = code
 
@@ -211,7 +215,7 @@ def last_line(text):
 
 
 def kustomize(folder):
-  """The objects `kubectl kustomize folder` renders: (YAML text, list of dicts)."""
+  """What `kubectl kustomize folder` renders: (YAML text, the objects as dicts)."""
   import yaml
   done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True)
   if done.returncode:
@@ -219,15 +223,16 @@ def kustomize(folder):
   return done.stdout, [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def pod_specs(obj):
-  """The pod templates' specs of a workload (none for other kinds)."""
+def pod_templates(obj):
+  """(JSON pointer, spec) of each pod template of a workload; [] for other kinds."""
   spec = obj.get("spec") or {}
   if obj["kind"] == "Job":
-    return [spec["template"]["spec"]]
+    return [("/spec/template/spec", spec["template"]["spec"])]
   if obj["kind"] == "CronJob":
-    return [spec["jobTemplate"]["spec"]["template"]["spec"]]
+    return [("/spec/jobTemplate/spec/template/spec", spec["jobTemplate"]["spec"]["template"]["spec"])]
   if obj["kind"] == "TFJob":
-    return [replica["template"]["spec"] for replica in spec["tfReplicaSpecs"].values()]
+    return [(f"/spec/tfReplicaSpecs/{kind}/template/spec", replica["template"]["spec"])
+            for kind, replica in spec["tfReplicaSpecs"].items()]
   return []
 
 
@@ -255,60 +260,90 @@ def derived_names(obj):
   return []
 
 
-def flags_config_map(objects, target):
-  """(the trainer flags ConfigMap's generator name, namespace, data key, text) from the overlay alone."""
+def trainer_images():
+  """The names the trainer's image has in the overlays: `trainer`, and what k8s/base pins it to."""
   base = load_yaml(K8S / "base" / "kustomization.yaml")
-  for generator in base.get("configMapGenerator", []):
-    for source in generator.get("files", []):
-      key, _, path = source.rpartition("=")
-      key = key or Path(path).name
-      if Path(path).name == "trainer.flags":
-        name = generator["name"]
-        for obj in objects:  # the overlay's version: it may have merged lines of its own
-          if obj["kind"] == "ConfigMap" and key in obj.get("data", {}) and obj["metadata"]["name"].startswith(name):
-            return name, obj["metadata"].get("namespace"), key, obj["data"][key]
-  raise ToolError(f"k8s/overlays/{target} renders no ConfigMap with trainer.flags from k8s/base", 1)
+  return {"trainer"} | {entry["newName"] for entry in base.get("images", [])
+                        if entry.get("name") == "trainer" and entry.get("newName")}
+
+
+def image_name(image):
+  """An image reference without its tag and digest (placeholders such as PROJECT_ID allowed)."""
+  name = image.split("@")[0]
+  head, _, tag = name.rpartition(":")
+  return head if head and "/" not in tag else name
+
+
+def args_patch(obj, trainer_flags, target):
+  """JSON patch operations giving the trainer's containers in `obj` these flags after their own.
+
+  The trainer's absl flags: a later one wins, over the flags file and the overlay's args alike. An
+  arg --job_dir of the overlay's is replaced in place rather than overridden, so that `kubectl
+  describe` shows one.
+  """
+  operations, images = [], trainer_images()
+  for pointer, spec in pod_templates(obj):
+    for i, container in enumerate(spec.get("containers", [])):
+      if image_name(container.get("image", "")) not in images:
+        continue
+      args, flags = container.get("args"), list(trainer_flags)
+      if obj["kind"] == "CronJob":
+        # Every run is a new Job: each gets its own folder under --job_dir, as a new job should.
+        if not any(env.get("name") == "JOB_NAME" for env in container.get("env", [])):
+          raise ToolError(f"k8s/overlays/{target}: the CronJob's container {container['name']} has no JOB_NAME "
+                          "variable, which names each run's job folder")
+        flags[0] += "/$(JOB_NAME)"
+      base = f"{pointer}/containers/{i}/args"
+      if args is None:
+        operations.append({"op": "add", "path": base, "value": flags})
+        continue
+      old = [j for j, arg in enumerate(args) if arg.startswith("--job_dir=")]
+      if old:
+        operations.append({"op": "replace", "path": f"{base}/{old[-1]}", "value": flags.pop(0)})
+      operations += [{"op": "add", "path": f"{base}/-", "value": flag} for flag in flags]
+  if pod_templates(obj) and not operations:
+    raise ToolError(f"k8s/overlays/{target}: no container of {obj['kind']}/{obj['metadata']['name']} runs the "
+                    f"trainer image ({', '.join(sorted(images))})")
+  return operations
 
 
 def kustomization(args, objects, overlay, folder):
-  """Writes this submission's kustomization into folder (the overlay renamed, pinned and given its flags)."""
+  """Writes this submission's kustomization into `folder`: the overlay renamed, pinned and given its flags."""
   name, tag, digest = parse_image(args.image)
-  base = load_yaml(K8S / "base" / "kustomization.yaml")
-  # The overlay's containers carry the image k8s/base pinned for `trainer`: replace that one.
-  pinned = {entry.get("newName", "trainer") for entry in base.get("images", []) if entry.get("name") == "trainer"}
   images = [{"name": old, "newName": name, **({"newTag": tag} if tag else {}), **({"digest": digest} if digest else {})}
-            for old in sorted(pinned | {"trainer"})]
-  generator, namespace, key, flags_text = flags_config_map(objects, args.target)
-  lines = [flags_text.rstrip("\n"), f"# scripts/submit.py, job {args.job_name}", f"--job_dir={args.job_dir}",
-           *args.trainer_flags]
-  (folder / key).write_text("\n".join(lines) + "\n", encoding="utf-8")
-  (folder / "name_references.yaml").write_text(NAME_REFERENCES, encoding="utf-8")
+            for old in sorted(trainer_images())]
   suffix = f"-{args.job_name}"
+  renamed = sorted({obj["kind"] for obj in objects} & set(PER_JOB_KINDS))
+  rename = {"apiVersion": "builtin", "kind": "PrefixSuffixTransformer", "metadata": {"name": "job-name"},
+            "suffix": suffix, "fieldSpecs": [{"kind": kind, "path": "metadata/name"} for kind in renamed]}
+  flags = [f"--job_dir={args.job_dir}", *args.trainer_flags]
   jobs = {obj["metadata"]["name"] for obj in objects if obj["kind"] in ("Job", "CronJob")}
   patches = []
   for obj in objects:
+    # Patches see the overlay's names: they run before the renaming transformer.
+    target = {"kind": obj["kind"], "name": obj["metadata"]["name"]}
+    operations = args_patch(obj, flags, args.target)
     selector = (obj.get("spec") or {}).get("selector") or {}
-    for label in JOB_NAME_LABELS:
-      if obj["kind"] == "Service" and selector.get(label) in jobs:
-        path = "/spec/selector/" + label.replace("~", "~0").replace("/", "~1")
-        patches.append({"target": {"kind": "Service", "name": obj["metadata"]["name"]},
-                        "patch": dump_yaml([{"op": "replace", "path": path, "value": selector[label] + suffix}])})
+    if obj["kind"] == "Service":
+      operations += [{"op": "replace", "path": "/spec/selector/" + label.replace("~", "~0").replace("/", "~1"),
+                      "value": selector[label] + suffix} for label in JOB_NAME_LABELS if selector.get(label) in jobs]
+    if operations:
+      patches.append({"target": target, "patch": dump_yaml(operations)})
+  (folder / "rename.yaml").write_text(dump_yaml(rename), encoding="utf-8")
+  (folder / "name_references.yaml").write_text(NAME_REFERENCES, encoding="utf-8")
   document = {
       "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-      # kustomize takes no absolute resource paths.
-      "resources": [os.path.relpath(overlay, folder)],
-      "nameSuffix": suffix,
+      "resources": [os.path.relpath(overlay, folder)],  # kustomize takes no absolute resource paths
       "images": images,
-      "configMapGenerator": [{"name": generator, **({"namespace": namespace} if namespace else {}),
-                              "behavior": "merge", "files": [key]}],
+      "patches": patches,
+      "transformers": ["rename.yaml"],
       "configurations": ["name_references.yaml"],
-      **({"patches": patches} if patches else {}),
   }
   (folder / "kustomization.yaml").write_text(dump_yaml(document), encoding="utf-8")
 
 
 def check_rendered(args, objects):
-  """Mistakes only the rendered objects show: names too long, a job folder the pods cannot share."""
+  """Mistakes only the rendered objects show: names too long, a job folder the pods cannot share or keep."""
   derived = [names for obj in objects for names in derived_names(obj)]
   what, name, limit = max(derived, key=lambda names: len(names[1]) - names[2], default=("", "", MAX_NAME))
   if len(name) > limit:
@@ -321,14 +356,14 @@ def check_rendered(args, objects):
                             "every one of them reads the job's checkpoints to resume")
   mounts = []
   for obj in objects:
-    for spec in pod_specs(obj):
+    for _, spec in pod_templates(obj):
       persistent = {volume["name"] for volume in spec.get("volumes", [])
                     if any(kind in volume for kind in PERSISTENT_VOLUMES)}
       mounts += [mount["mountPath"] for container in spec.get("containers", [])
                  for mount in container.get("volumeMounts", []) if mount["name"] in persistent]
   path = os.path.normpath(args.job_dir)
   if not (os.path.isabs(path) and any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)):
-    where = f"a folder under {' or '.join(sorted(set(mounts)))}" if mounts else "none: the pod mounts no such volume"
+    where = f"a folder under {' or '.join(sorted(set(mounts)))}" if mounts else "none, the pod mounts no such volume"
     raise UsageError(f"--job_dir={args.job_dir} is neither gs:// nor on a persistent volume of the pod, so the job "
                      f"folder would be lost with the pod; give gs://BUCKET/PATH (local paths: {where})")
 
