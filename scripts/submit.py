@@ -182,9 +182,6 @@ nameReference:
   - {kind: Job, path: spec/template/spec/subdomain}
   - {kind: CronJob, path: spec/jobTemplate/spec/template/spec/subdomain}
 """
-# The labels Kubernetes gives a Job's pods with the Job's name as value: a Service selecting them by
-# it must follow the renamed Job.
-JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 # Volumes that outlive their pod: a job folder elsewhere on a pod's disk is lost with the pod.
 PERSISTENT_VOLUMES = ("persistentVolumeClaim", "nfs")
 
@@ -274,33 +271,47 @@ def image_name(image):
   return head if head and "/" not in tag else name
 
 
-def args_patch(obj, trainer_flags, target):
-  """JSON patch operations giving the trainer's containers in `obj` these flags after their own.
+def container_patch(obj, trainer_flags, renamed_services, target):
+  """JSON patch operations for the trainer's containers in `obj`: these flags after their own args,
+  and the renamed Services in the addresses they are given (an Indexed Job's hosts pattern).
 
   The trainer's absl flags: a later one wins, over the flags file and the overlay's args alike. An
   arg --job_dir of the overlay's is replaced in place rather than overridden, so that `kubectl
   describe` shows one.
   """
   operations, images = [], trainer_images()
+  # <pod>.<service>[.namespace...]:port: the Service's name as a DNS label after the pod's.
+  addresses = [(re.compile(rf"(?<=\.){re.escape(old)}(?=[.:]|$)"), new) for old, new in renamed_services.items()]
+
+  def readdressed(value):
+    for pattern, new in addresses:
+      value = pattern.sub(new, value)
+    return value
   for pointer, spec in pod_templates(obj):
     for i, container in enumerate(spec.get("containers", [])):
       if image_name(container.get("image", "")) not in images:
         continue
-      args, flags = container.get("args"), list(trainer_flags)
+      container_pointer, args, flags = f"{pointer}/containers/{i}", container.get("args"), list(trainer_flags)
+      for j, env in enumerate(container.get("env", [])):
+        if isinstance(env.get("value"), str) and readdressed(env["value"]) != env["value"]:
+          operations.append({"op": "replace", "path": f"{container_pointer}/env/{j}/value",
+                             "value": readdressed(env["value"])})
+      for j, arg in enumerate(args or []):
+        if readdressed(arg) != arg:
+          operations.append({"op": "replace", "path": f"{container_pointer}/args/{j}", "value": readdressed(arg)})
       if obj["kind"] == "CronJob":
         # Every run is a new Job: each gets its own folder under --job_dir, as a new job should.
         if not any(env.get("name") == "JOB_NAME" for env in container.get("env", [])):
           raise ToolError(f"k8s/overlays/{target}: the CronJob's container {container['name']} has no JOB_NAME "
                           "variable, which names each run's job folder")
         flags[0] += "/$(JOB_NAME)"
-      base = f"{pointer}/containers/{i}/args"
       if args is None:
-        operations.append({"op": "add", "path": base, "value": flags})
+        operations.append({"op": "add", "path": f"{container_pointer}/args", "value": flags})
         continue
       old = [j for j, arg in enumerate(args) if arg.startswith("--job_dir=")]
       if old:
-        operations.append({"op": "replace", "path": f"{base}/{old[-1]}", "value": flags.pop(0)})
-      operations += [{"op": "add", "path": f"{base}/-", "value": flag} for flag in flags]
+        operations.append({"op": "replace", "path": f"{container_pointer}/args/{old[-1]}", "value": flags.pop(0)})
+      operations += [{"op": "add", "path": f"{container_pointer}/args/-", "value": flag} for flag in flags]
   if pod_templates(obj) and not operations:
     raise ToolError(f"k8s/overlays/{target}: no container of {obj['kind']}/{obj['metadata']['name']} runs the "
                     f"trainer image ({', '.join(sorted(images))})")
@@ -317,18 +328,13 @@ def kustomization(args, objects, overlay, folder):
   rename = {"apiVersion": "builtin", "kind": "PrefixSuffixTransformer", "metadata": {"name": "job-name"},
             "suffix": suffix, "fieldSpecs": [{"kind": kind, "path": "metadata/name"} for kind in renamed]}
   flags = [f"--job_dir={args.job_dir}", *args.trainer_flags]
-  jobs = {obj["metadata"]["name"] for obj in objects if obj["kind"] in ("Job", "CronJob")}
+  services = {obj["metadata"]["name"]: obj["metadata"]["name"] + suffix for obj in objects if obj["kind"] == "Service"}
   patches = []
   for obj in objects:
     # Patches see the overlay's names: they run before the renaming transformer.
-    target = {"kind": obj["kind"], "name": obj["metadata"]["name"]}
-    operations = args_patch(obj, flags, args.target)
-    selector = (obj.get("spec") or {}).get("selector") or {}
-    if obj["kind"] == "Service":
-      operations += [{"op": "replace", "path": "/spec/selector/" + label.replace("~", "~0").replace("/", "~1"),
-                      "value": selector[label] + suffix} for label in JOB_NAME_LABELS if selector.get(label) in jobs]
+    operations = container_patch(obj, flags, services, args.target)
     if operations:
-      patches.append({"target": target, "patch": dump_yaml(operations)})
+      patches.append({"target": {"kind": obj["kind"], "name": obj["metadata"]["name"]}, "patch": dump_yaml(operations)})
   (folder / "rename.yaml").write_text(dump_yaml(rename), encoding="utf-8")
   (folder / "name_references.yaml").write_text(NAME_REFERENCES, encoding="utf-8")
   document = {
@@ -378,8 +384,8 @@ def submit_kubernetes(args):
   check_rendered(args, objects)
   names = ", ".join(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
   print(text, end="", flush=True)
-  print(f"submit: {args.target} {args.job_name}: {names}; image {args.image}; job folder {args.job_dir}",
-        file=sys.stderr, flush=True)
+  folder = f"job folders {args.job_dir}/<each run's Job>" if args.target == "cronjob" else f"job folder {args.job_dir}"
+  print(f"submit: {args.target} {args.job_name}: {names}; image {args.image}; {folder}", file=sys.stderr, flush=True)
   if args.dry_run:
     print("submit: dry run: nothing applied (pipe the YAML above into `kubectl apply -f -` to apply it)",
           file=sys.stderr)

@@ -8,6 +8,7 @@ PATH records its arguments and input instead.
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from absl import flags
 
+import trainer.cluster
 import trainer.task  # noqa: F401 -- defines the trainer's flags, which the jobs' args must parse with
 from trainer import hptuning
 
@@ -145,6 +147,170 @@ def test_no_current_context_is_one_line_and_exit_2_and_applies_nothing(fake_bin)
   code, stdout, stderr = submit("--target=indexed-job", *JOB, path=folder, env={**env, "FAKE_NO_CONTEXT": "1"})
   assert_usage_error(code, stderr, "kubectl has no current context", "current-context is not set", "--dry_run")
   assert calls() == []
+
+
+# --- Kubernetes: what is rendered ----------------------------------------------------------------
+
+needs_kubectl = pytest.mark.skipif(REAL_KUBECTL is None, reason="kubectl is not installed: it renders the overlays "
+                                   "(kubectl kustomize), here and in the script")
+TARGETS = ("gpu-job", "tfjob", "indexed-job", "cronjob")
+WORKLOADS = ("Job", "CronJob", "TFJob")
+
+
+def kubernetes_dry_run(target, *args):
+  code, stdout, stderr = submit(f"--target={target}", *JOB, "--dry_run", *args)
+  assert code == 0, stderr
+  assert "Traceback" not in stderr, stderr
+  return stdout, [doc for doc in yaml.safe_load_all(stdout) if doc]
+
+
+def pod_specs(node):
+  """Every pod spec (a mapping with containers) anywhere in an object, whatever its kind."""
+  if isinstance(node, dict):
+    if "containers" in node:
+      yield node
+    for value in node.values():
+      yield from pod_specs(value)
+  elif isinstance(node, list):
+    for value in node:
+      yield from pod_specs(value)
+
+
+def trainer_containers(objects):
+  return [(spec, container) for obj in objects for spec in pod_specs(obj) for container in spec["containers"]]
+
+
+def container_flags(objects, spec, container, folder):
+  """The trainer's flag values in a container: its args, with its --flagfile read from the mounted ConfigMap."""
+  config_maps = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "ConfigMap"}
+  volumes = {volume["name"]: volume for volume in spec["volumes"]}
+  args = list(container["args"])
+  for mount in container["volumeMounts"]:
+    source = volumes[mount["name"]].get("configMap")
+    if source:
+      local = folder / mount["name"]
+      local.mkdir(exist_ok=True)
+      for key, text in config_maps[source["name"]]["data"].items():
+        (local / key).write_text(text)
+      args = [arg.replace(f"--flagfile={mount['mountPath']}/", f"--flagfile={local}/") for arg in args]
+  return trainer_flags(args)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", TARGETS)
+def test_kubernetes_dry_run_renders_the_overlay_for_this_job(target, tmp_path):
+  stdout, objects = kubernetes_dry_run(target, "--", "--model=gru", "--epochs=5", "--bidirectional")
+  plain = [doc for doc in yaml.safe_load_all(subprocess.run(
+      [REAL_KUBECTL, "kustomize", str(ROOT / "k8s" / "overlays" / target)], capture_output=True, text=True,
+      check=True).stdout) if doc]
+  # The same objects, the per-job ones renamed: the workload and its Service <name>-gru-7, the flags
+  # ConfigMap <name>-gru-7-<hash>; the shared Workload Identity ServiceAccount keeps its name.
+  assert [obj["kind"] for obj in objects] == [obj["kind"] for obj in plain]
+  for obj, before in zip(objects, plain):
+    name, old = obj["metadata"]["name"], before["metadata"]["name"]
+    if obj["kind"] == "ConfigMap":
+      assert name.startswith(old.rsplit("-", 1)[0] + "-gru-7-"), (name, old)
+    elif obj["kind"] in (*WORKLOADS, "Service"):
+      assert name == old + "-gru-7"
+    else:
+      assert name == old
+  (workload,) = [obj for obj in objects if obj["kind"] in WORKLOADS]
+  assert workload["metadata"]["name"].startswith("trainer") and workload["metadata"]["name"].endswith("-gru-7")
+  # Every reference inside resolves to an object applied with it.
+  names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+  specs = list(pod_specs(workload))
+  assert specs
+  for spec in specs:
+    assert ("ServiceAccount", spec["serviceAccountName"]) in names
+    for volume in spec["volumes"]:
+      if "configMap" in volume:
+        assert ("ConfigMap", volume["configMap"]["name"]) in names
+    if "subdomain" in spec:
+      assert ("Service", spec["subdomain"]) in names
+  # The image everywhere a container's image is; the trainer's flags in every container.
+  for spec, container in trainer_containers(objects):
+    assert container["image"] == IMAGE
+    assert sum(arg.startswith("--job_dir=") for arg in container["args"]) == 1
+    values = container_flags(objects, spec, container, tmp_path)
+    assert values.job_dir == (JOB_DIR + "/$(JOB_NAME)" if target == "cronjob" else JOB_DIR)
+    # The flags after -- win over the flags file (--epochs=60) and the overlay's args.
+    assert (values.model, values.epochs, values.bidirectional) == ("gru", 5, True)
+    assert values.strategy == ("mirrored" if target in ("gpu-job", "cronjob") else "multi_worker_mirrored")
+
+
+def environment(container, labels):
+  """A container's environment as Kubernetes expands it: fieldRefs to labels, $(VAR) of earlier variables."""
+  values = {}
+  for variable in container.get("env", []):
+    if "value" in variable:
+      values[variable["name"]] = re.sub(r"\$\((\w+)\)", lambda m: values.get(m[1], m[0]), variable["value"])
+    else:
+      path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+      values[variable["name"]] = labels[re.fullmatch(r"metadata\.labels\['(.+)'\]", path)[1]]
+  return values
+
+
+@needs_kubectl
+def test_indexed_job_hosts_name_the_renamed_job_and_its_service(tmp_path):
+  _, objects = kubernetes_dry_run("indexed-job")
+  (job,) = [obj for obj in objects if obj["kind"] == "Job"]
+  (service,) = [obj for obj in objects if obj["kind"] == "Service"]
+  name, workers = job["metadata"]["name"], job["spec"]["completions"]
+  assert job["spec"]["parallelism"] == workers and job["spec"]["completionMode"] == "Indexed"
+  template = job["spec"]["template"]
+  # Kubernetes labels the pods with their Job's name; the headless Service must select them.
+  labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": name, "job-name": name}
+  assert service["spec"]["clusterIP"] == "None"
+  assert service["spec"]["selector"].items() <= labels.items()
+  assert template["spec"]["subdomain"] == service["metadata"]["name"] == "trainer-workers-gru-7"
+  ((spec, container),) = trainer_containers(objects)
+  env, values = environment(container, labels), container_flags(objects, spec, container, tmp_path)
+  cluster = trainer.cluster.resolve({"JOB_COMPLETION_INDEX": "1", **env}, values.indexed_job_hosts,
+                                    values.num_workers)
+  port = service["spec"]["ports"][0]["port"]
+  assert cluster.spec == {"worker": [f"{name}-{i}.{service['metadata']['name']}:{port}" for i in range(workers)]}
+  assert (cluster.task_type, cluster.task_index) == ("worker", 1)
+
+
+@needs_kubectl
+def test_an_image_digest_is_kept(tmp_path):
+  image = "europe-docker.pkg.dev/proj/repo/trainer:v2@sha256:" + "0123456789abcdef" * 4
+  _, objects = kubernetes_dry_run("gpu-job", "--image=" + image)
+  assert {container["image"] for _, container in trainer_containers(objects)} == {image}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_job_name_too_long_for_the_names_kubernetes_derives_says_how_long_it_may_be(target, tmp_path):
+  code, _, stderr = submit(f"--target={target}", *JOB, "--dry_run", "--job_name=" + "a" * 63)
+  assert_usage_error(code, stderr, f"--job_name={'a' * 63} is too long for --target={target}")
+  longest = int(re.search(r"use at most (\d+) characters", stderr)[1])
+  kubernetes_dry_run(target, "--job_name=" + "a" * longest)
+  code, _, stderr = submit(f"--target={target}", *JOB, "--dry_run", "--job_name=" + "a" * (longest + 1))
+  assert_usage_error(code, stderr, f"use at most {longest} characters")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target, expected", [
+    ("indexed-job", ["is not on Cloud Storage: --target=indexed-job runs 2 workers", "gs://BUCKET/PATH"]),
+    ("tfjob", ["is not on Cloud Storage: --target=tfjob runs 4 workers"]),
+    ("gpu-job", ["neither gs:// nor on a persistent volume of the pod", "lost with the pod"]),
+    ("cronjob", ["neither gs:// nor on a persistent volume of the pod"]),
+])
+def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected, tmp_path):
+  code, stdout, stderr = submit(f"--target={target}", *JOB, "--job_dir=/mnt/jobs/gru-7", "--dry_run")
+  assert_usage_error(code, stderr, "--job_dir=/mnt/jobs/gru-7", *expected)
+  assert stdout == ""
+
+
+@needs_kubectl
+def test_kubernetes_applies_what_the_dry_run_printed(fake_bin):
+  folder, env, calls = fake_bin
+  dry_run, _ = kubernetes_dry_run("indexed-job", "--", "--model=gru")
+  code, stdout, stderr = submit("--target=indexed-job", *JOB, "--", "--model=gru", path=folder, env=env)
+  assert code == 0, stderr
+  assert stdout == dry_run + "kubectl: created\n"
+  assert calls() == [{"argv": ["apply", "-f", "-"], "stdin": dry_run, "config": None}]
 
 
 # --- Vertex AI ---------------------------------------------------------------------------------------
