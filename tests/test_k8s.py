@@ -1,0 +1,533 @@
+"""The container image and the Kubernetes manifests agree with the code they run.
+
+Every overlay in k8s/overlays/ is rendered with the real `kubectl kustomize` (offline) and each
+document is validated strictly against the Kubernetes API schemas; then the flags, exit codes,
+cluster addresses, ports and container names in the rendered manifests are checked against the
+trainer's own definitions, and the Dockerfile against setup.py and the pods. Fast: nothing
+trains, nothing reaches a network, no cluster is needed.
+"""
+
+import copy
+import dataclasses
+import functools
+import importlib
+import json
+import pathlib
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from typing import Optional
+
+import kubernetes_validate
+import pytest
+import yaml
+from absl import flags
+
+from trainer import cluster as cluster_lib
+from trainer import config as config_lib
+from trainer import task
+from trainer.distribution import per_replica_batch_size
+from trainer.preemption import exit_code
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(path.parent.name for path in (K8S / "overlays").glob("*/kustomization.yaml"))
+# The kubectl installed here and on CI is 1.32; kubernetes-validate ships schemas for 1.25-1.37.
+KUBERNETES_VERSION = "1.32"
+KUBECTL = shutil.which("kubectl")
+
+# An uncaught exception or a flag absl cannot parse: Python's and absl's own exit code.
+PYTHON_ERROR = 1
+# What a Job's podFailurePolicy must say about the trainer's exit codes (README "Resume,
+# preemption and exit codes").
+PERMANENT_CODES = {PYTHON_ERROR, task.USER_ERROR}
+RETRYABLE_CODES = {task.STORAGE_FAILURE, exit_code(signal.SIGINT), exit_code(signal.SIGTERM)}
+
+# A CronJob names the Jobs it creates <cronjob name>-<scheduled time in minutes since 1970>.
+CRONJOB_RUN = "29250180"
+
+
+def test_the_four_environments_have_overlays():
+  assert {"gpu-job", "tfjob", "indexed-job", "cronjob"} <= set(OVERLAYS)
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+@functools.cache
+def _kustomize(overlay):
+  done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True,
+                        timeout=120)
+  return done.returncode, done.stdout, done.stderr
+
+
+def render(overlay):
+  """The overlay's documents, parsed afresh on every call (tests may change them)."""
+  if KUBECTL is None:
+    pytest.skip("kubectl is not installed: the manifests cannot be rendered (kubectl kustomize)")
+  code, stdout, stderr = _kustomize(overlay)
+  assert code == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{stderr}"
+  return [doc for doc in yaml.safe_load_all(stdout) if doc]
+
+
+def find(docs, kind):
+  return [doc for doc in docs if doc["kind"] == kind]
+
+
+@dataclasses.dataclass
+class Pod:
+  where: str  # for messages, e.g. "TFJob trainer-tfjob Worker"
+  template: dict  # the pod template: metadata and spec
+  job_name: str  # the name of the job that runs it (for a CronJob, of one run)
+  labels: dict  # the labels the running pod carries: the template's and its controller's
+  tasks: int  # pods of the workload that train together
+  job_spec: Optional[dict]  # the batch/v1 Job spec that runs it; None in a TFJob
+
+  @property
+  def spec(self):
+    return self.template["spec"]
+
+
+def _job_pod(where, job_spec, job_name):
+  labels = {**job_spec["template"].get("metadata", {}).get("labels", {}), "batch.kubernetes.io/job-name": job_name}
+  return Pod(where, job_spec["template"], job_name, labels, job_spec.get("parallelism", 1), job_spec)
+
+
+def pods(docs):
+  """Every pod template of the rendered workloads, with what runs it."""
+  found = []
+  for doc in docs:
+    kind, name = doc["kind"], doc["metadata"]["name"]
+    if kind == "Job":
+      found.append(_job_pod(f"Job {name}", doc["spec"], name))
+    elif kind == "CronJob":
+      found.append(_job_pod(f"CronJob {name}", doc["spec"]["jobTemplate"]["spec"], f"{name}-{CRONJOB_RUN}"))
+    elif kind == "TFJob":
+      specs = doc["spec"]["tfReplicaSpecs"]
+      tasks = sum(spec.get("replicas", 1) for spec in specs.values())
+      for replica_type, spec in specs.items():
+        labels = {**spec["template"].get("metadata", {}).get("labels", {}), "training.kubeflow.org/job-name": name,
+                  "training.kubeflow.org/replica-type": replica_type.lower()}
+        found.append(Pod(f"TFJob {name} {replica_type}", spec["template"], name, labels, tasks, None))
+  return found
+
+
+def workload_pods(overlay):
+  found = pods(render(overlay))
+  assert found, f"k8s/overlays/{overlay} renders no Job, CronJob or TFJob"
+  return found
+
+
+def as_pod_template(name, template):
+  """A TFJob replica's pod template as the v1 PodTemplate the schemas know."""
+  return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+
+
+def validate(doc):
+  """Strict schema validation; a TFJob (a CRD the schemas do not know) through its pod templates."""
+  if doc["kind"] == "TFJob":
+    for replica_type, spec in doc["spec"]["tfReplicaSpecs"].items():
+      kubernetes_validate.validate(as_pod_template(f"{doc['metadata']['name']}-{replica_type.lower()}",
+                                                   spec["template"]), KUBERNETES_VERSION, strict=True)
+  else:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_renders_and_validates_strictly(overlay):
+  docs = render(overlay)
+  assert docs, f"k8s/overlays/{overlay} renders nothing"
+  for doc in docs:
+    try:
+      validate(doc)
+    except kubernetes_validate.ValidationError as e:
+      pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
+
+
+def _misspell_job(docs):
+  container = find(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]
+  container["imagePullPolicyy"] = "IfNotPresent"
+
+
+def _misspell_tfjob_pod(docs):
+  find(docs, "TFJob")[0]["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["restartPolicyy"] = "Never"
+
+
+@pytest.mark.parametrize("overlay, misspell", [("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod)])
+def test_strict_validation_rejects_a_misspelled_field(overlay, misspell):
+  docs = render(overlay)
+  misspell(docs)
+  with pytest.raises(kubernetes_validate.ValidationError, match="yy"):
+    for doc in docs:
+      validate(doc)
+
+
+# --- the trainer's flags -------------------------------------------------------------------------
+
+@functools.cache
+def _defined_flags(module):
+  """The flags `python -m <module>` accepts: the module's own (and those it declares key flags)
+  and absl's (logging, app)."""
+  importlib.import_module(module)
+  owners = [module] + [name for name in flags.FLAGS.flags_by_module_dict() if name.startswith("absl.")]
+  return [flag for owner in owners for flag in flags.FLAGS.get_key_flags_for_module(owner)]
+
+
+def parse_flags(module, args):
+  """Parses args with copies of the module's absl flag definitions, leaving the global FLAGS
+  untouched; raises absl's error for an unknown flag or a value the flag refuses."""
+  values = flags.FlagValues()
+  for flag in _defined_flags(module):
+    values[flag.name] = copy.deepcopy(flag)
+  rest = values(["trainer", *args])
+  assert rest == ["trainer"], f"arguments that are not flags: {rest[1:]}"
+  return values
+
+
+def expand(text, env):
+  """Kubernetes' $(VAR) expansion in env values, command and args: $$ is a literal $, and a
+  reference to a variable not defined (earlier in the env list) stays as written."""
+  return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
+def container_env(pod, container):
+  """The container's environment as the kubelet builds it, the downward API read from the labels
+  the running pod carries (a label it does not carry reads as empty)."""
+  env = {}
+  for variable in container.get("env", []):
+    if "valueFrom" in variable:
+      path = variable["valueFrom"]["fieldRef"]["fieldPath"]
+      label = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+      assert label, f"{pod.where}: env {variable['name']} reads {path}, which this test does not model"
+      env[variable["name"]] = pod.labels.get(label.group(1), "")
+    else:
+      env[variable["name"]] = expand(variable.get("value", ""), env)
+  return env
+
+
+def local_flagfile(path, pod, container, docs, tmp_path):
+  """The file behind a --flagfile path in the container: the ConfigMap key mounted there,
+  written to tmp_path."""
+  for mount in container.get("volumeMounts", []):
+    folder = mount["mountPath"].rstrip("/") + "/"
+    if path.startswith(folder):
+      volume = next(v for v in pod.spec.get("volumes", []) if v["name"] == mount["name"])
+      assert "configMap" in volume, f"{pod.where}: {path} is not mounted from a ConfigMap"
+      configmaps = {doc["metadata"]["name"]: doc for doc in find(docs, "ConfigMap")}
+      assert volume["configMap"]["name"] in configmaps, f"{pod.where}: ConfigMap {volume['configMap']['name']} " \
+                                                         "is not in the overlay"
+      key = path[len(folder):]
+      data = configmaps[volume["configMap"]["name"]].get("data", {})
+      assert key in data, f"{pod.where}: {path}: the ConfigMap has no key {key!r}"
+      local = tmp_path / key
+      local.write_text(data[key])
+      return str(local)
+  pytest.fail(f"{pod.where}: --flagfile={path} is in none of the container's mounts")
+
+
+def trainer_flags(pod, docs, tmp_path):
+  """(module, parsed flags, env) of the pod's trainer container, read as the trainer would."""
+  container, = pod.spec["containers"]
+  command = container.get("command", [])
+  assert command[:2] == ["python", "-m"] and len(command) == 3, \
+      f"{pod.where}: command {command}: expected python -m <module>, the one place the module is named"
+  env = container_env(pod, container)
+  args = [expand(arg, env) for arg in container.get("args", [])]
+  unresolved = [arg for arg in args if "$(" in arg]
+  assert not unresolved, f"{pod.where}: {unresolved} reference variables the container does not define"
+  args = [f"--flagfile={local_flagfile(arg.split('=', 1)[1], pod, container, docs, tmp_path)}"
+          if arg.startswith("--flagfile=") else arg for arg in args]
+  return command[2], parse_flags(command[2], args), env
+
+
+def test_flags_file_is_one_trainer_flag_per_line():
+  lines = (K8S / "base" / "trainer.flags").read_text().splitlines()
+  for line in lines:
+    assert re.fullmatch(r"--[a-z0-9_]+=.*", line), f"k8s/base/trainer.flags: {line!r} is not --flag=value"
+  parse_flags("trainer.task", lines)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_flag_is_one_the_trainer_defines(overlay, tmp_path):
+  docs = render(overlay)
+  for pod in workload_pods(overlay):
+    try:
+      _, values, _ = trainer_flags(pod, docs, tmp_path)
+    except flags.Error as e:
+      pytest.fail(f"{overlay}: {pod.where}: {e}")
+    # One job folder per Kubernetes job, named after it.
+    assert values.job_dir and values.job_dir.endswith("/" + pod.job_name), \
+        f"{pod.where}: --job_dir={values.job_dir} is not named after its job {pod.job_name}"
+
+
+def gpus(container):
+  limits = container.get("resources", {}).get("limits", {})
+  return int(limits.get("nvidia.com/gpu", 0))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_strategy_and_batch_fit_the_workload(overlay, tmp_path):
+  docs = render(overlay)
+  for pod in workload_pods(overlay):
+    _, values, _ = trainer_flags(pod, docs, tmp_path)
+    container, = pod.spec["containers"]
+    per_task = gpus(container) or values.cpu_devices or 1
+    if pod.tasks > 1:
+      assert values.strategy in ("auto", "multi_worker_mirrored"), f"{pod.where}: {pod.tasks} workers"
+    elif per_task > 1:
+      assert values.strategy in ("auto", "mirrored"), f"{pod.where}: {per_task} devices on one node"
+    try:
+      per_replica_batch_size(values.batch_size, pod.tasks * per_task)
+    except config_lib.UserError as e:
+      pytest.fail(f"{overlay}: {pod.where}: {e}")
+
+
+# --- exit codes ----------------------------------------------------------------------------------
+
+def codes(rules, action):
+  return {code for rule in rules if rule["action"] == action for code in rule.get("onExitCodes", {}).get("values", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_failure_policy_follows_the_trainers_exit_codes(overlay):
+  for pod in workload_pods(overlay):
+    if pod.job_spec is None:
+      continue  # a TFJob: its ExitCode restart policy, below
+    rules = pod.job_spec.get("podFailurePolicy", {}).get("rules", [])
+    assert rules, f"{pod.where}: no podFailurePolicy"
+    assert pod.spec["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}, \
+        f"{pod.where}: evictions and preemptions must not count as failures"
+    assert codes(rules, "FailJob") == PERMANENT_CODES
+    assert codes(rules, "Count") == RETRYABLE_CODES
+    container, = pod.spec["containers"]
+    for rule in rules[1:]:
+      assert rule["onExitCodes"]["containerName"] == container["name"]
+      assert rule["onExitCodes"]["operator"] == "In"
+    assert pod.job_spec.get("backoffLimit", 6) >= 1
+
+
+# TFJob's restartPolicy ExitCode: 1-127 are permanent errors, 128-255 retryable.
+def test_tfjob_exit_code_policy_reads_the_trainers_codes_right():
+  assert all(1 <= code <= 127 for code in PERMANENT_CODES)
+  assert all(128 <= code <= 255 for code in {exit_code(signal.SIGINT), exit_code(signal.SIGTERM)})
+
+
+# --- the environments ----------------------------------------------------------------------------
+
+def test_tfjob_is_what_the_operator_and_the_trainer_expect(tmp_path):
+  docs = render("tfjob")
+  tfjob, = find(docs, "TFJob")
+  assert tfjob["apiVersion"] == "kubeflow.org/v1"
+  spec = tfjob["spec"]
+  assert set(spec) <= {"tfReplicaSpecs", "runPolicy", "successPolicy", "enableDynamicWorker"}
+  run_policy = spec["runPolicy"]
+  assert set(run_policy) <= {"backoffLimit", "cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+                             "schedulingPolicy", "suspend", "managedBy"}
+  assert run_policy["cleanPodPolicy"] in ("None", "Running", "All")
+  assert isinstance(run_policy["backoffLimit"], int) and run_policy["backoffLimit"] >= 1
+  replicas = spec["tfReplicaSpecs"]
+  # The operator writes TF_CONFIG task types from the replica names; the trainer takes only these.
+  assert {name.lower() for name in replicas} <= set(cluster_lib.TASK_TYPES), replicas.keys()
+  assert replicas.get("Chief", {}).get("replicas", 1) == 1
+  for name, replica in replicas.items():
+    assert set(replica) <= {"replicas", "restartPolicy", "template"}, f"{name}: {set(replica)}"
+    assert isinstance(replica.get("replicas", 1), int) and replica.get("replicas", 1) >= 1
+    assert replica["restartPolicy"] == "ExitCode", f"{name}: preempted workers (exit 143) must be restarted"
+    container, = replica["template"]["spec"]["containers"]
+    # The operator injects TF_CONFIG only into the container named tensorflow.
+    assert container["name"] == "tensorflow"
+    assert {"name": "tfjob-port", "containerPort": 2222} in container.get("ports", [])
+    assert "TF_CONFIG" not in {variable["name"] for variable in container.get("env", [])}
+
+
+def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_path):
+  docs = render("indexed-job")
+  job, = find(docs, "Job")
+  service, = find(docs, "Service")
+  spec, name = job["spec"], job["metadata"]["name"]
+  assert spec["completionMode"] == "Indexed"
+  workers = spec["parallelism"]
+  assert spec["completions"] == workers >= 2, "every worker must run at once"
+  # Independent indexes are the wrong model for workers that train one model together (k8s/overlays/indexed-job).
+  assert "backoffLimitPerIndex" not in spec
+  pod_spec, pod_labels = spec["template"]["spec"], spec["template"]["metadata"]["labels"]
+  assert service["spec"]["clusterIP"] == "None"
+  assert pod_spec["subdomain"] == service["metadata"]["name"]
+  assert service["spec"]["selector"].items() <= pod_labels.items(), "the Service must select the Job's pods"
+  service_port, = service["spec"]["ports"]
+  container, = pod_spec["containers"]
+  assert service_port.get("targetPort", service_port["port"]) in [p["containerPort"] for p in container["ports"]]
+
+  pod, = pods([job])
+  _, values, env = trainer_flags(pod, docs, tmp_path)
+  assert "TF_CONFIG" not in env
+  expected = [f"{name}-{i}.{service['metadata']['name']}:{service_port['port']}" for i in range(workers)]
+  for index in range(workers):
+    cluster = cluster_lib.resolve({**env, "JOB_COMPLETION_INDEX": str(index)}, values.indexed_job_hosts,
+                                  values.num_workers)
+    assert cluster.source == "indexed job"
+    assert cluster.spec == {"worker": expected}
+    assert (cluster.task_index, cluster.is_chief) == (index, index == 0)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_run_as_the_images_user_locked_down(overlay):
+  dockerfile = Dockerfile.read()
+  uid = int(dockerfile.user.split(":")[0])
+  scratch = {dockerfile.env["TMPDIR"], dockerfile.env["HOME"]}
+  for pod in workload_pods(overlay):
+    security = pod.spec.get("securityContext", {})
+    assert security.get("runAsNonRoot") is True, pod.where
+    assert security.get("runAsUser") == uid, f"{pod.where}: runAsUser must be the Dockerfile's USER {uid}"
+    assert "fsGroup" in security, pod.where
+    assert pod.spec.get("serviceAccountName") == "trainer", pod.where
+    # Long enough for the trainer to finish a step and save a checkpoint after SIGTERM.
+    assert pod.spec.get("terminationGracePeriodSeconds", 30) >= 60, pod.where
+    volumes = {volume["name"]: volume for volume in pod.spec.get("volumes", [])}
+    for container in pod.spec["containers"]:
+      where = f"{pod.where} container {container['name']}"
+      context = container.get("securityContext", {})
+      assert context.get("allowPrivilegeEscalation") is False, where
+      assert context.get("readOnlyRootFilesystem") is True, where
+      assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+      assert "runAsUser" not in context or context["runAsUser"] == uid, where
+      resources = container.get("resources", {})
+      assert resources.get("requests") and resources.get("limits", {}).get("memory"), f"{where}: requests and limits"
+      assert "nvidia.com/gpu" not in resources["requests"] or \
+          resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
+      # The root filesystem is read-only: HOME and TMPDIR must be on an emptyDir.
+      writable = [mount["mountPath"] for mount in container.get("volumeMounts", [])
+                  if "emptyDir" in volumes[mount["name"]] and not mount.get("readOnly")]
+      for path in scratch:
+        assert any(path == folder or path.startswith(folder.rstrip("/") + "/") for folder in writable), \
+            f"{where}: {path} (HOME or TMPDIR in the Dockerfile) is not on a writable emptyDir"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_is_pinned(overlay):
+  for pod in workload_pods(overlay):
+    for container in pod.spec["containers"] + pod.spec.get("initContainers", []):
+      image = container["image"]
+      name, _, tag = image.rpartition("/")[2].partition(":")
+      assert "@sha256:" in image or (tag and tag != "latest"), f"{pod.where}: image {image} is not pinned"
+
+
+# --- no secrets ----------------------------------------------------------------------------------
+
+CREDENTIALS = re.compile("|".join([
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"GOOGLE_APPLICATION_CREDENTIALS",  # a key file: use Workload Identity instead
+    r"\"private_key(_id)?\"\s*:", r"\"type\"\s*:\s*\"service_account\"",  # a service account key's JSON
+    r"\bAKIA[0-9A-Z]{16}\b", r"(?i:aws_secret_access_key)",  # AWS access keys
+    r"\bAIza[0-9A-Za-z_-]{35}\b",  # a Google API key
+    r"(?i:\b(password|passwd|secret_?key|api_?key|access_?token)\b\s*[:=]\s*\S)",
+]))
+
+
+def _checked_files():
+  """Everything that goes into a manifest or the image: k8s/ and the Docker build files."""
+  return sorted(path for path in K8S.rglob("*") if path.is_file()) + [ROOT / "Dockerfile", ROOT / ".dockerignore"]
+
+
+@pytest.mark.parametrize("sample", [
+    "-----BEGIN RSA PRIVATE KEY-----", "- name: GOOGLE_APPLICATION_CREDENTIALS", '{"type": "service_account"',
+    "AKIAIOSFODNN7EXAMPLE", "password: hunter2", "AIza" + "x" * 35])
+def test_credential_check_catches(sample):
+  assert CREDENTIALS.search(sample)
+
+
+def test_no_secrets_or_credentials_in_files():
+  for path in _checked_files():
+    text = path.read_text(errors="replace")
+    found = CREDENTIALS.search(text)
+    assert not found, f"{path.relative_to(ROOT)}: {found.group(0)!r} looks like a credential; use Workload Identity"
+    assert not re.search(r"^\s*kind:\s*Secret\b|secretGenerator", text, re.M), \
+        f"{path.relative_to(ROOT)}: a Secret; the trainer needs none (Workload Identity)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secrets_in_rendered_manifests(overlay):
+  docs = render(overlay)
+  assert not find(docs, "Secret"), f"{overlay}: a Secret; the trainer needs none (Workload Identity)"
+  text = json.dumps(docs)
+  assert not CREDENTIALS.search(text), f"{overlay}: {CREDENTIALS.search(text).group(0)!r}"
+  for key in ("secretKeyRef", "secretRef", '"secret"'):
+    assert key not in text, f"{overlay}: a pod reads a Secret ({key})"
+  accounts = {doc["metadata"]["name"]: doc for doc in find(docs, "ServiceAccount")}
+  for pod in workload_pods(overlay):
+    account = accounts.get(pod.spec.get("serviceAccountName"))
+    assert account, f"{pod.where}: its service account is not in the overlay"
+    assert re.fullmatch(r"[a-z0-9-]+@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com",
+                        account["metadata"].get("annotations", {}).get("iam.gke.io/gcp-service-account", "")), \
+        f"{pod.where}: its service account has no Workload Identity annotation"
+
+
+# --- the image -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dockerfile:
+  base: str
+  user: str
+  entrypoint: list
+  env: dict
+  copied: list  # COPY sources
+
+  @classmethod
+  def read(cls):
+    text = (ROOT / "Dockerfile").read_text()
+    lines = re.sub(r"\\\n", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")))
+    instructions = [line.strip().split(None, 1) for line in lines.splitlines() if line.strip()]
+    found = {"FROM": [], "USER": [], "ENTRYPOINT": [], "ENV": [], "COPY": []}
+    for keyword, rest in instructions:
+      found.setdefault(keyword.upper(), []).append(rest)
+    env = {}
+    for rest in found["ENV"]:
+      env.update(word.split("=", 1) for word in shlex.split(rest))
+    copied = [source for rest in found["COPY"] for source in shlex.split(rest)[:-1] if not source.startswith("--")]
+    return cls(base=found["FROM"][-1], user=found["USER"][-1], entrypoint=json.loads(found["ENTRYPOINT"][-1]),
+               env=env, copied=copied)
+
+
+def test_dockerfile_builds_on_the_tensorflow_gpu_image_setup_py_pins():
+  dockerfile = Dockerfile.read()
+  image = re.fullmatch(r"tensorflow/tensorflow:(\d+)\.(\d+)\.(\d+)-gpu", dockerfile.base)
+  assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu"
+  pin = re.search(r"[\"']tensorflow==(\d+)\.(\d+)\.\*[\"']", (ROOT / "setup.py").read_text())
+  assert pin, "setup.py does not pin tensorflow==X.Y.*"
+  assert image.groups()[:2] == pin.groups(), f"FROM {dockerfile.base}, but setup.py pins tensorflow=={'.'.join(pin.groups())}.*"
+
+
+def test_dockerfile_runs_the_trainer_as_a_numeric_non_root_user():
+  dockerfile = Dockerfile.read()
+  assert re.fullmatch(r"[0-9]+(:[0-9]+)?", dockerfile.user), f"USER {dockerfile.user}: Kubernetes can only check " \
+                                                              "runAsNonRoot against a numeric user"
+  assert int(dockerfile.user.split(":")[0]) != 0
+  assert dockerfile.entrypoint == ["python", "-m", "trainer.task"]
+
+
+def _dockerignored(path, patterns):
+  """Docker's .dockerignore rule: the last pattern matching the path or a folder above it decides."""
+  parts = path.split("/")
+  ignored = False
+  for pattern in patterns:
+    negate = pattern.startswith("!")
+    pattern = pattern.lstrip("!").strip("/")
+    regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*") \
+        .replace(r"\?", "[^/]")
+    if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+      ignored = not negate
+  return ignored
+
+
+def test_dockerignore_keeps_the_context_to_what_the_image_needs():
+  patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+  for path in ("tests/test_k8s.py", "runs/lstm-1/report.json", ".git/config", "trainer/__pycache__/task.cpython-311.pyc",
+               "k8s/base/trainer.flags"):
+    assert _dockerignored(path, patterns), f".dockerignore lets {path} into the build context"
+  for source in Dockerfile.read().copied:
+    assert not _dockerignored(source.rstrip("/") + ("/task.py" if source.endswith("/") else ""), patterns), \
+        f"the Dockerfile copies {source}, which .dockerignore leaves out"
