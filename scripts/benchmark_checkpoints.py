@@ -1,0 +1,308 @@
+"""What checkpointing at the default interval costs: the same job trained side by side without
+checkpoints and with one at each epoch's end, as trainer.train saves them.
+
+    python scripts/benchmark_checkpoints.py     # lstm on GOOGL (local, gs:// emulator), cnn built-in; 3-7 minutes here
+
+Each case assembles its job as trainer/train.py does (the strategy, DATA[model].prepare(config),
+MODELS and OPTIMIZERS, optimizer.build before training, trainer.checkpoints.Checkpoints with
+keep=3) and calls trainer.loop.fit twice per repeat from the same seed: once with
+loop.Checkpointing() (no checkpoints) and once with loop.Checkpointing(Checkpoints(folder, ...))
+(a checkpoint at every epoch's end, the default). Repeats alternate which of the two goes first,
+so a change in the machine's load falls on both; read the medians of the repeats.
+  lstm_local  --model=lstm on the GOOGL close (test from 2017), checkpoints in a local folder
+  lstm_gcs    the same, checkpoints on gs:// in a gcp-storage-emulator this script starts on
+              127.0.0.1 (objects on disk), through trainer.storage as a real job's
+  cnn_local   --model=cnn on the built-in images: 1.2M parameters plus Adam's two slots each
+Training seconds are loop.fit's wall time (tracing, training, validation and, in the run with
+checkpoints, the saves); data is prepared and its caches filled before, and one untimed warm-up
+epoch with a checkpoint runs per case, so the first repeat pays no one-time cost the others do
+not. Columns:
+  overhead %      (with - without) / without, whole runs: on a shared machine other jobs add
+                  bursts of about a second, far more than a save of these models
+  save s          Checkpoints.save's own time (write, publish, prune), mean of the run's saves
+  requests        HTTP requests per save (gs://, google-cloud-storage's background ones too):
+                  loopback hides their round trips
+  saves %         the saves' total over the run without: the loop waits for each save and does
+                  nothing else differently (but a check that the weights are finite, < 10 ms),
+                  so this is the cost itself, without the noise of comparing two whole runs
+  epoch s         median epoch after the first (which traces) of the run without
+  save/epoch %    save s over epoch s: the cost in a long job, where tracing is a small part
+  CPU overhead %  the same as overhead %, in CPU seconds of this process (every thread; not the
+                  emulator's, which on the real service are not the training machine's)
+Then per case the median epoch after the first over every repeat, without and with (where each
+epoch holds a save). Prints a table, then one line of JSON.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+
+from trainer import distribution, loop, storage  # noqa: E402
+from trainer.checkpoints import Checkpoints  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.models import MODELS, OPTIMIZERS  # noqa: E402
+from trainer.train import DATA  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOGL = os.path.join(REPO, "..", "shared", "data", "stocks", "GOOGL_2006-01-01_to_2018-01-01.csv")
+CASES = ("lstm_local", "lstm_gcs", "cnn_local")
+
+
+class Requests:
+  """Counts HTTP requests (google-cloud-storage's all go through requests.Session.request): on
+  the real service each is a round trip that loopback hides."""
+  count = 0
+  installed = False
+
+  @classmethod
+  def install(cls):
+    import requests
+    if cls.installed:
+      return
+    cls.installed, request = True, requests.Session.request
+
+    def counted(self, *args, **kwargs):
+      cls.count += 1
+      return request(self, *args, **kwargs)
+    requests.Session.request = counted
+
+
+class TimedCheckpoints(Checkpoints):
+  """Checkpoints that note how long each save took, and how many HTTP requests it made."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.seconds, self.requests = [], []
+
+  def save(self, step, state, best_weights):
+    start, requests = time.perf_counter(), Requests.count
+    super().save(step, state, best_weights)
+    self.seconds.append(time.perf_counter() - start)
+    self.requests.append(Requests.count - requests)
+
+
+class Emulator:
+  """gcp-storage-emulator on 127.0.0.1 with its objects on disk, as tests/conftest.py runs it."""
+
+  def __init__(self, folder):
+    self.data_dir, self.log_path = os.path.join(folder, "data"), os.path.join(folder, "emulator.log")
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.host = f"http://127.0.0.1:{self.port}"
+    self._process = None
+
+  def __enter__(self):
+    # --data-dir belongs to the main parser, before the subcommand; without it objects go to ./.
+    command = ["gcp-storage-emulator", f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1",
+               f"--port={self.port}", "--quiet"]
+    with open(self.log_path, "ab") as log:
+      self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+      if self._process.poll() is not None:
+        self._fail(f"exited with {self._process.returncode}")
+      try:
+        with direct.open(f"{self.host}/storage/v1/b", timeout=1):
+          return self
+      except OSError:
+        time.sleep(0.1)
+    self.__exit__()
+    self._fail(f"did not answer on {self.host} within 30 s")
+
+  def _fail(self, what):
+    with open(self.log_path, errors="replace") as f:
+      sys.exit(f"benchmark_checkpoints: the storage emulator {what}:\n{f.read()[-2000:]}")
+
+  def __exit__(self, *exc):
+    if self._process is not None and self._process.poll() is None:
+      self._process.terminate()
+      try:
+        self._process.wait(10)
+      except subprocess.TimeoutExpired:
+        self._process.kill()
+        self._process.wait()
+
+  def client(self):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage as gcs
+    return gcs.Client(project="emulator", credentials=AnonymousCredentials(),
+                      client_options={"api_endpoint": self.host})
+
+  def new_bucket(self, name):
+    self.client().create_bucket(name)
+    return f"gs://{name}"
+
+  def folder_bytes(self, path):
+    bucket, _, prefix = path[len("gs://"):].partition("/")
+    return sum(blob.size for blob in self.client().list_blobs(bucket, prefix=prefix.rstrip("/") + "/"))
+
+
+def local_bytes(folder):
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def train(config, prepared, strategy, epochs, folder=None):
+  """One job from config.seed: (loop.fit wall seconds, CPU seconds, seconds of each epoch, its
+  history, the Checkpoints or None, parameters). An epoch runs from one epoch's training dataset
+  to the next (the last: to fit's end), so it holds that epoch's training, validation and save."""
+  keras.backend.clear_session()
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    model = MODELS[config.model](prepared.input_shape, prepared.num_outputs, config.bidirectional)
+    optimizer = OPTIMIZERS[config.model](config.learning_rate)
+    optimizer.build(model.trainable_variables)
+  checkpoints = TimedCheckpoints(folder, model, optimizer, config.keep_checkpoints) if folder else None
+  loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
+  starts = []
+
+  def make_dataset(split, batch_size, input_context=None, epoch=0):
+    if split == "train":
+      starts.append(time.perf_counter())
+    return prepared.make_dataset(split, batch_size, input_context, epoch)
+
+  start, cpu = time.perf_counter(), time.process_time()
+  history = loop.fit(model, optimizer, loss, make_dataset, strategy, config.batch_size, epochs,
+                     patience=epochs, checkpointing=loop.Checkpointing(checkpoints))
+  end = time.perf_counter()
+  return (end - start, time.process_time() - cpu, np.diff(starts + [end]).tolist(), history, checkpoints,
+          model.count_params())
+
+
+def measure(case, config, strategy, args, base, size_of):
+  """Every repeat of one case, without and with checkpoints in alternating order."""
+  prepared = DATA[config.model].prepare(config)
+  for split in ("train", "validation"):  # fills the images' decode caches before anything is timed
+    for _ in prepared.make_dataset(split, config.batch_size):
+      pass
+  train(config, prepared, strategy, 1, storage.join(base, "warmup"))
+  rows = []
+  for repeat in range(args.repeats):
+    order = ("without", "with") if repeat % 2 == 0 else ("with", "without")
+    runs = {}
+    for kind in order:
+      folder = storage.join(base, f"run-{repeat}") if kind == "with" else None
+      runs[kind] = train(config, prepared, strategy, args.epochs, folder)
+    (without, cpu_without, epochs_without, plain, _, _) = runs["without"]
+    (with_, cpu_with, epochs_with, history, checkpoints, parameters) = runs["with"]
+    saves = checkpoints.seconds
+    newest = checkpoints.path(checkpoints.complete()[-1])
+    row = {"case": case, "repeat": repeat + 1, "first": order[0], "epochs": len(history["loss"]),
+           "without_s": round(without, 2), "with_s": round(with_, 2), "checkpoints": len(saves),
+           "kept": len(checkpoints.complete()), "save_s_mean": round(statistics.mean(saves), 3),
+           "save_s_max": round(max(saves), 3), "checkpoint_mb": round(size_of(newest) / 1e6, 2),
+           "overhead_pct": round(100 * (with_ - without) / without, 2),
+           "saves_pct": round(100 * sum(saves) / without, 2),
+           "requests_per_save": statistics.mean(checkpoints.requests),
+           # A long job traces once: its cost is a save per epoch of steady training.
+           "epoch_s": round(statistics.median(epochs_without[1:]), 3),
+           "per_epoch_pct": round(100 * statistics.mean(saves) / statistics.median(epochs_without[1:]), 2),
+           "epochs_s_without": [round(e, 3) for e in epochs_without],
+           "epochs_s_with": [round(e, 3) for e in epochs_with],
+           "cpu_without_s": round(cpu_without, 2), "cpu_with_s": round(cpu_with, 2),
+           "cpu_overhead_pct": round(100 * (cpu_with - cpu_without) / cpu_without, 2),
+           # The same job both times: checkpointing must not change what is trained.
+           "val_loss_max_diff": float(np.max(np.abs(np.subtract(history["val_loss"], plain["val_loss"]))))}
+    rows.append(row)
+    print(f"measured {case} repeat {row['repeat']} ({order[0]} first): {without:.1f} s without, {with_:.1f} s "
+          f"with {len(saves)} saves of {row['save_s_mean']:.3f} s mean", file=sys.stderr)
+  # Every epoch after the first (which traces) of every repeat: the median shrugs off the bursts
+  # of other jobs' work (about a second each here, 20-50x a save of these models).
+  epoch = {kind: statistics.median(e for r in rows for e in r[f"epochs_s_{kind}"][1:]) for kind in ("without", "with")}
+  medians = {k: statistics.median(r[k] for r in rows) for k in MEDIANS}
+  return {"case": case, "model": config.model, "parameters": parameters, "rows": rows, "median": medians,
+          "median_epoch_s": epoch,
+          "median_epoch_overhead_pct": round(100 * (epoch["with"] - epoch["without"]) / epoch["without"], 2)}
+
+
+COLUMNS = [("case", "case", "<11", ""), ("rep", "repeat", ">3", ""), ("first", "first", "<7", ""),
+           ("epochs", "epochs", ">6", ""), ("without s", "without_s", ">9", ".2f"), ("with s", "with_s", ">6", ".2f"),
+           ("overhead %", "overhead_pct", ">10", ".1f"), ("ckpts", "checkpoints", ">5", ""),
+           ("save s", "save_s_mean", ">6", ".3f"), ("ckpt MB", "checkpoint_mb", ">7", ".2f"),
+           ("requests", "requests_per_save", ">8", ".0f"), ("saves %", "saves_pct", ">7", ".1f"),
+           ("epoch s", "epoch_s", ">7", ".2f"), ("save/epoch %", "per_epoch_pct", ">12", ".1f"),
+           ("CPU overhead %", "cpu_overhead_pct", ">14", ".1f")]
+MEDIANS = ("without_s", "with_s", "overhead_pct", "save_s_mean", "saves_pct", "epoch_s", "per_epoch_pct",
+           "cpu_overhead_pct")
+
+
+def print_row(row):
+  print(" ".join(format(row[key], f"{align}{fmt}") for _, key, align, fmt in COLUMNS))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default=",".join(CASES), help=f"Comma-separated, from {','.join(CASES)}.")
+  parser.add_argument("--data", default=os.path.relpath(GOOGL), help="The prices CSV of the lstm cases.")
+  parser.add_argument("--epochs", type=int, default=5, help="Epochs of every run (patience as large: all run).")
+  parser.add_argument("--repeats", type=int, default=3, help="Pairs of runs per case, alternating which goes first.")
+  parser.add_argument("--image_size", type=int, default=150, help="cnn_local: pixels per side.")
+  parser.add_argument("--seed", type=int, default=42)
+  args = parser.parse_args()
+  cases = args.cases.split(",")
+  if args.epochs < 2 or args.repeats < 1:
+    parser.error("--epochs must be at least 2 (the first traces) and --repeats at least 1")
+  unknown = [c for c in cases if c not in CASES]
+  if unknown:
+    parser.error(f"unknown cases {unknown}; choose from {','.join(CASES)}")
+  if any(c.startswith("lstm") for c in cases) and not os.path.isfile(args.data):
+    parser.error(f"--data={args.data}: no such file")
+  logging.set_verbosity(logging.WARNING)
+
+  configs = {"lstm": Config(model="lstm", data=args.data, target_column="Close", date_column="Date",
+                            test_start="2017-01-01", epochs=args.epochs, patience=args.epochs, seed=args.seed),
+             "cnn": Config(model="cnn", image_size=args.image_size, epochs=args.epochs, patience=args.epochs,
+                           seed=args.seed)}
+  strategy = distribution.make_strategy(configs["lstm"].strategy, configs["lstm"].cluster)
+  work = tempfile.mkdtemp(prefix="benchmark-checkpoints-")
+  results = []
+  try:
+    for case in cases:
+      model_name, where = case.split("_")
+      config = configs[model_name]
+      if where == "local":
+        results.append(measure(case, config, strategy, args, os.path.join(work, case), local_bytes))
+        continue
+      os.makedirs(os.path.join(work, "gcs"))
+      with Emulator(os.path.join(work, "gcs")) as emulator:
+        os.environ["STORAGE_EMULATOR_HOST"] = emulator.host  # read by trainer.storage at each call
+        Requests.install()
+        bucket = emulator.new_bucket("benchmark-checkpoints")
+        results.append(measure(case, config, strategy, args, f"{bucket}/{case}", emulator.folder_bytes))
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+  print(f"{args.epochs} epochs per run, a checkpoint at each epoch's end (keep 3), {args.repeats} repeats "
+        f"alternating which run goes first; {os.cpu_count()} CPUs")
+  print(" ".join(format(title, align) for title, _, align, _ in COLUMNS))
+  for result in results:
+    for r in result["rows"]:
+      print_row(r)
+    print_row({**result["rows"][0], **result["median"], "repeat": "med", "first": ""})
+  for result in results:
+    epoch = result["median_epoch_s"]
+    print(f"{result['case']}: {result['parameters']:,} parameters; median epoch after the first, over all repeats: "
+          f"{epoch['without']:.3f} s without, {epoch['with']:.3f} s with ({result['median_epoch_overhead_pct']:+.1f}%)")
+  worst = max(results, key=lambda r: r["median"]["per_epoch_pct"])
+  print(f"largest cost: {worst['case']}, a save takes {worst['median']['per_epoch_pct']:.1f}% of an epoch's time "
+        f"and the saves {worst['median']['saves_pct']:.1f}% of these {args.epochs}-epoch runs (medians; target < 5%)")
+  print(json.dumps({"epochs": args.epochs, "repeats": args.repeats, "keep": 3, "results": results}))
+
+
+if __name__ == "__main__":
+  main()
