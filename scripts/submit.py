@@ -7,12 +7,16 @@
     ... --dry_run   prints what would be applied or run, and changes nothing
 
 Kubernetes targets (gpu-job, tfjob, indexed-job, cronjob): a temporary kustomization takes the
-overlay as its resource, pins the image, appends `-<job_name>` to every object's name (the
-workload, its Service and the generated flags ConfigMap; references between them follow), and
-appends --job_dir and the trainer flags after `--` to the overlay's trainer.flags, which the
-trainer reads with --flagfile (later lines override earlier ones). `kubectl kustomize` renders it;
-the YAML goes to stdout, a summary to stderr, and `kubectl apply -f -` applies it (not with
---dry_run, whose stdout can be piped into kubectl later).
+overlay as its resource, pins the image and appends `-<job_name>` to the names of the objects each
+job has its own of (the workload, its Service, the flags ConfigMap; the references to them follow,
+an Indexed Job's hosts pattern and pod subdomain included), while the shared Workload Identity
+ServiceAccount keeps its name. --job_dir and the trainer flags after `--` are appended to the
+trainer container's args, after the overlay's own, so they win (absl: the last value counts); the
+overlay's --job_dir arg is replaced in place. A CronJob's runs each write to <job_dir>/<the run's
+Job name>. `kubectl kustomize` renders it; the YAML goes to stdout, a summary to stderr, and
+`kubectl apply -f -` applies it in the current context (not with --dry_run, whose stdout can be
+piped into kubectl later). A multi-worker job's folder must be on gs://: every worker reads its
+checkpoints to resume; a one-pod job's may also be under a persistent volume the pod mounts.
 
 Vertex AI targets: k8s/vertex/custom_job.yaml (vertex) or hptuning_job.yaml with the custom job
 as its trialJobSpec (vertex-hptuning), filled in and printed as YAML, then passed to
@@ -35,6 +39,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+try:
+  import yaml
+except ImportError:  # main() says so in one line
+  yaml = None
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -79,7 +88,8 @@ def parse_args(argv):
   parser.add_argument("--image", required=True, help="The trainer image, pinned: REGISTRY/PATH:TAG or @sha256:DIGEST.")
   parser.add_argument("--job_name", required=True,
                       help="Names this job: a suffix of the Kubernetes objects' names, the Vertex AI display name.")
-  parser.add_argument("--job_dir", required=True, help="The job folder: gs://... (a persistent volume path: gpu-job).")
+  parser.add_argument("--job_dir", required=True,
+                      help="The job folder: gs://BUCKET/PATH (one-pod jobs: or a path on a persistent volume).")
   parser.add_argument("--dry_run", action="store_true", help="Print what would be applied or run; change nothing.")
   vertex = parser.add_argument_group("Vertex AI (--target=vertex or vertex-hptuning)")
   vertex.add_argument("--region", help="Vertex AI region (default us-central1).")
@@ -159,13 +169,19 @@ def check_trainer_flags(trainer_flags):
     raise UsageError(f"trainer flags after --: {e}") from None
   if len(rest) > 1:
     raise UsageError(f"unexpected argument {rest[1]!r} after --: trainer flags are written --name=value")
-  for flag in expanded:
-    if "\n" in flag:
-      raise UsageError(f"trainer flag {flag.splitlines()[0]!r}... holds a line break, which a flags file cannot")
   given = {name for name in values if values[name].present}
   if "job_dir" in given:
     raise UsageError("--job_dir after -- : give it to submit.py, before --, where it is checked and passed on")
   return expanded, given
+
+
+def load_yaml(path):
+  with open(path, encoding="utf-8") as f:
+    return yaml.safe_load(f)
+
+
+def dump_yaml(document):
+  return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
 
 # --- Kubernetes -----------------------------------------------------------------------------------
@@ -213,7 +229,6 @@ def last_line(text):
 
 def kustomize(folder):
   """What `kubectl kustomize folder` renders: (YAML text, the objects as dicts)."""
-  import yaml
   done = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True)
   if done.returncode:
     raise ToolError(f"kubectl kustomize {folder} failed: {last_line(done.stderr)}", done.returncode)
@@ -318,7 +333,7 @@ def container_patch(obj, trainer_flags, renamed_services, target):
   return operations
 
 
-def kustomization(args, objects, overlay, folder):
+def kustomization(args, trainer_flags, objects, overlay, folder):
   """Writes this submission's kustomization into `folder`: the overlay renamed, pinned and given its flags."""
   name, tag, digest = parse_image(args.image)
   images = [{"name": old, "newName": name, **({"newTag": tag} if tag else {}), **({"digest": digest} if digest else {})}
@@ -327,7 +342,7 @@ def kustomization(args, objects, overlay, folder):
   renamed = sorted({obj["kind"] for obj in objects} & set(PER_JOB_KINDS))
   rename = {"apiVersion": "builtin", "kind": "PrefixSuffixTransformer", "metadata": {"name": "job-name"},
             "suffix": suffix, "fieldSpecs": [{"kind": kind, "path": "metadata/name"} for kind in renamed]}
-  flags = [f"--job_dir={args.job_dir}", *args.trainer_flags]
+  flags = [f"--job_dir={args.job_dir}", *trainer_flags]
   services = {obj["metadata"]["name"]: obj["metadata"]["name"] + suffix for obj in objects if obj["kind"] == "Service"}
   patches = []
   for obj in objects:
@@ -374,12 +389,12 @@ def check_rendered(args, objects):
                      f"folder would be lost with the pod; give gs://BUCKET/PATH (local paths: {where})")
 
 
-def submit_kubernetes(args):
+def submit_kubernetes(args, trainer_flags):
   require_kubectl(args.dry_run)
   overlay = K8S / "overlays" / args.target
   _, objects = kustomize(overlay)
   with tempfile.TemporaryDirectory(prefix="submit-") as folder:
-    kustomization(args, objects, overlay, Path(folder))
+    kustomization(args, trainer_flags, objects, overlay, Path(folder))
     text, objects = kustomize(folder)
   check_rendered(args, objects)
   names = ", ".join(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
@@ -395,20 +410,17 @@ def submit_kubernetes(args):
 
 # --- Vertex AI ------------------------------------------------------------------------------------
 
-def load_yaml(path):
-  import yaml
-  with open(path, encoding="utf-8") as f:
-    return yaml.safe_load(f)
+def base_flags():
+  """k8s/base/trainer.flags as a list: the trainer flags every Kubernetes workload starts from."""
+  from absl import flags
+  return flags.FLAGS.read_flags_from_files([f"--flagfile={K8S / 'base' / 'trainer.flags'}"], force_gnu=True)
 
 
-def dump_yaml(document):
-  import yaml
-  return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
-
-
-def custom_job_spec(args, image, trainer_flags):
+def custom_job_spec(args, trainer_flags):
   """k8s/vertex/custom_job.yaml filled in for this job (a CustomJobSpec)."""
   spec = load_yaml(K8S / "vertex" / "custom_job.yaml")
+  # The same trainer flags as on Kubernetes: the base's, then those after --, which win.
+  trainer_flags = [*base_flags(), *trainer_flags]
   pools = spec["workerPoolSpecs"]
   workers = 1 if args.workers is None else args.workers
   pools[0]["replicaCount"] = 1  # Vertex AI's chief: one, always
@@ -417,7 +429,7 @@ def custom_job_spec(args, image, trainer_flags):
     pools[1]["replicaCount"] = workers
   for pool in pools:
     container = pool["containerSpec"]
-    container["imageUri"] = image
+    container["imageUri"] = args.image
     container["args"] = [*(container.get("args") or []), *trainer_flags]
     machine = pool["machineSpec"]
     if args.machine_type:
@@ -433,7 +445,7 @@ def custom_job_spec(args, image, trainer_flags):
   return spec
 
 
-def hptuning_job(args, image, trainer_flags, given):
+def hptuning_job(args, trainer_flags, given):
   """k8s/vertex/hptuning_job.yaml filled in for this job, its trials running custom_job_spec."""
   job = load_yaml(K8S / "vertex" / "hptuning_job.yaml")
   tuned = [p["parameterId"] for p in job["studySpec"]["parameters"] if p["parameterId"] in given]
@@ -446,7 +458,7 @@ def hptuning_job(args, image, trainer_flags, given):
     job["maxTrialCount"] = args.max_trials
   if args.parallel_trials is not None:
     job["parallelTrialCount"] = args.parallel_trials
-  job["trialJobSpec"] = custom_job_spec(args, image, trainer_flags)
+  job["trialJobSpec"] = custom_job_spec(args, trainer_flags)
   return job
 
 
@@ -456,9 +468,9 @@ def submit_vertex(args, trainer_flags, given):
     raise UsageError(f"--region={region!r} is not a Google Cloud region like us-central1")
   check_gcs_folder(args.job_dir, "Vertex AI writes a job's output to Cloud Storage (baseOutputDirectory)")
   if args.target == "vertex":
-    document, command = custom_job_spec(args, args.image, trainer_flags), ["ai", "custom-jobs", "create"]
+    document, command = custom_job_spec(args, trainer_flags), ["ai", "custom-jobs", "create"]
   else:
-    document, command = hptuning_job(args, args.image, trainer_flags, given), ["ai", "hp-tuning-jobs", "create"]
+    document, command = hptuning_job(args, trainer_flags, given), ["ai", "hp-tuning-jobs", "create"]
   if not args.dry_run and not shutil.which("gcloud"):
     raise UsageError("gcloud is not on PATH: install the Google Cloud CLI (or use --dry_run to see the job)")
   text = dump_yaml(document)
@@ -476,14 +488,15 @@ def submit_vertex(args, trainer_flags, given):
 
 def main(argv=None):
   try:
+    if yaml is None:
+      raise UsageError("PyYAML is not installed: pip install pyyaml")
     args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
     parse_image(args.image)
     check_job_name(args.job_name)
     trainer_flags, given = check_trainer_flags(trainer_flags)
     if args.target in VERTEX_TARGETS:
       return submit_vertex(args, trainer_flags, given)
-    args.trainer_flags = trainer_flags
-    return submit_kubernetes(args)
+    return submit_kubernetes(args, trainer_flags)
   except UsageError as e:
     print(f"submit: error: {e}", file=sys.stderr, flush=True)
     return 2

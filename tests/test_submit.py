@@ -131,7 +131,7 @@ def test_a_flagfile_after_the_separator_is_sent_as_its_flags(tmp_path):
                                 "--window=30")
   assert code == 0, stderr
   args = yaml.safe_load(stdout)["workerPoolSpecs"][0]["containerSpec"]["args"]
-  assert args == ["--model=gru", "--epochs=4", "--window=30"]  # the pods do not have the file
+  assert args[-3:] == ["--model=gru", "--epochs=4", "--window=30"]  # the pods do not have the file
 
 
 # --- Kubernetes: what is checked before anything is applied ----------------------------------------
@@ -330,6 +330,10 @@ def check_worker_pools(spec, workers, machine):
     assert pool["machineSpec"] == machine
     assert pool["containerSpec"]["imageUri"] == IMAGE
     assert pool["containerSpec"]["command"] == ["python", "-m", "trainer.task"]
+    # The Kubernetes workloads' trainer flags first, as on Kubernetes; those after -- win.
+    base = [line for line in (ROOT / "k8s" / "base" / "trainer.flags").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert pool["containerSpec"]["args"][:len(base)] == base
     values = trainer_flags(pool["containerSpec"]["args"])
     assert (values.model, values.epochs, values.bidirectional) == ("gru", 5, True)
     assert values.job_dir is None  # the trainer takes the folder above AIP_MODEL_DIR
