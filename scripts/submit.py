@@ -302,6 +302,7 @@ def container_patch(obj, trainer_flags, renamed_services, target):
     for pattern, new in addresses:
       value = pattern.sub(new, value)
     return value
+
   for pointer, spec in pod_templates(obj):
     for i, container in enumerate(spec.get("containers", [])):
       if image_name(container.get("image", "")) not in images:
@@ -399,8 +400,8 @@ def submit_kubernetes(args, trainer_flags):
   check_rendered(args, objects)
   names = ", ".join(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
   print(text, end="", flush=True)
-  folder = f"job folders {args.job_dir}/<each run's Job>" if args.target == "cronjob" else f"job folder {args.job_dir}"
-  print(f"submit: {args.target} {args.job_name}: {names}; image {args.image}; {folder}", file=sys.stderr, flush=True)
+  output = f"job folders {args.job_dir}/<each run's Job>" if args.target == "cronjob" else f"job folder {args.job_dir}"
+  print(f"submit: {args.target} {args.job_name}: {names}; image {args.image}; {output}", file=sys.stderr, flush=True)
   if args.dry_run:
     print("submit: dry run: nothing applied (pipe the YAML above into `kubectl apply -f -` to apply it)",
           file=sys.stderr)
