@@ -110,26 +110,18 @@ def pods(docs):
         labels = {**spec["template"].get("metadata", {}).get("labels", {}), "training.kubeflow.org/job-name": name,
                   "training.kubeflow.org/replica-type": replica_type.lower()}
         found.append(Pod(f"TFJob {name} {replica_type}", spec["template"], name, labels, tasks, None))
+  assert found, "no Job, CronJob or TFJob"
   return found
-
-
-def workload_pods(overlay):
-  found = pods(render(overlay))
-  assert found, f"k8s/overlays/{overlay} renders no Job, CronJob or TFJob"
-  return found
-
-
-def as_pod_template(name, template):
-  """A TFJob replica's pod template as the v1 PodTemplate the schemas know."""
-  return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
 
 
 def validate(doc):
-  """Strict schema validation; a TFJob (a CRD the schemas do not know) through its pod templates."""
+  """Strict schema validation; a TFJob, a CRD the schemas do not know, through its pod templates
+  (each as a v1 PodTemplate)."""
   if doc["kind"] == "TFJob":
     for replica_type, spec in doc["spec"]["tfReplicaSpecs"].items():
-      kubernetes_validate.validate(as_pod_template(f"{doc['metadata']['name']}-{replica_type.lower()}",
-                                                   spec["template"]), KUBERNETES_VERSION, strict=True)
+      template = {"apiVersion": "v1", "kind": "PodTemplate", "template": spec["template"],
+                  "metadata": {"name": f"{doc['metadata']['name']}-{replica_type.lower()}"}}
+      kubernetes_validate.validate(template, KUBERNETES_VERSION, strict=True)
   else:
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -228,7 +220,7 @@ def local_flagfile(path, pod, container, docs, tmp_path):
 
 
 def trainer_flags(pod, docs, tmp_path):
-  """(module, parsed flags, env) of the pod's trainer container, read as the trainer would."""
+  """(parsed flags, env) of the pod's trainer container, read as the trainer would read them."""
   container, = pod.spec["containers"]
   command = container.get("command", [])
   assert command[:2] == ["python", "-m"] and len(command) == 3, \
@@ -239,7 +231,7 @@ def trainer_flags(pod, docs, tmp_path):
   assert not unresolved, f"{pod.where}: {unresolved} reference variables the container does not define"
   args = [f"--flagfile={local_flagfile(arg.split('=', 1)[1], pod, container, docs, tmp_path)}"
           if arg.startswith("--flagfile=") else arg for arg in args]
-  return command[2], parse_flags(command[2], args), env
+  return parse_flags(command[2], args), env
 
 
 def test_flags_file_is_one_trainer_flag_per_line():
@@ -252,9 +244,9 @@ def test_flags_file_is_one_trainer_flag_per_line():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_flag_is_one_the_trainer_defines(overlay, tmp_path):
   docs = render(overlay)
-  for pod in workload_pods(overlay):
+  for pod in pods(docs):
     try:
-      _, values, _ = trainer_flags(pod, docs, tmp_path)
+      values, _ = trainer_flags(pod, docs, tmp_path)
     except flags.Error as e:
       pytest.fail(f"{overlay}: {pod.where}: {e}")
     # One job folder per Kubernetes job, named after it.
@@ -270,8 +262,8 @@ def gpus(container):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_strategy_and_batch_fit_the_workload(overlay, tmp_path):
   docs = render(overlay)
-  for pod in workload_pods(overlay):
-    _, values, _ = trainer_flags(pod, docs, tmp_path)
+  for pod in pods(docs):
+    values, _ = trainer_flags(pod, docs, tmp_path)
     container, = pod.spec["containers"]
     per_task = gpus(container) or values.cpu_devices or 1
     if pod.tasks > 1:
@@ -292,7 +284,7 @@ def codes(rules, action):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_failure_policy_follows_the_trainers_exit_codes(overlay):
-  for pod in workload_pods(overlay):
+  for pod in pods(render(overlay)):
     if pod.job_spec is None:
       continue  # a TFJob: its ExitCode restart policy, below
     rules = pod.job_spec.get("podFailurePolicy", {}).get("rules", [])
@@ -309,15 +301,9 @@ def test_pod_failure_policy_follows_the_trainers_exit_codes(overlay):
     assert pod.job_spec.get("backoffLimit", 6) >= 1
 
 
-# TFJob's restartPolicy ExitCode: 1-127 are permanent errors, 128-255 retryable.
-def test_tfjob_exit_code_policy_reads_the_trainers_codes_right():
-  assert all(1 <= code <= 127 for code in PERMANENT_CODES)
-  assert all(128 <= code <= 255 for code in {exit_code(signal.SIGINT), exit_code(signal.SIGTERM)})
-
-
 # --- the environments ----------------------------------------------------------------------------
 
-def test_tfjob_is_what_the_operator_and_the_trainer_expect(tmp_path):
+def test_tfjob_is_what_the_operator_and_the_trainer_expect():
   docs = render("tfjob")
   tfjob, = find(docs, "TFJob")
   assert tfjob["apiVersion"] == "kubeflow.org/v1"
@@ -341,6 +327,9 @@ def test_tfjob_is_what_the_operator_and_the_trainer_expect(tmp_path):
     assert container["name"] == "tensorflow"
     assert {"name": "tfjob-port", "containerPort": 2222} in container.get("ports", [])
     assert "TF_CONFIG" not in {variable["name"] for variable in container.get("env", [])}
+  # ExitCode restarts a pod on 128-255 and fails the job on 1-127.
+  assert all(1 <= code <= 127 for code in PERMANENT_CODES)
+  assert all(128 <= code <= 255 for code in (exit_code(signal.SIGINT), exit_code(signal.SIGTERM)))
 
 
 def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_path):
@@ -362,7 +351,7 @@ def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_pa
   assert service_port.get("targetPort", service_port["port"]) in [p["containerPort"] for p in container["ports"]]
 
   pod, = pods([job])
-  _, values, env = trainer_flags(pod, docs, tmp_path)
+  values, env = trainer_flags(pod, docs, tmp_path)
   assert "TF_CONFIG" not in env
   expected = [f"{name}-{i}.{service['metadata']['name']}:{service_port['port']}" for i in range(workers)]
   for index in range(workers):
@@ -378,7 +367,7 @@ def test_pods_run_as_the_images_user_locked_down(overlay):
   dockerfile = Dockerfile.read()
   uid = int(dockerfile.user.split(":")[0])
   scratch = {dockerfile.env["TMPDIR"], dockerfile.env["HOME"]}
-  for pod in workload_pods(overlay):
+  for pod in pods(render(overlay)):
     security = pod.spec.get("securityContext", {})
     assert security.get("runAsNonRoot") is True, pod.where
     assert security.get("runAsUser") == uid, f"{pod.where}: runAsUser must be the Dockerfile's USER {uid}"
@@ -408,10 +397,10 @@ def test_pods_run_as_the_images_user_locked_down(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_image_is_pinned(overlay):
-  for pod in workload_pods(overlay):
+  for pod in pods(render(overlay)):
     for container in pod.spec["containers"] + pod.spec.get("initContainers", []):
       image = container["image"]
-      name, _, tag = image.rpartition("/")[2].partition(":")
+      tag = image.rpartition("/")[2].partition(":")[2]
       assert "@sha256:" in image or (tag and tag != "latest"), f"{pod.where}: image {image} is not pinned"
 
 
@@ -457,7 +446,7 @@ def test_no_secrets_in_rendered_manifests(overlay):
   for key in ("secretKeyRef", "secretRef", '"secret"'):
     assert key not in text, f"{overlay}: a pod reads a Secret ({key})"
   accounts = {doc["metadata"]["name"]: doc for doc in find(docs, "ServiceAccount")}
-  for pod in workload_pods(overlay):
+  for pod in pods(docs):
     account = accounts.get(pod.spec.get("serviceAccountName"))
     assert account, f"{pod.where}: its service account is not in the overlay"
     assert re.fullmatch(r"[a-z0-9-]+@[A-Za-z0-9_-]+\.iam\.gserviceaccount\.com",
@@ -497,7 +486,8 @@ def test_dockerfile_builds_on_the_tensorflow_gpu_image_setup_py_pins():
   assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu"
   pin = re.search(r"[\"']tensorflow==(\d+)\.(\d+)\.\*[\"']", (ROOT / "setup.py").read_text())
   assert pin, "setup.py does not pin tensorflow==X.Y.*"
-  assert image.groups()[:2] == pin.groups(), f"FROM {dockerfile.base}, but setup.py pins tensorflow=={'.'.join(pin.groups())}.*"
+  assert image.groups()[:2] == pin.groups(), \
+      f"FROM {dockerfile.base}, but setup.py pins tensorflow=={'.'.join(pin.groups())}.*"
 
 
 def test_dockerfile_runs_the_trainer_as_a_numeric_non_root_user():
@@ -525,8 +515,8 @@ def _dockerignored(path, patterns):
 def test_dockerignore_keeps_the_context_to_what_the_image_needs():
   patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
-  for path in ("tests/test_k8s.py", "runs/lstm-1/report.json", ".git/config", "trainer/__pycache__/task.cpython-311.pyc",
-               "k8s/base/trainer.flags"):
+  for path in ("tests/test_k8s.py", "runs/lstm-1/report.json", ".git/config", "k8s/base/trainer.flags",
+               "trainer/__pycache__/task.cpython-311.pyc"):
     assert _dockerignored(path, patterns), f".dockerignore lets {path} into the build context"
   for source in Dockerfile.read().copied:
     assert not _dockerignored(source.rstrip("/") + ("/task.py" if source.endswith("/") else ""), patterns), \
