@@ -216,3 +216,11 @@ def test_local_errors_are_one_line(tmp_path):
     storage.write_bytes(str(tmp_path / "file" / "f.txt"), b"x")
   with pytest.raises(storage.StorageError, match=r"^cannot read .*/file/f.txt: Not a directory$"):
     storage.read_bytes(str(tmp_path / "file" / "f.txt"))
+
+
+def test_list_files_lists_every_file_below_in_one_go(base):
+  assert storage.list_files(base) == []
+  for name in ("a/x.txt", "a/b/y.txt", "z.txt"):
+    storage.write_text(storage.join(base, *name.split("/")), name)
+  assert storage.list_files(base) == ["a/b/y.txt", "a/x.txt", "z.txt"]
+  assert storage.list_files(storage.join(base, "a")) == ["b/y.txt", "x.txt"]

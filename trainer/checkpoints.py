@@ -24,6 +24,7 @@ from trainer.config import UserError
 
 STATE = "state.json"
 _NAME = re.compile(r"ckpt-(\d+)$")
+_STATE_FILE = re.compile(r"ckpt-(\d+)/" + re.escape(STATE))
 
 
 class Checkpoints:
@@ -45,12 +46,9 @@ class Checkpoints:
   def complete(self):
     """Global steps of the complete checkpoints, oldest first. Raises StorageError when the
     folder cannot be read: an unreachable bucket must never look like a fresh start."""
-    steps = []
-    for name in storage.list_dir(self.directory):
-      match = _NAME.match(name)
-      if match and STATE in storage.list_dir(storage.join(self.directory, name)):
-        steps.append(int(match.group(1)))
-    return sorted(steps)
+    # One listing of every file, not one per checkpoint folder: on gs:// each is a request.
+    return sorted(int(match.group(1)) for match in map(_STATE_FILE.fullmatch, storage.list_files(self.directory))
+                  if match)
 
   def path(self, step):
     return storage.join(self.directory, f"ckpt-{step}")

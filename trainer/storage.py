@@ -121,6 +121,18 @@ def list_dir(path):
   return sorted(n for n in set(names) if n)  # "" is a folder-marker object, not a child
 
 
+def list_files(path):
+  """Relative posix paths of every file below a folder, sorted; [] when there is no such folder.
+  One listing on gs://, where a list_dir per sub-folder costs a request each."""
+  if not is_remote(path):
+    with _translated(path, "list"):
+      return sorted(_files_below(path)) if os.path.isdir(path) else []
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "list"):
+    names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
+  return sorted(n for n in names if n and not n.endswith("/"))
+
+
 def remove(path):
   """Removes a file or a folder with everything in it; a missing path is not an error."""
   if not is_remote(path):
@@ -135,7 +147,8 @@ def remove(path):
   if not key:
     raise StorageError(f"{path}: refusing to remove a whole bucket; name a folder in it")
   with _translated(path, "remove"):
-    names = [key] + [blob.name for blob in _bucket(bucket).list_blobs(prefix=key + "/", **_call())]
+    # A folder's objects, or else the object itself: no request for a name that is neither.
+    names = [blob.name for blob in _bucket(bucket).list_blobs(prefix=key + "/", **_call())] or [key]
     for name in names:
       with contextlib.suppress(exceptions.NotFound):
         _bucket(bucket).blob(name).delete(**_call())
