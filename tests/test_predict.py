@@ -86,12 +86,12 @@ def test_image_classes_are_the_trained_models(tmp_path_factory, tmp_path):
 
 
 def test_a_flat_folder_has_no_classes_to_measure(tmp_path):
-  from trainer import predict
+  from trainer import inference
   for name in ("b.png", "a.jpg", ".DS_Store"):
     (tmp_path / name).write_bytes(b"")
   (tmp_path / ".ipynb_checkpoints").mkdir()
   (tmp_path / ".ipynb_checkpoints" / "c.png").write_bytes(b"")
-  assert predict.list_images(str(tmp_path), {}) == (str(tmp_path), [("a.jpg", None), ("b.png", None)])
+  assert inference.list_images(str(tmp_path), {}) == (str(tmp_path), [("a.jpg", None), ("b.png", None)])
 
 
 def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factory):
