@@ -27,7 +27,7 @@ from absl import flags
 
 from trainer import cluster as cluster_lib
 from trainer import config as config_lib
-from trainer import task
+from trainer import preemption, task
 from trainer.distribution import per_replica_batch_size
 from trainer.preemption import exit_code
 
@@ -43,7 +43,8 @@ PYTHON_ERROR = 1
 # What a Job's podFailurePolicy must say about the trainer's exit codes (README "Resume,
 # preemption and exit codes").
 PERMANENT_CODES = {PYTHON_ERROR, task.USER_ERROR}
-RETRYABLE_CODES = {task.STORAGE_FAILURE, exit_code(signal.SIGINT), exit_code(signal.SIGTERM)}
+RETRYABLE_CODES = {preemption.STORAGE_FAILURE, preemption.WORKER_LOST, exit_code(signal.SIGINT),
+                   exit_code(signal.SIGTERM)}
 
 # A CronJob names the Jobs it creates <cronjob name>-<scheduled time in minutes since 1970>.
 CRONJOB_RUN = "29250180"

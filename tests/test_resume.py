@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer import storage
+from trainer import preemption, storage
 
 ROWS = 700  # GRU epochs of ~30 steps: a signal after epoch 1's line stops epoch 2 two steps in
 
@@ -226,12 +226,12 @@ def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emul
   try:
     job.wait_for(r"checkpoint \S+ckpt-600 saved")
     gcs_emulator.stop()
-    assert job.finish() == 3
+    assert job.finish() == preemption.STORAGE_FAILURE
     assert re.match(r"trainer: error: .*gs://", job.last_line()), job.stderr[-2000:]
     assert "Traceback" not in job.stderr
     # While storage is down, a restarted job must not mistake it for "no checkpoint".
     code, blind = run(dense_flags(job_dir, "--epochs=1000"))
-    assert code == 3 and "training from the start" not in blind.stderr
+    assert code == preemption.STORAGE_FAILURE and "training from the start" not in blind.stderr
     assert re.match(r"trainer: error: .*gs://", blind.last_line())
   finally:
     gcs_emulator.start()

@@ -10,7 +10,6 @@ off on GCE CPU machines and asks the GCE metadata server where it runs.)
 
 import signal
 
-import tensorflow as tf
 from absl import logging
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -22,8 +21,30 @@ def exit_code(signum):
   return 128 + signum
 
 
-class Preempted(Exception):
-  """Training stopped on a signal after saving a checkpoint; exit with `exit_code` to be restarted."""
+# Other codes in the 128-255 range that cluster restart policies retry: the job stopped for a
+# reason outside it, and the same command resumes from the last checkpoint.
+STORAGE_FAILURE = 170  # Cloud Storage could not be read or written (trainer.storage.StorageError)
+WORKER_LOST = 171  # another worker of a multi-worker job died
+
+
+class Restart(Exception):
+  """The job stopped for a reason outside it; exit with `exit_code`, and the same command run
+  again resumes from the last checkpoint."""
+  exit_code = WORKER_LOST
+
+
+class WorkerLost(Restart):
+  """A collective operation failed because another worker of the job went away (killed, out of
+  memory, its node gone): every worker must restart together."""
+
+  def __init__(self, error):
+    reason = str(error).strip().splitlines()[0][:160]
+    super().__init__(f"another worker of this job was lost ({type(error).__name__}: {reason}); restart every "
+                     f"worker to resume from the last checkpoint (exit code {self.exit_code})")
+
+
+class Preempted(Restart):
+  """Training stopped on a signal after saving a checkpoint."""
 
   def __init__(self, signum, global_step, checkpoint):
     self.exit_code = exit_code(signum)
@@ -62,4 +83,5 @@ class StopSignal:
 
   def flag(self):
     """1.0 once a signal arrived, as a tensor, so passing it to a tf.function does not retrace it."""
+    import tensorflow as tf  # noqa: PLC0415 -- not at import: trainer.task reads the exit codes before TF starts
     return tf.constant(0.0 if self.signum is None else 1.0)

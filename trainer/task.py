@@ -13,7 +13,7 @@ from absl import app, flags  # noqa: E402
 
 from trainer import cluster as cluster_lib  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
-from trainer import storage  # noqa: E402
+from trainer import preemption, storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES,
@@ -82,24 +82,20 @@ def main(argv):
   except config_lib.UserError as e:
     fail(str(e))
   except storage.StorageError as e:
-    fail(str(e), STORAGE_FAILURE)
-  except Exception as e:  # noqa: BLE001 -- only the two kinds below; anything else keeps its traceback
-    from trainer.preemption import Preempted
-    if isinstance(e, Preempted):
-      fail(str(e), e.exit_code, prefix="trainer: ")
-    raise
+    fail(str(e), preemption.STORAGE_FAILURE)
+  except preemption.Restart as e:
+    fail(str(e), e.exit_code, prefix="trainer: ")
   from trainer import report
   print(report.summary_table(result))
   if cluster.is_chief:
     print(f"report: {storage.join(job_dir, 'report.json')}")
 
 
-# Exit codes (README "Exit codes"): 0 done; 2 a mistake in the job's input or a diverged training,
-# which retrying cannot fix (TFJob's ExitCode policy treats 1-127 as permanent); 3 storage could
-# not be read or written; 128 + the signal (143 SIGTERM, 130 SIGINT) stopped after saving a
-# checkpoint: restart the same command to resume (128-255: retryable).
+# Exit codes (README "Resume, preemption and exit codes"): 0 done; 2 a mistake in the job's input
+# or a diverged training, which retrying cannot fix (TFJob's ExitCode policy treats 1-127 as
+# permanent); 128-255, retried: 128 + the signal (143 SIGTERM, 130 SIGINT) after saving a
+# checkpoint, and trainer.preemption's STORAGE_FAILURE and WORKER_LOST.
 USER_ERROR = 2
-STORAGE_FAILURE = 3
 
 
 def fail(message, code=USER_ERROR, prefix="trainer: error: "):

@@ -15,13 +15,18 @@ from trainer.checkpoints import Checkpoints
 from trainer.config import RESUME_FIELDS, UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
-from trainer.preemption import StopSignal
+from trainer.preemption import StopSignal, WorkerLost
 
 # TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
 # logger, the job's own) would drown the job's.
 tf.get_logger().setLevel("WARNING")
 logging.get_absl_logger().addFilter(
     lambda record: record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname)
+
+# What a collective operation raises when a peer worker is gone (GUIDE section 4: "Connection
+# reset by peer" within seconds), rather than a hang.
+_PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                  tf.errors.CancelledError)
 
 # The data module that feeds each model.
 DATA = {"dense": tabular, "gru": timeseries, "lstm": timeseries, "cnn": images}
@@ -71,6 +76,10 @@ def train_and_evaluate(config, job_dir):
     with StopSignal() as stop:
       return _train_and_evaluate(config, Folders.of(config, job_dir, local_dir), strategy, distributed, stop,
                                  started)
+  except _PEER_FAILURES as e:
+    if config.cluster.num_workers < 2:
+      raise
+    raise WorkerLost(e) from e
   finally:
     distribution.cleanup(local_dir, job_dir)
 
