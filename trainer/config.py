@@ -99,7 +99,7 @@ class Config:
   checkpoint_dir: Optional[str] = None
   tensorboard_dir: Optional[str] = None
   export_dir: Optional[str] = None
-  # 0: a checkpoint at the end of every epoch only; N: also every N training steps.
+  # 0: a checkpoint at the end of every epoch; N: every N training steps instead (and at the end).
   checkpoint_every_steps: int = 0
   keep_checkpoints: int = 3
   # Ignore the checkpoints of an earlier run of this job and train from scratch.

@@ -45,7 +45,7 @@ class State:
 @dataclasses.dataclass
 class Checkpointing:
   """When and where fit saves: `checkpoints` (trainer.checkpoints.Checkpoints) at every epoch's
-  end and every `every_steps` steps; `stop` (trainer.preemption.StopSignal) asks for a save and
+  end, or every `every_steps` steps and at the end of training; `stop` (trainer.preemption.StopSignal) asks for a save and
   an exit; `after_save()` runs after each save (the trainer syncs TensorBoard logs there);
   `restored`: the checkpoint the job resumed from, the last good one until the next save."""
   checkpoints: object = None
@@ -204,7 +204,10 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
       state.best_epoch, best_weights = state.epoch, model.get_weights()
     logging.info("epoch %d/%d  loss %.4f  val_loss %.4f%s  (%.1f s, %d replica%s)", state.epoch, epochs, loss,
                  val_loss, "  *" if improved else "", time.time() - start, replicas, "s" if replicas > 1 else "")
-    save()
+    # Every N steps instead of every epoch when asked (short epochs on a remote store), but always
+    # at the end, so that a job restarted after training goes straight to evaluation.
+    if not checkpointing.every_steps or stopping or state.done(epochs, patience):
+      save()
     if stopping:
       raise preempted()
     if state.done(epochs, patience) and state.epoch < epochs:

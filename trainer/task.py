@@ -53,7 +53,8 @@ flags.DEFINE_string("checkpoint_dir", None, "Checkpoints; default: AIP_CHECKPOIN
 flags.DEFINE_string("tensorboard_dir", None, "TensorBoard logs; default: AIP_TENSORBOARD_LOG_DIR, else <job_dir>/logs.")
 flags.DEFINE_string("export_dir", None, "Versioned SavedModels (<export_dir>/<version>/); default: AIP_MODEL_DIR, "
                     "else <job_dir>/export.")
-flags.DEFINE_integer("checkpoint_every_steps", 0, "Also checkpoint every N training steps (0: at each epoch's end only).")
+flags.DEFINE_integer("checkpoint_every_steps", 0, "Checkpoint every N training steps (and at the end) instead of at "
+                     "the end of every epoch (0).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Newest checkpoints to keep.")
 flags.DEFINE_bool("restart", False, "Delete this job's checkpoints and train from scratch instead of resuming.")
 
