@@ -68,7 +68,7 @@ def cross_entropy(labels, probabilities):
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
         log_dir=None, jit_compile=False, checkpointing=None, state=None, best_weights=None):
   """Trains until `epochs` or until validation loss has not improved for `patience` epochs, then
-  restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n}.
+  restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n, "global_step": n}.
 
   jit_compile: XLA-compile each replica's step (the cross-replica part stays outside XLA).
   state, best_weights: where a restored checkpoint left off (None: from the start).
