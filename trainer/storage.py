@@ -154,6 +154,111 @@ def remove(path):
         _bucket(bucket).blob(name).delete(**_call())
 
 
+# Conditional writes of one small file, for a lock that two processes may race for (a lease): on
+# gs:// Cloud Storage's generation preconditions decide on the server; locally an flock on a
+# sibling `<path>.lock` (created once, never removed) serialises the check and the write. The
+# token of a version is its generation on gs:// and its bytes locally.
+
+
+def create_exclusive(path, data):
+  """Writes data to path only if there is no file there; True if this call created it. The
+  file appears whole. Give data unique to the caller (a lease holds a random token): a retried
+  request of ours that already created it is recognised by its contents."""
+  if not is_remote(path):
+    with _locked(path):
+      if os.path.lexists(path):
+        return False
+      write_bytes(path, data)
+    return True
+  return _upload_if_generation(path, data, 0)
+
+
+def read_with_token(path):
+  """(contents, token) of one version of a file, for replace_if_unchanged and
+  remove_if_unchanged; FileNotFoundError when it is missing."""
+  if not is_remote(path):
+    data = read_bytes(path)
+    return data, data
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  for _ in range(5):
+    with _translated(path, "read"):
+      blob = _bucket(bucket).get_blob(key, **_call())
+      if blob is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+      generation = blob.generation  # before the download, which resets it from a response header
+      if not generation:
+        raise StorageError(f"{path}: the storage did not say the object's generation; cannot update it safely")
+      try:
+        return blob.download_as_bytes(if_generation_match=generation, **_call()), generation
+      except (exceptions.PreconditionFailed, exceptions.NotFound):
+        continue  # replaced or removed between the two requests: look again
+  raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
+
+
+def replace_if_unchanged(path, data, token):
+  """Writes data to path only if it still holds the version read_with_token gave token for;
+  True if it did, False if the file has changed or gone since (nothing is written then)."""
+  if not is_remote(path):
+    with _locked(path):
+      if not os.path.lexists(path) or read_bytes(path) != token:
+        return False
+      write_bytes(path, data)
+    return True
+  return _upload_if_generation(path, data, token)
+
+
+def remove_if_unchanged(path, token):
+  """Removes path only if it still holds the version of token; True if this call removed it."""
+  if not is_remote(path):
+    with _locked(path):
+      if not os.path.lexists(path) or read_bytes(path) != token:
+        return False
+      with _translated(path, "remove"):
+        os.remove(path)
+    return True
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  with _translated(path, "remove"):
+    try:
+      _bucket(bucket).blob(key).delete(if_generation_match=token, **_call())
+    except (exceptions.PreconditionFailed, exceptions.NotFound):
+      return False
+  return True
+
+
+def _upload_if_generation(path, data, generation):
+  """Uploads data only if the object's generation is `generation` (0: there is none)."""
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  with _translated(path, "write"):
+    try:
+      _bucket(bucket).blob(key).upload_from_string(data, if_generation_match=generation, **_call())
+      return True
+    except exceptions.PreconditionFailed:
+      pass
+  # A retry of our own request that had already succeeded fails its precondition too.
+  try:
+    return read_bytes(path) == data
+  except FileNotFoundError:
+    return False
+
+
+@contextlib.contextmanager
+def _locked(path):
+  """An exclusive flock on `<path>.lock` (a file: directories cannot be locked over NFS)."""
+  import fcntl
+  with _translated(path, "lock"):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    with _translated(path, "lock"):
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 def publish_dir(local_dir, dest, last=()):
   """Copies a complete local folder to dest so that a reader never sees part of it.
 

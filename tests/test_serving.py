@@ -1,0 +1,454 @@
+"""The serving folder on a local folder and on gs:// (the emulator, behind a proxy that adds the
+generation preconditions it ignores): promotion numbering, leftovers and pruning, a promotion
+killed half way, the lease against real racing processes, the history, and a promoted version
+that tf.saved_model.load serves."""
+
+import http.server
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from trainer import export, serving, storage
+from trainer.config import UserError
+
+
+class PreconditionProxy:
+  """Cloud Storage's `ifGenerationMatch` in front of the emulator, which ignores it
+  (gcp-storage-emulator 2026.7: test_the_emulator_ignores_preconditions). A conditional request
+  is checked against the object's generation and forwarded only if it holds, else answered 412
+  as Cloud Storage does; one request at a time, so no other request comes between a check and
+  the write it guards. Understands what the storage layer sends with a precondition: multipart
+  uploads, downloads and deletes of one object."""
+
+  def __init__(self, upstream):
+    self.upstream = urllib.parse.urlsplit(upstream)
+    proxy = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def forward(self):
+        proxy.handle(self)
+
+      do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = forward
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)  # not threading: one request at a time
+    self.host = f"http://127.0.0.1:{self.server.server_port}"
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def handle(self, request):
+    body = request.rfile.read(int(request.headers.get("Content-Length") or 0))
+    url = urllib.parse.urlsplit(request.path)
+    query = urllib.parse.parse_qs(url.query)
+    if "ifGenerationMatch" in query:
+      target = self._object(url.path, query, body)
+      if target is None:
+        return self._reply(request, 501, [], b"the precondition proxy does not know this request")
+      if self._generation(*target) != int(query["ifGenerationMatch"][0]):
+        error = {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold.",
+                           "errors": [{"reason": "conditionNotMet"}]}}
+        return self._reply(request, 412, [("Content-Type", "application/json")], json.dumps(error).encode())
+    self._reply(request, *self._send(request.command, request.path, dict(request.headers), body))
+
+  @staticmethod
+  def _object(path, query, body):
+    one = re.search(r"/b/([^/]+)/o/(.+)$", path)
+    if one:
+      return one.group(1), urllib.parse.unquote(one.group(2))
+    upload = re.search(r"/b/([^/]+)/o$", path)
+    meta = re.search(rb"\r\n\r\n(\{.*?\})\r\n", body, re.S)
+    if upload and query.get("uploadType") == ["multipart"] and meta:
+      return upload.group(1), json.loads(meta.group(1))["name"]
+    return None
+
+  def _generation(self, bucket, name):
+    status, _, data = self._send("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}", {}, b"")
+    return int(json.loads(data)["generation"]) if status == 200 else 0
+
+  def _send(self, method, path, headers, body):
+    import http.client
+    connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+    try:
+      connection.request(method, path, body=body or None, headers=headers)
+      response = connection.getresponse()
+      data = response.read()
+    finally:
+      connection.close()
+    hop = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+    return response.status, [(k, v) for k, v in response.getheaders() if k.lower() not in hop], data
+
+  @staticmethod
+  def _reply(request, status, headers, data):
+    request.send_response(status)
+    for key, value in headers:
+      request.send_header(key, value)
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    request.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def proxy(gcs_emulator):
+  return PreconditionProxy(gcs_emulator.host)
+
+
+@pytest.fixture
+def root(storage_root, request, monkeypatch):
+  """storage_root, with gs:// reached through the precondition proxy (here and in subprocesses)."""
+  if storage.is_remote(storage_root):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("proxy").host)
+  return storage_root
+
+
+def fake_export(folder, metric=1.0, marker=True):
+  """A version folder laid out as export.write_export's (only the layout matters); returns it."""
+  files = {"saved_model.pb": b"graph", "fingerprint.pb": b"fp", "variables/variables.index": b"index",
+           "variables/variables.data-00000-of-00001": b"weights", "model.keras": b"keras"}
+  if marker:
+    files[export.METADATA] = json.dumps({"format": export.FORMAT, "version": 9, "test": {"rmse": metric}}).encode()
+  for name, data in files.items():
+    storage.write_bytes(storage.join(folder, *name.split("/")), data)
+  return folder
+
+
+def version_files(folder):
+  return storage.list_files(folder)
+
+
+def test_conditional_writes(root):
+  path = storage.join(root, "lock.json")
+  with pytest.raises(FileNotFoundError):
+    storage.read_with_token(path)
+  assert storage.create_exclusive(path, b"first")
+  assert not storage.create_exclusive(path, b"second")
+  data, token = storage.read_with_token(path)
+  assert data == b"first"
+  assert storage.replace_if_unchanged(path, b"third", token)
+  assert not storage.replace_if_unchanged(path, b"fourth", token)  # changed since token was read
+  assert not storage.remove_if_unchanged(path, token)
+  data, token = storage.read_with_token(path)
+  assert data == b"third"
+  assert storage.remove_if_unchanged(path, token)
+  assert not storage.exists(path)
+  assert not storage.replace_if_unchanged(path, b"fifth", token)  # gone: nothing to replace
+  assert not storage.remove_if_unchanged(path, token)
+  assert not storage.exists(path)
+
+
+def test_the_emulator_ignores_preconditions(gcs_bucket, proxy, monkeypatch):
+  """Why the proxy: straight to the emulator, create-if-absent overwrites. If this fails, the
+  emulator has learnt preconditions and the proxy can go."""
+  path = storage.join(gcs_bucket, "lock.json")
+  assert storage.create_exclusive(path, b"first")
+  assert storage.create_exclusive(path, b"second")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.host)
+  assert not storage.create_exclusive(path, b"third")
+  assert storage.read_bytes(path) == b"second"
+
+
+def test_promote_counts_up_and_rewrites_the_version(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  assert serving.production(serving_dir) is None
+  source = fake_export(str(tmp_path / "export" / "3"))
+  for n in (1, 2, 3):
+    assert serving.promote(source, serving_dir) == storage.join(serving_dir, str(n))
+  assert serving.production(serving_dir) == storage.join(serving_dir, "3")
+  assert storage.list_dir(serving_dir) == ["1", "2", "3"]  # no hidden copy left behind
+  metadata = export.read_metadata(storage.join(serving_dir, "3"))
+  assert metadata["version"] == 3 and metadata["promoted_from"] == source and metadata["test"] == {"rmse": 1.0}
+  assert version_files(storage.join(serving_dir, "3")) == version_files(source)
+  assert storage.read_bytes(storage.join(serving_dir, "3", "variables", "variables.index")) == b"index"
+
+
+def test_promote_from_gs_and_refusals(gcs_bucket, tmp_path):
+  source = fake_export(storage.join(gcs_bucket, "job", "export", "1"))
+  serving_dir = str(tmp_path / "serving")
+  assert serving.promote(source, serving_dir) == os.path.join(serving_dir, "1")
+  assert export.read_metadata(os.path.join(serving_dir, "1"))["version"] == 1
+  with pytest.raises(UserError, match="cannot read the export's metadata"):
+    serving.promote(fake_export(str(tmp_path / "half"), marker=False), serving_dir)
+  with pytest.raises(ValueError, match="keep_versions=0"):
+    serving.promote(source, serving_dir, keep_versions=0)
+  assert storage.list_dir(serving_dir) == ["1"]
+
+
+def test_leftovers_are_removed_and_their_numbers_never_reused(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  for _ in range(3):
+    serving.promote(source, serving_dir)
+  # A killed gs:// upload of 4 (everything but the marker) and a killed local copy's hidden folder.
+  fake_export(storage.join(serving_dir, "4"), marker=False)
+  fake_export(storage.join(serving_dir, ".tmp-4-0123abcd"))
+  storage.write_text(storage.join(serving_dir, "notes", "README"), "not a version")
+  storage.write_text(storage.join(serving_dir, serving.HISTORY), "")
+  assert serving.production(serving_dir) == storage.join(serving_dir, "3")
+  # A poller may have seen 4 half there and given up on it: the new version is 5.
+  assert serving.promote(source, serving_dir) == storage.join(serving_dir, "5")
+  assert storage.list_dir(serving_dir) == ["1", "2", "3", "5", serving.HISTORY, "notes"]
+  assert serving.complete_versions(serving_dir) == [1, 2, 3, 5]
+
+
+def test_keep_versions_prunes_the_oldest(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  for _ in range(4):
+    serving.promote(source, serving_dir, keep_versions=2)
+  assert storage.list_dir(serving_dir) == ["3", "4"]
+  assert serving.production(serving_dir) == storage.join(serving_dir, "4")
+
+
+# Run as `python stalled_promotion.py <source> <serving_dir>`: promote, stalled just before the
+# step that makes the version complete (locally the rename of the hidden copy, on gs:// the
+# upload of trainer_export.json), saying so on stderr for the test to kill it there.
+STALLED_PROMOTION = '''
+import os, sys, time
+from google.cloud.storage import Blob
+from trainer import serving
+
+def stall(what):
+  print("STALLED", what, file=sys.stderr, flush=True)
+  time.sleep(600)
+
+rename = os.rename
+def slow_rename(source, dest):
+  if os.path.basename(str(dest)).isdigit():
+    stall(dest)
+  return rename(source, dest)
+os.rename = slow_rename
+
+upload = Blob.upload_from_filename
+def slow_upload(self, *args, **kwargs):
+  if self.name.endswith("/trainer_export.json"):
+    stall(self.name)
+  return upload(self, *args, **kwargs)
+Blob.upload_from_filename = slow_upload
+
+serving.promote(sys.argv[1], sys.argv[2])
+'''
+
+
+def wait_for_line(process, pattern, timeout=60):
+  """The first stderr line of process matching pattern (it must appear within timeout seconds)."""
+  deadline = time.monotonic() + timeout
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if re.search(pattern, line):
+      return line
+    assert time.monotonic() < deadline, "".join(seen)
+  raise AssertionError(f"exited {process.wait()} before {pattern!r}:\n" + "".join(seen))
+
+
+def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  serving.promote(source, serving_dir)
+  script = tmp_path / "stalled_promotion.py"
+  script.write_text(STALLED_PROMOTION)
+  process = subprocess.Popen([sys.executable, str(script), source, serving_dir], stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_line(process, "^STALLED")
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  assert serving.production(serving_dir) == storage.join(serving_dir, "1")
+  assert serving.complete_versions(serving_dir) == [1]
+  left = [n for n in storage.list_dir(serving_dir) if n != "1"]
+  if storage.is_remote(root):
+    # No rename on gs://: 2 is visible, with saved_model.pb, and without the marker.
+    assert left == ["2"]
+    assert export.METADATA not in version_files(storage.join(serving_dir, "2"))
+    assert "saved_model.pb" in version_files(storage.join(serving_dir, "2"))
+    expected = "3"
+  else:
+    assert len(left) == 1 and left[0].startswith(".tmp-2-")  # hidden: no poller saw a 2
+    expected = "2"
+  assert serving.promote(source, serving_dir) == storage.join(serving_dir, expected)
+  assert storage.list_dir(serving_dir) == ["1", expected]
+  assert serving.production(serving_dir) == storage.join(serving_dir, expected)
+
+
+def lease_record(serving_dir):
+  return json.loads(storage.read_text(storage.join(serving_dir, serving.LEASE)))
+
+
+def write_lease(serving_dir, owner, expires):
+  storage.write_text(storage.join(serving_dir, serving.LEASE),
+                     json.dumps({"owner": owner, "token": "theirs", "acquired": expires - 60, "expires": expires}))
+
+
+def test_a_held_lease_blocks_until_released_or_expired(root):
+  first = serving.Lease(root, "retrain-a", ttl_seconds=600).acquire()
+  record = lease_record(root)
+  assert record["owner"] == "retrain-a" and abs(record["expires"] - time.time() - 600) < 30
+  assert record["acquired"] <= time.time()
+  second = serving.Lease(root, "retrain-b")
+  with pytest.raises(serving.LeaseHeld) as held:
+    second.acquire()
+  message = str(held.value)
+  assert "\n" not in message and message.startswith(f"{storage.join(root, serving.LEASE)} is held by retrain-a until ")
+  assert held.value.owner == "retrain-a" and held.value.expires == record["expires"]
+  first.renew()
+  assert lease_record(root)["expires"] >= record["expires"] and lease_record(root)["acquired"] == record["acquired"]
+  assert first.release() and not storage.exists(storage.join(root, serving.LEASE))
+  second.acquire()
+  assert lease_record(root)["owner"] == "retrain-b"
+  assert not first.release()  # not ours: left alone
+  assert lease_record(root)["owner"] == "retrain-b"
+
+  # A crashed holder's lease runs out; the next one takes over and the old holder learns it.
+  write_lease(root, "crashed", time.time() - 1)
+  third = serving.Lease(root, "retrain-c").acquire()
+  assert lease_record(root)["owner"] == "retrain-c"
+  with pytest.raises(serving.LeaseLost, match="now held by retrain-c"):
+    second.renew()
+  # A lease that is not one (edited by hand) does not block forever either.
+  storage.write_text(storage.join(root, serving.LEASE), "not json")
+  serving.Lease(root, "retrain-d").acquire()
+  with pytest.raises(serving.LeaseLost, match="now held by retrain-d"):
+    third.renew()
+
+
+def test_lease_context_keep_alive_and_wait(root):
+  with serving.Lease(root, "long", ttl_seconds=0.6, keep_alive=True):
+    time.sleep(1.2)  # twice the lease's life: renewed meanwhile
+    with pytest.raises(serving.LeaseHeld, match="held by long"):
+      serving.Lease(root, "short").acquire()
+  assert not storage.exists(storage.join(root, serving.LEASE))
+
+  holder = serving.Lease(root, "holder").acquire()
+  started = time.monotonic()
+  with pytest.raises(serving.LeaseHeld):
+    serving.Lease(root, "impatient", wait_seconds=0.5).acquire()
+  assert 0.5 <= time.monotonic() - started < 3
+  threading.Timer(0.5, holder.release).start()
+  with serving.Lease(root, "patient", wait_seconds=10):
+    assert lease_record(root)["owner"] == "patient"
+  # Expired without a renewal: anyone may take it.
+  serving.Lease(root, "brief", ttl_seconds=0.3).acquire()
+  time.sleep(0.4)
+  serving.Lease(root, "next").acquire()
+
+
+# Run as `python race.py <root> <name> <rounds> <go file>`: says READY; then for each round waits
+# for `<go file>-<round>` and tries for the lease of <root>/<round> (fresh-<k>: none there;
+# stale-<k>: an expired one), saying "<round> won" or "<round> held <message>".
+RACE = '''
+import os, sys, time
+from trainer import serving, storage
+
+root, name, rounds, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+storage.exists(root)  # the client made and its imports done, so that both start at full speed
+print("READY", flush=True)
+for key in [f"{kind}-{k}" for kind in ("fresh", "stale") for k in range(rounds)]:
+  while not os.path.exists(f"{go}-{key}"):
+    time.sleep(0.0005)
+  try:
+    serving.Lease(storage.join(root, key), name).acquire()
+    print(key, "won", flush=True)
+  except serving.LeaseHeld as e:
+    print(key, "held", e, flush=True)
+'''
+
+
+def test_two_processes_racing_for_the_lease_never_both_win(root, tmp_path):
+  rounds = 8
+  for k in range(rounds):
+    write_lease(storage.join(root, f"stale-{k}"), "crashed", time.time() - 1)
+  script, go = tmp_path / "race.py", tmp_path / "go"
+  script.write_text(RACE)
+  racers = {name: subprocess.Popen([sys.executable, str(script), root, name, str(rounds), str(go)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("racer-a", "racer-b")}
+  try:
+    for process in racers.values():
+      assert process.stdout.readline().strip() == "READY", process.stderr.read()
+    for key in [f"{kind}-{k}" for kind in ("fresh", "stale") for k in range(rounds)]:
+      (tmp_path / f"go-{key}").write_text("")  # both start this round at once
+      outcomes = {}
+      for name, process in racers.items():
+        line = process.stdout.readline().rstrip("\n")
+        assert line.startswith(key + " "), (name, line, process.stderr.read() if not line else "")
+        outcomes[name] = line[len(key) + 1:]
+      won = [name for name, outcome in outcomes.items() if outcome == "won"]
+      assert len(won) == 1, (key, outcomes)
+      (loser,) = set(racers) - set(won)
+      assert outcomes[loser].startswith(f"held {storage.join(root, key, serving.LEASE)} is held by {won[0]} ")
+      assert lease_record(storage.join(root, key))["owner"] == won[0]
+  finally:
+    for process in racers.values():
+      process.kill()
+      process.wait()
+
+
+HISTORY = [
+    {"time": "2025-03-01T03:00:00+00:00", "decision": "promoted", "version": 1, "metric": "rmse",
+     "candidate": {"rmse": 9.5, "mae": 7.0}, "production": None, "baseline": {"rmse": 9.8},
+     "reason": "no production model yet", "data": {"first": "2010-01-04", "last": "2025-02-28"}},
+    {"time": "2025-03-02T03:00:00+00:00", "decision": "rejected", "version": 1, "metric": "rmse",
+     "candidate": {"rmse": 9.7}, "production": {"rmse": 9.4}, "baseline": {"rmse": 9.8},
+     "reason": "candidate rmse 9.7 is not better than production's 9.4"},
+    {"time": "2025-03-03T03:00:00Z", "decision": "promoted", "version": 2, "metric": "rmse",
+     "candidate": 9.1, "production": 9.4, "baseline": 9.7, "reason": "3.2% better than production"},
+]
+
+
+def test_history_round_trip_table_and_plot(root):
+  assert serving.read_history(root) == []
+  for entry in HISTORY:
+    serving.append_history(root, entry)
+  assert serving.read_history(root) == HISTORY
+  text = storage.read_text(storage.join(root, serving.HISTORY))
+  assert len(text.splitlines()) == 3 and text.endswith("\n")
+
+  table = serving.history_table(serving.read_history(root)).splitlines()
+  assert re.split(r"\s+", table[0]) == ["time", "decision", "version", "metric", "candidate", "production",
+                                        "baseline", "reason"]
+  assert re.split(r"\s{2,}", table[1]) == ["2025-03-01 03:00", "promoted", "1", "rmse", "9.5", "-", "9.8",
+                                           "no production model yet"]
+  assert re.split(r"\s{2,}", table[3])[:7] == ["2025-03-03 03:00", "promoted", "2", "rmse", "9.1", "9.4", "9.7"]
+  assert len({line.index("reason" if i == 0 else HISTORY[i - 1]["reason"]) for i, line in enumerate(table)}) == 1
+  assert serving.history_table([]).splitlines()[-1] == "(no runs yet)"
+
+  plot = storage.join(root, "history.png")
+  serving.history_plot(serving.read_history(root), plot)
+  assert storage.read_bytes(plot).startswith(b"\x89PNG\r\n\x1a\n")
+  serving.history_plot([], plot)
+  assert storage.read_bytes(plot).startswith(b"\x89PNG")
+
+  # A line broken by hand is skipped with a warning; later appends still work.
+  storage.write_text(storage.join(root, serving.HISTORY), text + "{broken\n")
+  serving.append_history(root, {"decision": "rejected"})
+  assert serving.read_history(root) == HISTORY + [{"decision": "rejected"}]
+
+
+def test_a_promoted_version_serves_with_tf_saved_model_load(tmp_path):
+  import keras
+  import tensorflow as tf
+
+  model = keras.Sequential([keras.Input((3,), name="features"), keras.layers.Dense(4, activation="relu"),
+                            keras.layers.Dense(1)])
+  source = str(tmp_path / "export" / "1")
+  model.export(source, verbose=False)
+  model.save(os.path.join(source, export.KERAS_MODEL))
+  with open(os.path.join(source, export.METADATA), "w") as f:
+    json.dump({"format": export.FORMAT, "version": 1, "signature": "serving_default"}, f)
+  serving_dir = str(tmp_path / "serving")
+  serving.promote(source, serving_dir)
+  folder = serving.promote(source, serving_dir)
+  x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+  served = tf.saved_model.load(folder).signatures["serving_default"](features=tf.constant(x))
+  (output,) = served.values()
+  np.testing.assert_allclose(output.numpy(), model(x).numpy(), atol=1e-6)

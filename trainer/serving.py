@@ -1,0 +1,376 @@
+"""A serving folder as TF Serving reads it: `<serving_dir>/<integer version>/` SavedModels, of
+which the highest complete one is in production, plus what retraining keeps beside them.
+
+    <serving_dir>/<n>/             an export version (trainer.export), its trainer_export.json last
+    <serving_dir>/.lease.json      who may change the folder now, and until when (Lease)
+    <serving_dir>/history.jsonl    one line per retraining run (append_history)
+
+Promotion never shows a poller half a model: locally a version is copied under a hidden name
+and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
+Serving waits for) and trainer_export.json (what `production` waits for). Everything that
+changes the folder (promote, append_history) assumes the caller holds the Lease: the folder is
+read, decided on and written in separate steps.
+
+No TensorFlow here, and matplotlib only for the plot: the history is shown in a second.
+"""
+
+import datetime
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+
+from absl import logging
+
+from trainer import export, storage
+from trainer.config import UserError
+
+LEASE = ".lease.json"
+HISTORY = "history.jsonl"
+DEFAULT_TTL_SECONDS = 3600
+# Hidden folders publish_dir copies a version into before renaming it to its number.
+_TEMP = re.compile(r"\.tmp-\d+-")
+
+
+def production(serving_dir):
+  """The folder of the highest complete version, or None when there is none."""
+  return export.latest_version(serving_dir)
+
+
+def complete_versions(serving_dir):
+  """The complete versions (with trainer_export.json), ascending."""
+  return _scan(serving_dir)[1]
+
+
+def promote(version_dir, serving_dir, keep_versions=5, lease=None):
+  """Copies the complete export version_dir (local or gs://) to `<serving_dir>/<n>`, n one more
+  than the highest version folder present, complete or not; returns that folder.
+
+  Why not reuse the number of an incomplete folder: on gs:// a folder is visible from its first
+  object, so TF Serving may have tried, and failed, to load it, and would not try that number
+  again. Incomplete folders are removed only once the new version is complete, so a run killed
+  in between cannot make the next one reuse their numbers either. Then the newest
+  keep_versions complete versions are kept and older ones removed. With a lease, it is renewed
+  first: a retrain whose lease was taken over stops here with LeaseLost.
+  """
+  if keep_versions < 1:
+    raise ValueError(f"keep_versions={keep_versions}: keep at least the version in production")
+  metadata = export.read_metadata(version_dir)  # UserError unless it is a complete export
+  with tempfile.TemporaryDirectory() as scratch:
+    local = os.path.join(scratch, "version")
+    storage.download_dir(version_dir, local)
+    if not os.path.exists(os.path.join(local, "saved_model.pb")):
+      raise UserError(f"{version_dir}: no saved_model.pb; not a SavedModel export, cannot serve it")
+    if lease is not None:
+      lease.renew()
+    names, _ = _scan(serving_dir)
+    for name in names:  # hidden copies of killed promotions: no poller looks at them
+      if _TEMP.match(name):
+        logging.warning("removing %s: left by a promotion that was interrupted", storage.join(serving_dir, name))
+        storage.remove(storage.join(serving_dir, name))
+    version = max((int(n) for n in names if n.isdigit()), default=0) + 1
+    metadata.update(version=version, promoted_from=version_dir)
+    with open(os.path.join(local, export.METADATA), "w") as f:
+      json.dump(metadata, f, indent=2)
+    folder = storage.join(serving_dir, str(version))
+    storage.publish_dir(local, folder, last=("saved_model.pb", export.METADATA))
+  logging.info("promoted %s to %s", version_dir, folder)
+  names, complete = _scan(serving_dir)
+  for name in names:
+    if name.isdigit() and int(name) not in complete:
+      logging.warning("removing %s: an incomplete version (no %s), left by an interrupted promotion",
+                      storage.join(serving_dir, name), export.METADATA)
+      _withdraw(storage.join(serving_dir, name))
+  for old in complete[:-keep_versions]:
+    logging.info("removing version %d of %s: keeping the newest %d", old, serving_dir, keep_versions)
+    _withdraw(storage.join(serving_dir, str(old)))
+  return folder
+
+
+def _scan(serving_dir):
+  """(names in serving_dir, complete versions ascending), in two listings however many versions."""
+  names = storage.list_dir(serving_dir)
+  marked = {path.split("/")[0] for path in storage.list_files(serving_dir) if path.count("/") == 1
+            and path.endswith("/" + export.METADATA)}
+  return names, sorted(int(n) for n in names if n.isdigit() and n in marked)
+
+
+def _withdraw(folder):
+  """Removes a version so that it stops being one first: its marker, then what TF Serving loads."""
+  for name in (export.METADATA, "saved_model.pb"):
+    storage.remove(storage.join(folder, name))
+  storage.remove(folder)
+
+
+class LeaseHeld(Exception):
+  """Another process holds the serving folder's lease: not a mistake, someone else's turn."""
+
+  def __init__(self, path, owner, expires):
+    self.path, self.owner, self.expires = path, owner, expires
+    left = max(0, expires - time.time())
+    super().__init__(f"{path} is held by {owner} until {_utc(expires)} ({left / 60:.0f} min from now): another "
+                     "retrain is running, or one crashed and its lease runs out then")
+
+
+class LeaseLost(Exception):
+  """The lease this process held has been released or taken over (it expired)."""
+
+
+class Lease:
+  """`<serving_dir>/.lease.json`: {"owner", "token", "acquired", "expires"} (UTC epoch seconds).
+
+  acquire() creates it if absent, or replaces it if it has expired (so a crashed holder blocks
+  others for ttl_seconds at most), each only if nobody changed it in between (a generation
+  precondition on gs://, a lock file locally), so of two processes racing exactly one wins and
+  the other raises LeaseHeld. The holder renews it before it runs out (renew(), or
+  keep_alive=True: a thread renews every ttl_seconds / 3 while the `with` block runs); a
+  holder whose lease was taken over learns it at its next renew (LeaseLost). Expiry compares
+  wall clocks: hosts must agree to well within ttl_seconds.
+  """
+
+  def __init__(self, serving_dir, owner, ttl_seconds=DEFAULT_TTL_SECONDS, wait_seconds=0, keep_alive=False):
+    if not ttl_seconds > 0:
+      raise ValueError(f"ttl_seconds={ttl_seconds}: a lease must last some time")
+    self.path = storage.join(serving_dir, LEASE)
+    self.owner, self.ttl_seconds, self.wait_seconds, self.keep_alive = owner, ttl_seconds, wait_seconds, keep_alive
+    self._token = secrets.token_hex(8)
+    self._stop = threading.Event()
+    self._renewer = None
+
+  def acquire(self):
+    """Takes the lease, waiting up to wait_seconds for its holder; LeaseHeld if it cannot."""
+    deadline = time.monotonic() + self.wait_seconds
+    while True:
+      try:
+        return self._try_acquire()
+      except LeaseHeld:
+        if time.monotonic() >= deadline:
+          raise
+      time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+
+  def _try_acquire(self):
+    held = {}
+    for _ in range(5):
+      record = self._record(acquired=time.time())
+      if storage.create_exclusive(self.path, record):
+        return self
+      try:
+        data, token = storage.read_with_token(self.path)
+      except FileNotFoundError:
+        continue  # released since: create it again
+      held = _parse_lease(data)
+      if held.get("token") == self._token:  # ours already: extend it
+        record = self._record(acquired=held.get("acquired", time.time()))
+      elif held.get("expires", 0) > time.time():
+        raise LeaseHeld(self.path, held.get("owner", "an unknown owner"), held["expires"])
+      if storage.replace_if_unchanged(self.path, record, token):
+        if held.get("token") != self._token:
+          logging.warning("took over %s from %s, whose lease expired at %s", self.path,
+                          held.get("owner", "nobody"), _utc(held.get("expires", 0)))
+        return self
+      # Changed since we read it: someone else got there first. Look again.
+    raise LeaseHeld(self.path, held.get("owner", "another process"), held.get("expires", time.time()))
+
+  def renew(self):
+    """Extends the lease to ttl_seconds from now; LeaseLost when it is no longer ours."""
+    try:
+      data, token = storage.read_with_token(self.path)
+    except FileNotFoundError:
+      raise LeaseLost(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
+    held = _parse_lease(data)
+    if held.get("token") != self._token:
+      raise LeaseLost(f"{self.path}: the lease of {self.owner} expired and is now held by "
+                      f"{held.get('owner', 'an unknown owner')}")
+    if not storage.replace_if_unchanged(self.path, self._record(acquired=held.get("acquired", time.time())), token):
+      raise LeaseLost(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
+    return self
+
+  def release(self):
+    """Removes the lease if it is still ours; True if it was."""
+    try:
+      data, token = storage.read_with_token(self.path)
+    except FileNotFoundError:
+      return False
+    held = _parse_lease(data)
+    if held.get("token") != self._token:
+      logging.warning("not releasing %s: held by %s now, not by %s", self.path, held.get("owner"), self.owner)
+      return False
+    return storage.remove_if_unchanged(self.path, token)
+
+  def _record(self, acquired):
+    now = time.time()
+    return json.dumps({"owner": self.owner, "token": self._token, "acquired": round(acquired, 3),
+                       "expires": round(now + self.ttl_seconds, 3)}).encode("utf-8")
+
+  def __enter__(self):
+    self.acquire()
+    if self.keep_alive:
+      self._stop.clear()
+      self._renewer = threading.Thread(target=self._renew_until_stopped, daemon=True, name="lease-renewer")
+      self._renewer.start()
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._renewer is not None:
+      self._stop.set()
+      self._renewer.join()
+      self._renewer = None
+    self.release()
+
+  def _renew_until_stopped(self):
+    while not self._stop.wait(self.ttl_seconds / 3):
+      try:
+        self.renew()
+      except LeaseLost as e:
+        logging.error("%s; stopped renewing it", e)
+        return
+      except storage.StorageError as e:  # a flaky bucket: try again at the next interval
+        logging.warning("could not renew %s (%s); trying again", self.path, e)
+
+
+def _parse_lease(data):
+  """The lease's record; {} (an expired lease of nobody) when it is not one: our writes are
+  whole, so only a person can have made it unreadable, and it must not block forever."""
+  try:
+    record = json.loads(data)
+  except ValueError:
+    return {}
+  if not isinstance(record, dict) or not isinstance(record.get("expires", 0), (int, float)):
+    return {}
+  return record
+
+
+def _utc(epoch_seconds):
+  return datetime.datetime.fromtimestamp(epoch_seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def append_history(serving_dir, entry):
+  """Adds entry as the last line of `<serving_dir>/history.jsonl`. Read, extended and written
+  whole (storage.write_text: a reader sees the old file or the new one; gs:// has no append),
+  so call it holding the Lease: two unguarded writers would lose one of the lines."""
+  path = storage.join(serving_dir, HISTORY)
+  try:
+    text = storage.read_text(path)
+  except FileNotFoundError:
+    text = ""
+  if text and not text.endswith("\n"):
+    text += "\n"
+  storage.write_text(path, text + json.dumps(entry, sort_keys=True) + "\n")
+
+
+def read_history(serving_dir):
+  """The entries of `<serving_dir>/history.jsonl`, oldest first; [] when there is none. A line
+  that is not a JSON object (edited by hand) is skipped with a warning naming it."""
+  path = storage.join(serving_dir, HISTORY)
+  try:
+    lines = storage.read_text(path).splitlines()
+  except FileNotFoundError:
+    return []
+  entries = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      entry = json.loads(line)
+    except ValueError:
+      entry = None
+    if not isinstance(entry, dict):
+      logging.warning("%s:%d: not a JSON object; skipped", path, number)
+      continue
+    entries.append(entry)
+  return entries
+
+
+# An entry as the retrain writes it: "time" (ISO 8601, UTC), "decision" ("promoted" or
+# "rejected"), "version" (promoted: the new version; rejected: the one kept, or null), "metric"
+# (the name compared, e.g. "rmse"), "candidate", "production" and "baseline" (each the metric's
+# value, or a dict of metrics holding it; null when there was none), "reason", "data".
+_COLUMNS = ("time", "decision", "version", "metric", "candidate", "production", "baseline", "reason")
+
+
+def history_table(entries):
+  """The runs as a fixed-width table for a terminal, oldest first; the reason is last, unclipped."""
+  rows = [[_time_text(e.get("time")), str(e.get("decision", "-")),
+           "-" if e.get("version") is None else str(e["version"]), str(e.get("metric", "-")),
+           *(_number_text(metric_value(e, key)) for key in ("candidate", "production", "baseline")),
+           str(e.get("reason", ""))] for e in entries]
+  widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(_COLUMNS)]
+  right = {"version", "candidate", "production", "baseline"}
+  lines = []
+  for row in [list(_COLUMNS)] + rows:
+    cells = [cell.rjust(width) if name in right else cell.ljust(width)
+             for name, cell, width in zip(_COLUMNS, row, widths)]
+    lines.append("  ".join(cells).rstrip())
+  if not rows:
+    lines.append("(no runs yet)")
+  return "\n".join(lines)
+
+
+def metric_value(entry, key):
+  """The compared metric's value of entry[key] ("candidate", "production" or "baseline"), or None."""
+  value = entry.get(key)
+  if isinstance(value, dict):
+    value = value.get(entry.get("metric"))
+  return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _number_text(value):
+  return "-" if value is None else f"{value:.4g}"
+
+
+def _time_text(value):
+  parsed = _parse_time(value)
+  return parsed.strftime("%Y-%m-%d %H:%M") if parsed else str(value or "-")
+
+
+def _parse_time(value):
+  try:
+    parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+  except ValueError:
+    return None
+  return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
+
+
+def history_plot(entries, path):
+  """A PNG at path (local or gs://) of the production metric over time: a step at each
+  promotion, rejected candidates as crosses, the baseline as dots; runs of the last entry's
+  metric only (a model that changed metric starts a new story)."""
+  import matplotlib
+  matplotlib.use("Agg")  # retraining runs without a display
+  import matplotlib.pyplot as plt
+
+  metric = entries[-1].get("metric") if entries else None
+  runs = [(t, e) for e in entries if e.get("metric") == metric for t in [_parse_time(e.get("time"))] if t]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  promoted = [(t, metric_value(e, "candidate"), e.get("version")) for t, e in runs
+              if e.get("decision") == "promoted" and metric_value(e, "candidate") is not None]
+  if promoted:
+    times, values = [t for t, _, _ in promoted], [v for _, v, _ in promoted]
+    end = max(t for t, _ in runs)  # production holds its value until the last run
+    ax.step(times + [end], values + values[-1:], where="post", color="tab:blue", label="production")
+    ax.plot(times, values, "o", color="tab:blue")
+    for t, value, version in promoted:
+      ax.annotate(f"v{version}", (t, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  rejected = [(t, metric_value(e, "candidate")) for t, e in runs
+              if e.get("decision") == "rejected" and metric_value(e, "candidate") is not None]
+  if rejected:
+    ax.plot(*zip(*rejected), "x", color="tab:red", markersize=8, label="rejected candidate")
+  baseline = [(t, metric_value(e, "baseline")) for t, e in runs if metric_value(e, "baseline") is not None]
+  if baseline:
+    ax.plot(*zip(*baseline), ".", color="grey", label="baseline")
+  if not runs:
+    ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
+  else:
+    ax.legend()
+  ax.set(xlabel="run time (UTC)", ylabel=metric or "metric", title=f"Production {metric or 'metric'} over time")
+  fig.autofmt_xdate()
+  fig.tight_layout()
+  with tempfile.TemporaryDirectory() as scratch:
+    local = os.path.join(scratch, "history.png")
+    fig.savefig(local, dpi=100)
+    plt.close(fig)
+    with open(local, "rb") as f:
+      storage.write_bytes(path, f.read())
