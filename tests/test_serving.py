@@ -3,6 +3,7 @@ generation preconditions it ignores): promotion numbering, leftovers and pruning
 killed half way, the lease against real racing processes, the history, and a promoted version
 that tf.saved_model.load serves."""
 
+import http.client
 import http.server
 import json
 import os
@@ -77,7 +78,6 @@ class PreconditionProxy:
     return int(json.loads(data)["generation"]) if status == 200 else 0
 
   def _send(self, method, path, headers, body):
-    import http.client
     connection = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
     try:
       connection.request(method, path, body=body or None, headers=headers)
@@ -198,6 +198,18 @@ def test_leftovers_are_removed_and_their_numbers_never_reused(root, tmp_path):
   assert serving.promote(source, serving_dir) == storage.join(serving_dir, "5")
   assert storage.list_dir(serving_dir) == ["1", "2", "3", "5", serving.HISTORY, "notes"]
   assert serving.complete_versions(serving_dir) == [1, 2, 3, 5]
+
+
+def test_promote_under_a_lost_lease_publishes_nothing(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  lease = serving.Lease(serving_dir, "slow").acquire()
+  assert serving.promote(source, serving_dir, lease=lease) == storage.join(serving_dir, "1")
+  write_lease(serving_dir, "slow", time.time() - 1)  # as if ours ran out...
+  serving.Lease(serving_dir, "fast").acquire()  # ...and another retrain took over
+  with pytest.raises(serving.LeaseLost, match="now held by fast"):
+    serving.promote(source, serving_dir, lease=lease)
+  assert serving.complete_versions(serving_dir) == [1]
 
 
 def test_keep_versions_prunes_the_oldest(root, tmp_path):
@@ -322,8 +334,9 @@ def test_a_held_lease_blocks_until_released_or_expired(root):
 
 
 def test_lease_context_keep_alive_and_wait(root):
-  with serving.Lease(root, "long", ttl_seconds=0.6, keep_alive=True):
-    time.sleep(1.2)  # twice the lease's life: renewed meanwhile
+  with serving.Lease(root, "long", ttl_seconds=1, keep_alive=True) as lease:
+    time.sleep(1.5)  # longer than the lease's life: renewed meanwhile
+    lease.renew()  # by the caller too, beside the renewing thread
     with pytest.raises(serving.LeaseHeld, match="held by long"):
       serving.Lease(root, "short").acquire()
   assert not storage.exists(storage.join(root, serving.LEASE))

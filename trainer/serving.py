@@ -4,6 +4,7 @@ which the highest complete one is in production, plus what retraining keeps besi
     <serving_dir>/<n>/             an export version (trainer.export), its trainer_export.json last
     <serving_dir>/.lease.json      who may change the folder now, and until when (Lease)
     <serving_dir>/history.jsonl    one line per retraining run (append_history)
+    <serving_dir>/history.png      the production metric over time (history_plot)
 
 Promotion never shows a poller half a model: locally a version is copied under a hidden name
 and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
@@ -30,6 +31,7 @@ from trainer.config import UserError
 
 LEASE = ".lease.json"
 HISTORY = "history.jsonl"
+HISTORY_PLOT = "history.png"
 DEFAULT_TTL_SECONDS = 3600
 # Hidden folders publish_dir copies a version into before renaming it to its number.
 _TEMP = re.compile(r"\.tmp-\d+-")
@@ -66,7 +68,7 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None):
       raise UserError(f"{version_dir}: no saved_model.pb; not a SavedModel export, cannot serve it")
     if lease is not None:
       lease.renew()
-    names, _ = _scan(serving_dir)
+    names = storage.list_dir(serving_dir)
     for name in names:  # hidden copies of killed promotions: no poller looks at them
       if _TEMP.match(name):
         logging.warning("removing %s: left by a promotion that was interrupted", storage.join(serving_dir, name))
@@ -111,8 +113,9 @@ class LeaseHeld(Exception):
   def __init__(self, path, owner, expires):
     self.path, self.owner, self.expires = path, owner, expires
     left = max(0, expires - time.time())
-    super().__init__(f"{path} is held by {owner} until {_utc(expires)} ({left / 60:.0f} min from now): another "
-                     "retrain is running, or one crashed and its lease runs out then")
+    left = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
+    super().__init__(f"{path} is held by {owner} until {_utc(expires)} ({left} from now): another retrain is "
+                     "running, or one crashed and its lease runs out then")
 
 
 class LeaseLost(Exception):
@@ -137,6 +140,7 @@ class Lease:
     self.path = storage.join(serving_dir, LEASE)
     self.owner, self.ttl_seconds, self.wait_seconds, self.keep_alive = owner, ttl_seconds, wait_seconds, keep_alive
     self._token = secrets.token_hex(8)
+    self._lock = threading.Lock()  # the renewing thread and the caller must not race each other
     self._stop = threading.Event()
     self._renewer = None
 
@@ -176,29 +180,32 @@ class Lease:
 
   def renew(self):
     """Extends the lease to ttl_seconds from now; LeaseLost when it is no longer ours."""
-    try:
-      data, token = storage.read_with_token(self.path)
-    except FileNotFoundError:
-      raise LeaseLost(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
-    held = _parse_lease(data)
-    if held.get("token") != self._token:
-      raise LeaseLost(f"{self.path}: the lease of {self.owner} expired and is now held by "
-                      f"{held.get('owner', 'an unknown owner')}")
-    if not storage.replace_if_unchanged(self.path, self._record(acquired=held.get("acquired", time.time())), token):
-      raise LeaseLost(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
+    with self._lock:
+      try:
+        data, token = storage.read_with_token(self.path)
+      except FileNotFoundError:
+        raise LeaseLost(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
+      held = _parse_lease(data)
+      if held.get("token") != self._token:
+        raise LeaseLost(f"{self.path}: the lease of {self.owner} expired and is now held by "
+                        f"{held.get('owner', 'an unknown owner')}")
+      record = self._record(acquired=held.get("acquired", time.time()))
+      if not storage.replace_if_unchanged(self.path, record, token):
+        raise LeaseLost(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
     return self
 
   def release(self):
     """Removes the lease if it is still ours; True if it was."""
-    try:
-      data, token = storage.read_with_token(self.path)
-    except FileNotFoundError:
-      return False
-    held = _parse_lease(data)
-    if held.get("token") != self._token:
-      logging.warning("not releasing %s: held by %s now, not by %s", self.path, held.get("owner"), self.owner)
-      return False
-    return storage.remove_if_unchanged(self.path, token)
+    with self._lock:
+      try:
+        data, token = storage.read_with_token(self.path)
+      except FileNotFoundError:
+        return False
+      held = _parse_lease(data)
+      if held.get("token") != self._token:
+        logging.warning("not releasing %s: held by %s now, not by %s", self.path, held.get("owner"), self.owner)
+        return False
+      return storage.remove_if_unchanged(self.path, token)
 
   def _record(self, acquired):
     now = time.time()
