@@ -8,7 +8,9 @@ which the highest complete one is in production, plus what retraining keeps besi
 
 Promotion never shows a poller half a model: locally a version is copied under a hidden name
 and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
-Serving waits for) and trainer_export.json (what `production` waits for). Everything that
+Serving waits for) and trainer_export.json (what `production` waits for); killed between those
+two, the version is whole for TF Serving but not production here until the next promotion
+replaces it with a higher number. Everything that
 changes the folder (promote, append_history) assumes the caller holds the Lease: the folder is
 read, decided on and written in separate steps.
 
