@@ -110,12 +110,11 @@ class Checkpoints:
         storage.remove(storage.join(self.directory, name))
 
   def _prune(self, newest):
-    complete = self.complete()
-    old = set(complete[:-self.keep])
+    kept = set(self.complete()[-self.keep:])
     for name in storage.list_dir(self.directory):
       match = _NAME.match(name)
-      # Older incomplete folders are leftovers of a killed upload; newer ones cannot exist here
-      # (this job just published `newest`), and a hidden .tmp- folder is a killed local copy.
-      leftover = match and int(match.group(1)) not in complete and int(match.group(1)) < newest
-      if (match and int(match.group(1)) in old) or leftover or name.startswith(".tmp-"):
+      # Below `newest` (just published), anything but the kept checkpoints goes: older complete
+      # ones and incomplete leftovers of a killed upload; a hidden .tmp- folder is a killed local copy.
+      old = match and int(match.group(1)) < newest and int(match.group(1)) not in kept
+      if old or name.startswith(".tmp-"):
         storage.remove(storage.join(self.directory, name))

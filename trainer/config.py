@@ -153,15 +153,20 @@ class Config:
       except ValueError:
         raise UserError(f"--test_start={self.test_start!r} is not a date; write it as YYYY-MM-DD") from None
 
+  def resume_identity(self):
+    """The flags that make this job this job (RESUME_FIELDS), as JSON saves them: a checkpoint
+    keeps them, and resume_mismatch compares against them."""
+    return {name: list(value) if isinstance(value, tuple) else value
+            for name, value in ((name, getattr(self, name)) for name in RESUME_FIELDS)}
+
   def resume_mismatch(self, saved):
     """The first flag whose value differs from `saved` (a checkpoint's config) in a way that makes
     its checkpoints useless or misleading for this job, as (flag, saved value, value), or None.
     --epochs, --patience and --learning_rate may change: going on for longer, or going on with a
     smaller step after a divergence, is what resuming is for."""
-    for name in RESUME_FIELDS:
-      saved_value, value = saved.get(name), getattr(self, name)
-      if (list(value) if isinstance(value, tuple) else value) != saved_value:
-        return name, saved_value, value
+    for name, value in self.resume_identity().items():
+      if value != saved.get(name):
+        return name, saved.get(name), value
     return None
 
   @property

@@ -12,7 +12,7 @@ from absl import logging
 
 from trainer import distribution, hptuning, loop, report, storage
 from trainer.checkpoints import Checkpoints
-from trainer.config import RESUME_FIELDS, UserError
+from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.preemption import StopSignal, WorkerLost
@@ -20,8 +20,8 @@ from trainer.preemption import StopSignal, WorkerLost
 # TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
 # logger, the job's own) would drown the job's.
 tf.get_logger().setLevel("WARNING")
-logging.get_absl_logger().addFilter(
-    lambda record: record.levelno >= logging.converter.STANDARD_WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname)
+logging.get_absl_logger().addFilter(lambda record: record.levelno >= logging.converter.STANDARD_WARNING
+                                    or f"{os.sep}tensorflow{os.sep}" not in record.pathname)
 
 # What a collective operation raises when a peer worker is gone (GUIDE section 4: "Connection
 # reset by peer" within seconds), rather than a hang.
@@ -106,7 +106,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
 
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
-                            info={"config": {name: _plain(getattr(config, name)) for name in RESUME_FIELDS}})
+                            info={"config": config.resume_identity()})
   state, best_weights, resumed_from = _resume(config, checkpoints, model, optimizer, strategy)
 
   def sync_logs():
@@ -204,8 +204,4 @@ def _check_same_step(strategy, cluster, step):
   if float(total) != step * strategy.num_replicas_in_sync:
     raise UserError(f"workers restored different checkpoints (this one step {step}): every worker must read the "
                     "same --job_dir or --checkpoint_dir, e.g. a gs:// folder, not a local disk of its own")
-
-
-def _plain(value):
-  return list(value) if isinstance(value, tuple) else value
 
