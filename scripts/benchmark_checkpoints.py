@@ -37,13 +37,10 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,6 +53,7 @@ from trainer.checkpoints import Checkpoints  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.models import MODELS, OPTIMIZERS  # noqa: E402
 from trainer.train import DATA  # noqa: E402
+from gcs_emulator import GcsEmulator  # noqa: E402 -- scripts/, beside this file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOGL = os.path.join(REPO, "..", "shared", "data", "stocks", "GOOGL_2006-01-01_to_2018-01-01.csv")
@@ -95,62 +93,9 @@ class TimedCheckpoints(Checkpoints):
     self.requests.append(Requests.count - requests)
 
 
-class Emulator:
-  """gcp-storage-emulator on 127.0.0.1 with its objects on disk, as tests/conftest.py runs it."""
-
-  def __init__(self, folder):
-    self.data_dir, self.log_path = os.path.join(folder, "data"), os.path.join(folder, "emulator.log")
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
-    self.host = f"http://127.0.0.1:{self.port}"
-    self._process = None
-
-  def __enter__(self):
-    # --data-dir belongs to the main parser, before the subcommand; without it objects go to ./.
-    command = ["gcp-storage-emulator", f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1",
-               f"--port={self.port}", "--quiet"]
-    with open(self.log_path, "ab") as log:
-      self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-      if self._process.poll() is not None:
-        self._fail(f"exited with {self._process.returncode}")
-      try:
-        with direct.open(f"{self.host}/storage/v1/b", timeout=1):
-          return self
-      except OSError:
-        time.sleep(0.1)
-    self.__exit__()
-    self._fail(f"did not answer on {self.host} within 30 s")
-
-  def _fail(self, what):
-    with open(self.log_path, errors="replace") as f:
-      sys.exit(f"benchmark_checkpoints: the storage emulator {what}:\n{f.read()[-2000:]}")
-
-  def __exit__(self, *exc):
-    if self._process is not None and self._process.poll() is None:
-      self._process.terminate()
-      try:
-        self._process.wait(10)
-      except subprocess.TimeoutExpired:
-        self._process.kill()
-        self._process.wait()
-
-  def client(self):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage as gcs
-    return gcs.Client(project="emulator", credentials=AnonymousCredentials(),
-                      client_options={"api_endpoint": self.host})
-
-  def new_bucket(self, name):
-    self.client().create_bucket(name)
-    return f"gs://{name}"
-
-  def folder_bytes(self, path):
-    bucket, _, prefix = path[len("gs://"):].partition("/")
-    return sum(blob.size for blob in self.client().list_blobs(bucket, prefix=prefix.rstrip("/") + "/"))
+def gcs_bytes(client, path):
+  bucket, _, prefix = path[len("gs://"):].partition("/")
+  return sum(blob.size for blob in client.list_blobs(bucket, prefix=prefix.rstrip("/") + "/"))
 
 
 def local_bytes(folder):
@@ -278,12 +223,20 @@ def main():
       if where == "local":
         results.append(measure(case, config, strategy, args, os.path.join(work, case), local_bytes))
         continue
-      os.makedirs(os.path.join(work, "gcs"))
-      with Emulator(os.path.join(work, "gcs")) as emulator:
+      folder = os.path.join(work, "gcs")
+      os.makedirs(folder)
+      try:
+        emulator = GcsEmulator(os.path.join(folder, "data"), os.path.join(folder, "emulator.log")).start()
+      except RuntimeError as e:
+        sys.exit(f"benchmark_checkpoints: {e}")
+      try:
         os.environ["STORAGE_EMULATOR_HOST"] = emulator.host  # read by trainer.storage at each call
         Requests.install()
         bucket = emulator.new_bucket("benchmark-checkpoints")
-        results.append(measure(case, config, strategy, args, f"{bucket}/{case}", emulator.folder_bytes))
+        client = emulator.client()
+        results.append(measure(case, config, strategy, args, f"{bucket}/{case}", lambda p: gcs_bytes(client, p)))
+      finally:
+        emulator.stop()
   finally:
     shutil.rmtree(work, ignore_errors=True)
 

@@ -1,13 +1,8 @@
 """Shared fixtures: every test starts from the same seeds; CSV files and image folders are made
 on the spot; gs:// is a Cloud Storage emulator on 127.0.0.1, started once per session."""
 
-import itertools
 import os
-import socket
-import subprocess
-import time
-import urllib.request
-import uuid
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,6 +18,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from image_files import expected_rgb, rgb, write_image  # noqa: E402
+
+# The emulator launcher is shared with scripts/benchmark_checkpoints.py.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from gcs_emulator import GcsEmulator  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -103,56 +102,6 @@ def messy_folder(tmp_path):
     f.write("\0\0")
   os.makedirs(os.path.join(root, ".ipynb_checkpoints"))  # hidden: not a class
   return root, good, broken
-
-
-class GcsEmulator:
-  """gcp-storage-emulator in a subprocess, its objects on disk so that they outlive a restart."""
-
-  def __init__(self, data_dir, log_path):
-    self.data_dir, self.log_path = str(data_dir), str(log_path)
-    with socket.socket() as s:  # a free port; the restart binds the same one (SO_REUSEADDR)
-      s.bind(("127.0.0.1", 0))
-      self.port = s.getsockname()[1]
-    self.host = f"http://127.0.0.1:{self.port}"
-    self._process = None
-    self._names = itertools.count()
-
-  def start(self):
-    # --data-dir belongs to the main parser, before the subcommand; without it objects go to ./.
-    command = ["gcp-storage-emulator", f"--data-dir={self.data_dir}", "start", "--host=127.0.0.1",
-               f"--port={self.port}", "--quiet"]
-    with open(self.log_path, "ab") as log:
-      self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-      if self._process.poll() is not None:
-        raise RuntimeError(f"the storage emulator exited with {self._process.returncode}; see {self.log_path}")
-      try:
-        with urllib.request.urlopen(f"{self.host}/storage/v1/b", timeout=1):
-          return
-      except OSError:
-        time.sleep(0.1)
-    self.stop()
-    raise RuntimeError(f"the storage emulator did not answer on {self.host} within 30 s; see {self.log_path}")
-
-  def stop(self):
-    if self._process is not None and self._process.poll() is None:
-      self._process.terminate()
-      try:
-        self._process.wait(10)
-      except subprocess.TimeoutExpired:
-        self._process.kill()
-        self._process.wait()
-    self._process = None
-
-  def new_bucket(self):
-    """Creates an empty bucket with a name no other test uses; returns "gs://<name>"."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-    name = f"test-{next(self._names)}-{uuid.uuid4().hex[:8]}"
-    storage.Client(project="emulator", credentials=AnonymousCredentials(),
-                   client_options={"api_endpoint": self.host}).create_bucket(name)
-    return f"gs://{name}"
 
 
 @pytest.fixture(scope="session")
