@@ -39,8 +39,8 @@ def output_folders(environ, job_dir, model, **flags):
 
 # Flags that must keep their value for a job to resume from its checkpoints (Config.resume_mismatch).
 RESUME_FIELDS = ("model", "data", "test_data", "target_column", "date_column", "feature_columns", "test_start",
-                 "window", "batch_size", "seed", "bidirectional", "validation_split", "test_split", "image_size",
-                 "augment")
+                 "test_days", "window", "batch_size", "seed", "bidirectional", "validation_split", "test_split",
+                 "image_size", "augment")
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -61,6 +61,9 @@ class Config:
   feature_columns: Tuple[str, ...] = ()
   # First date of the test period; None: the last 20% of the rows (forecasts only).
   test_start: Optional[str] = None
+  # Forecasts: the test period is the newest test_days days instead (trainer.retrain's
+  # --eval_days: a hold-out that moves with the data as rows are added).
+  test_days: Optional[int] = None
   # 60 trading days, the tutorial's window.
   window: int = 60
   epochs: int = 60
@@ -140,8 +143,20 @@ class Config:
         raise UserError(f"--data={self.data}: no such file; give the path of a CSV file")
       if not self.target_column:
         raise UserError("--target_column is required with --data: name the column to predict")
-    if self.test_data and self.model not in IMAGE_MODELS:
-      raise UserError("--test_data applies to --model=cnn; forecasts use --test_start, tables --test_split")
+    if self.test_data and self.is_forecast:
+      raise UserError("--test_data applies to --model=cnn and dense; forecasts are tested on their newest rows "
+                      "(--test_start)")
+    if self.test_data and self.model not in IMAGE_MODELS and not self.test_data.startswith("gs://") \
+        and not os.path.isfile(self.test_data):
+      raise UserError(f"--test_data={self.test_data}: no such file; give a CSV file with the columns of --data")
+    if self.test_days is not None:
+      if not self.is_forecast:
+        raise UserError("--eval_days applies to forecasts (--model=gru or lstm); tables and images are "
+                        "evaluated on --test_split or --eval_data")
+      if self.test_days < 1 or self.test_start is not None:
+        raise UserError(f"--eval_days={self.test_days}: give a number of days of at least 1, and no --eval_start")
+      if self.data is not None and not self.date_column:
+        raise UserError("--eval_days needs --date_column: name the column that holds the dates")
     if self.test_start is not None:
       if not self.is_forecast:
         raise UserError("--test_start applies to forecasts (--model=gru or lstm); "

@@ -15,8 +15,10 @@ class Prepared:
   input_shape: Tuple[int, ...]
   # Saved beside the model: everything inference needs besides the weights.
   preprocessing: Dict[str, Any]
-  # predict(model) -> test predictions in the data's own units.
-  predict: Callable[[Any], np.ndarray]
+  # predict(model, export_preprocessing=None) -> test predictions in the data's own units; with
+  # another export's saved preprocessing (trainer.retraining scores the production model on this test
+  # set), that export's own columns, window or image size are read from the raw data.
+  predict: Callable[..., np.ndarray]
   test_targets: np.ndarray
   baseline_name: str
   baseline_predictions: np.ndarray

@@ -10,12 +10,13 @@ from trainer import storage
 from trainer.config import UserError
 
 
-def read_columns(path, target_column, feature_columns=None, date_column=None, fill_gaps=False):
+def read_columns(path, target_column, feature_columns=None, date_column=None, fill_gaps=False, flag="--data"):
   """Returns (frame, gaps): the date column (if any), the target and the features, all numeric.
 
   With feature_columns None every other numeric column is a feature. Rows with missing values
   are dropped, or, with fill_gaps (a price series: a missing day keeps the last known price),
-  filled forward from the previous row. `gaps` says how many rows and what was done.
+  filled forward from the previous row. `gaps` says how many rows and what was done. flag is the
+  one errors name (a test set comes from --test_data).
   """
   try:
     # Bytes through the storage layer, so gs:// works and a missing file is FileNotFoundError
@@ -25,7 +26,7 @@ def read_columns(path, target_column, feature_columns=None, date_column=None, fi
                         compression=pd.io.common.infer_compression(path, "infer"))
   except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"--data={path}: cannot read it as CSV ({reason}); give a CSV file with a header row")
+    raise UserError(f"{flag}={path}: cannot read it as CSV ({reason}); give a CSV file with a header row")
   names = list(frame.columns)
   for flag, column in [("target_column", target_column), ("date_column", date_column),
                        *[("feature_columns", c) for c in feature_columns or ()]]:
@@ -40,7 +41,7 @@ def read_columns(path, target_column, feature_columns=None, date_column=None, fi
   for column in columns:
     frame[column] = _numeric(frame[column], column, path)
   frame = frame[([date_column] if date_column else []) + columns]
-  return _without_gaps(frame, columns, fill_gaps, path)
+  return _without_gaps(frame, columns, fill_gaps, path, flag)
 
 
 def _numeric(series, column, path):
@@ -67,7 +68,7 @@ def _sorted_by_date(frame, date_column, path):
   return frame.reset_index(drop=True)
 
 
-def _without_gaps(frame, columns, fill_gaps, path):
+def _without_gaps(frame, columns, fill_gaps, path, flag):
   missing = frame[columns].isna().any(axis=1)
   count = int(missing.sum())
   if not count:
@@ -82,5 +83,5 @@ def _without_gaps(frame, columns, fill_gaps, path):
     action = "dropped"
   logging.warning("%s: %d rows have missing values in %s; %s", path, count, ", ".join(columns), action)
   if len(frame) == 0:
-    raise UserError(f"--data={path}: no row has values in every column used ({', '.join(columns)}); fix the file")
+    raise UserError(f"{flag}={path}: no row has values in every column used ({', '.join(columns)}); fix the file")
   return frame, {"missing_rows": count, "missing_action": action}

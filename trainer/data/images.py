@@ -201,9 +201,20 @@ def prepare(config):
   logging.info("%s: %d classes (%s); test images: %d", splits.description, len(splits.class_names),
                ", ".join(splits.class_names), len(test_labels))
 
-  def predict(model):
-    return np.concatenate([np.argmax(model(x, training=False).numpy(), axis=1)
-                           for x, _ in make_dataset("test", 256)])
+  def predict(model, export_preprocessing=None):
+    """Classes of the test images; for another export, decoded at its own image size, and that
+    export's classes must be these (class indices would mean other classes otherwise)."""
+    images = make_dataset("test", 256)
+    if export_preprocessing is not None:
+      if export_preprocessing["class_names"] != splits.class_names:
+        classes = ", ".join(export_preprocessing["class_names"])
+        raise UserError(f"the model's classes ({classes}) are not those of "
+                        f"{splits.description} ({', '.join(splits.class_names)}); it cannot be scored on them")
+      if export_preprocessing["image_size"] != size:
+        images = (decoded(splits.sources["test"](None), export_preprocessing["image_size"])
+                  .map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+                  .batch(256))
+    return np.concatenate([np.argmax(model(x, training=False).numpy(), axis=1) for x, _ in images])
 
   return Prepared(
       make_dataset=make_dataset,

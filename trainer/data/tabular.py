@@ -2,6 +2,7 @@
 and target standardised with statistics of the training rows only."""
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from absl import logging
 
@@ -40,14 +41,23 @@ def prepare(config):
   if not features:
     raise UserError(f"{source} has no numeric column besides {target!r} to learn from; "
                     "name the inputs with --feature_columns")
+  if config.test_data:
+    # A separate test table (trainer.retrain's --eval_data): rows no candidate or production model
+    # trained on, however the random split of --data falls.
+    test_frame, _ = csv_file.read_columns(config.test_data, target, features, config.date_column,
+                                          flag="--test_data")
+    frame = pd.concat([frame, test_frame], ignore_index=True)  # its rows last: the test rows
   x, y = frame[features].to_numpy(np.float64), frame[target].to_numpy(np.float64)
   rows = len(y)
-  order = np.random.default_rng(config.seed).permutation(rows)
-  n_test = round(config.test_split * rows)
+  fitted = rows - (len(test_frame) if config.test_data else 0)  # rows that --data itself has
+  order = np.random.default_rng(config.seed).permutation(fitted)
+  n_test = len(test_frame) if config.test_data else round(config.test_split * rows)
   # The validation rows are the tail of the training rows, as Keras' validation_split takes them.
   n_val = round(config.validation_split * (rows - n_test))
   if rows - n_test - n_val < 1 or n_test < 2 or n_val < 1:
     raise UserError(f"{source}: {rows} rows are too few to split into train, validation and test; give at least 10")
+  if config.test_data:
+    order = np.concatenate([order, np.arange(fitted, rows)])
   train, val, test = np.split(order, [rows - n_test - n_val, rows - n_test])
 
   x_mean, x_std = x[train].mean(axis=0), x[train].std(axis=0)
@@ -64,18 +74,29 @@ def prepare(config):
   preprocessing = {"kind": "table", "features": features, "target": target,
                    "feature_mean": x_mean.tolist(), "feature_std": x_std.tolist(),
                    "target_mean": float(y_mean), "target_std": float(y_std)}
+
+  def predict(model, export_preprocessing=None):
+    """Predictions of the test rows from their raw columns: the export's own features and statistics."""
+    used = export_preprocessing or preprocessing
+    missing = [c for c in used["features"] if c not in frame.columns]
+    if missing:
+      raise UserError(f"{source} has no column {missing[0]!r}, which the model needs (it was trained on "
+                      f"{', '.join(used['features'])})")
+    return predict_table(model, used, frame[used["features"]].to_numpy(np.float64)[test])
+
   logging.info("%s: %d rows, features %s; %d train, %d validation, %d test", source, rows,
                ", ".join(features), len(train), len(val), len(test))
   return Prepared(
       make_dataset=make_dataset,
       input_shape=(len(features),),
       preprocessing=preprocessing,
-      predict=lambda model: predict_table(model, preprocessing, x[test]),
+      predict=predict,
       test_targets=y[test],
       baseline_name="training mean",
       baseline_predictions=np.full(len(test), y[train].mean()),
       test_index=[int(i) for i in test],
       summary={"path": source, "rows": rows, "columns": [target] + features, **gaps,
                "split": {"train": {"rows": len(train)}, "validation": {"rows": len(val)},
-                         "test": {"rows": len(test)}, "method": f"random, seed {config.seed}"}},
+                         "test": {"rows": len(test), **({"path": config.test_data} if config.test_data else {})},
+                         "method": f"random, seed {config.seed}"}},
       kind="table")

@@ -120,7 +120,21 @@ def prepare(config):
   preprocessing = {"kind": "forecast", "window": window, "columns": columns, "target": target,
                    "change_mean": mean.tolist(), "change_std": std.tolist(),
                    "formulation": "next relative change of the target, standardised; forecast = last * (1 + change)"}
-  history = values[test_row - 1 - window:]
+
+  def predict(model, export_preprocessing=None):
+    """Forecasts of the test rows, from the raw rows before them: the export's own columns and
+    window, normalised with its own statistics."""
+    used = export_preprocessing or preprocessing
+    missing = [c for c in used["columns"] if c not in frame.columns]
+    if missing:
+      raise UserError(f"{source} has no column {missing[0]!r}, which the model needs (it was trained on "
+                      f"{', '.join(used['columns'])}); add it with --feature_columns")
+    first = test_row - 1 - used["window"]
+    if first < 0:
+      raise UserError(f"{source}: a model with a window of {used['window']} needs {-first} more rows "
+                      "before the test period")
+    return forecast(model, used, frame[used["columns"]].to_numpy(np.float64)[first:])[:-1]
+
   split_rows = {"train": (window + 1, val_first + 1), "validation": (val_first + 1, test_row),
                 "test": (test_row, rows)}
   logging.info("%s: %d rows; windows of %d: %d train, %d validation, %d test", source, rows, window,
@@ -129,7 +143,7 @@ def prepare(config):
       make_dataset=make_dataset,
       input_shape=(window, len(columns)),
       preprocessing=preprocessing,
-      predict=lambda model: forecast(model, preprocessing, history)[:-1],
+      predict=predict,
       test_targets=values[test_row:, 0],
       baseline_name="persistence (tomorrow = today)",
       baseline_predictions=values[test_row - 1:-1, 0],
@@ -142,6 +156,14 @@ def prepare(config):
 
 
 def _test_start_row(config, dates, source):
+  if config.test_days is not None:
+    # The newest test_days days, however long the series has grown (trainer.retrain's hold-out).
+    start = dates.iloc[-1] - pd.Timedelta(days=config.test_days - 1)
+    row = int(np.searchsorted(dates.to_numpy(), start.to_datetime64()))
+    if row == 0:
+      raise UserError(f"--eval_days={config.test_days} covers all of {source} ({_label(dates.iloc[0])} to "
+                      f"{_label(dates.iloc[-1])}); hold out fewer days")
+    return row
   if config.test_start is None:
     return int(len(dates) * (1 - config.test_split))
   start = pd.Timestamp(config.test_start)
