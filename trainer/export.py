@@ -122,6 +122,24 @@ def find_version(model_dir):
   return folder
 
 
+def warm_start(model, version_dir, model_name):
+  """Copies the weights of the export at version_dir into model when it is the same network (the
+  same --model and weight shapes); returns what the report and the retraining history say:
+  {"used", "from", "version"} and, when not used, the "reason"."""
+  import keras
+
+  metadata = read_metadata(version_dir)
+  said = {"used": False, "from": version_dir, "version": metadata.get("version")}
+  if metadata["model"] != model_name:
+    return {**said, "reason": f"it is a {metadata['model']} model, this job trains {model_name}"}
+  source = keras.models.load_model(storage.local_path(storage.join(version_dir, KERAS_MODEL)), compile=False)
+  theirs, ours = [w.shape for w in source.get_weights()], [w.shape for w in model.get_weights()]
+  if theirs != ours:
+    return {**said, "reason": "its weights have other shapes (other columns, classes, image size or layers)"}
+  model.set_weights(source.get_weights())
+  return {**said, "used": True}
+
+
 def load(version_dir, metadata):
   """The version's serving signature, called as a Keras model is, `model(x, training=False)`, so
   the functions that feed a trained model (timeseries.forecast, tabular.predict_table) feed it."""

@@ -28,7 +28,7 @@ import time
 
 from absl import logging
 
-from trainer import export, storage
+from trainer import export, preemption, storage
 from trainer.config import UserError
 
 LEASE = ".lease.json"
@@ -109,8 +109,10 @@ def _withdraw(folder):
   storage.remove(folder)
 
 
-class LeaseHeld(Exception):
-  """Another process holds the serving folder's lease: not a mistake, someone else's turn."""
+class LeaseHeld(preemption.Restart):
+  """Another process holds the serving folder's lease: not a mistake, someone else's turn; the
+  same command run later goes on (a retry resumes the trained candidate from its checkpoint)."""
+  exit_code = preemption.SERVING_BUSY
 
   def __init__(self, path, owner, expires):
     self.path, self.owner, self.expires = path, owner, expires
@@ -120,8 +122,9 @@ class LeaseHeld(Exception):
                      "running, or one crashed and its lease runs out then")
 
 
-class LeaseLost(Exception):
+class LeaseLost(preemption.Restart):
   """The lease this process held has been released or taken over (it expired)."""
+  exit_code = preemption.SERVING_BUSY
 
 
 class Lease:

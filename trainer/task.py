@@ -3,6 +3,7 @@
 Defines the flags, builds a Config and calls train.train_and_evaluate; nothing else.
 """
 
+import contextlib
 import os
 import sys
 
@@ -20,7 +21,7 @@ flags.DEFINE_enum("model", "lstm", config_lib.MODEL_NAMES,
                   "Network to train: dense (tables), gru or lstm (forecasts), cnn (images).")
 flags.DEFINE_string("data", None, "CSV file; for cnn a folder of class subfolders, TFRecord shards or tfds:NAME; "
                     "empty: built-in generated data.")
-flags.DEFINE_string("test_data", None, "cnn: a separate test set of the same kind as --data.")
+flags.DEFINE_string("test_data", None, "cnn and dense: a separate test set of the same kind as --data.")
 flags.DEFINE_string("target_column", None, "Column to predict (required with --data).")
 flags.DEFINE_string("date_column", None, "Column of dates: rows are sorted by it, --test_start refers to it.")
 flags.DEFINE_list("feature_columns", [], "Input columns besides the target; tables default to every numeric column.")
@@ -62,40 +63,54 @@ flags.DEFINE_bool("restart", False, "Delete this job's checkpoints and train fro
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
-  try:
-    cluster = cluster_lib.resolve(os.environ, FLAGS.indexed_job_hosts, FLAGS.num_workers)
-    job_dir, folders = config_lib.output_folders(os.environ, FLAGS.job_dir, FLAGS.model, export_dir=FLAGS.export_dir,
-                                                 checkpoint_dir=FLAGS.checkpoint_dir,
-                                                 tensorboard_dir=FLAGS.tensorboard_dir)
-    config = config_lib.Config(
-        model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
-        feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
-        epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-        patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
-        validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
-        image_size=FLAGS.image_size, augment=FLAGS.augment, tfds_data_dir=FLAGS.tfds_data_dir,
-        tfds_download=FLAGS.tfds_download, strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
-        mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile, cluster=cluster,
-        checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
-        restart=FLAGS.restart, **folders)
+  with exit_codes():
+    job_dir, config = config_from_flags()
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
     result = train.train_and_evaluate(config, job_dir)
-  except config_lib.UserError as e:
-    fail(str(e))
-  except storage.StorageError as e:
-    fail(str(e), preemption.STORAGE_FAILURE)
-  except preemption.Restart as e:
-    fail(str(e), e.exit_code, prefix="trainer: ")
   from trainer import report
   print(report.summary_table(result))
-  if cluster.is_chief:
+  if config.cluster.is_chief:
     print(f"report: {storage.join(job_dir, 'report.json')}")
+
+
+def config_from_flags(**overrides):
+  """(job folder, Config) from the flags above, with overrides of Config fields (trainer.retrain
+  sets the test period from its own flags); a mistake raises config.UserError."""
+  cluster = cluster_lib.resolve(os.environ, FLAGS.indexed_job_hosts, FLAGS.num_workers)
+  job_dir, folders = config_lib.output_folders(os.environ, FLAGS.job_dir, FLAGS.model, export_dir=FLAGS.export_dir,
+                                               checkpoint_dir=FLAGS.checkpoint_dir,
+                                               tensorboard_dir=FLAGS.tensorboard_dir)
+  fields = dict(
+      model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
+      feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
+      epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
+      patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
+      validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
+      image_size=FLAGS.image_size, augment=FLAGS.augment, tfds_data_dir=FLAGS.tfds_data_dir,
+      tfds_download=FLAGS.tfds_download, strategy=FLAGS.strategy, cpu_devices=FLAGS.cpu_devices,
+      mixed_precision=FLAGS.mixed_precision, jit_compile=FLAGS.jit_compile, cluster=cluster,
+      checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
+      restart=FLAGS.restart, **folders)
+  return job_dir, config_lib.Config(**{**fields, **overrides})
+
+
+@contextlib.contextmanager
+def exit_codes(prefix="trainer"):
+  """Turns what stops a job into one line on stderr and its exit code (below)."""
+  try:
+    yield
+  except config_lib.UserError as e:
+    fail(str(e), prefix=f"{prefix}: error: ")
+  except storage.StorageError as e:
+    fail(str(e), preemption.STORAGE_FAILURE, prefix=f"{prefix}: error: ")
+  except preemption.Restart as e:
+    fail(str(e), e.exit_code, prefix=f"{prefix}: ")
 
 
 # Exit codes (README "Resume, preemption and exit codes"): 0 done; 2 a mistake in the job's input
 # or a diverged training, which retrying cannot fix (TFJob's ExitCode policy treats 1-127 as
 # permanent); 128-255, retried: 128 + the signal (143 SIGTERM, 130 SIGINT) after saving a
-# checkpoint, and trainer.preemption's STORAGE_FAILURE and WORKER_LOST.
+# checkpoint, and trainer.preemption's STORAGE_FAILURE, WORKER_LOST and SERVING_BUSY.
 USER_ERROR = 2
 
 

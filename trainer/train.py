@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, hptuning, loop, report, storage
+from trainer import distribution, export, hptuning, loop, report, storage
 from trainer.checkpoints import Checkpoints
 from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
@@ -56,10 +56,11 @@ class Folders:
         os.path.join(self.local, "logs")
 
 
-def train_and_evaluate(config, job_dir):
+def train_and_evaluate(config, job_dir, warm_start=None):
   """Trains config.model into job_dir (local or gs://) and returns the report (written as
   report.json by the chief; other workers of a cluster write only to a temporary folder).
-  Resumes from the job's latest checkpoint unless config.restart."""
+  Resumes from the job's latest checkpoint unless config.restart. warm_start: an export version
+  folder whose weights a fresh start begins from, when it is the same network (export.warm_start)."""
   started = time.time()
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
@@ -75,7 +76,7 @@ def train_and_evaluate(config, job_dir):
     # After the strategy: MultiWorkerMirroredStrategy installs a SIGTERM handler of its own.
     with StopSignal() as stop:
       return _train_and_evaluate(config, Folders.of(config, job_dir, local_dir), strategy, distributed, stop,
-                                 started)
+                                 started, warm_start)
   except _PEER_FAILURES as e:
     if config.cluster.num_workers < 2:
       raise
@@ -84,7 +85,7 @@ def train_and_evaluate(config, job_dir):
     distribution.cleanup(local_dir, job_dir)
 
 
-def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
+def _train_and_evaluate(config, folders, strategy, distributed, stop, started, warm_start):
   keras.utils.set_random_seed(config.seed)
   prepared = DATA[config.model].prepare(config)
   os.makedirs(folders.local, exist_ok=True)
@@ -107,7 +108,18 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
 
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
                             info={"config": config.resume_identity()})
-  state, best_weights, resumed_from = _resume(config, checkpoints, model, optimizer, strategy)
+  state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
+  if saved is not None:
+    warm_started = saved.get("warm_start")  # what the first attempt of this job started from
+  elif warm_start:
+    warm_started = export.warm_start(model, warm_start, config.model)
+  else:
+    warm_started = None
+  if warm_started and warm_started["used"]:
+    logging.info("warm start: from the weights of version %s (%s)", warm_started["version"], warm_started["from"])
+  elif warm_started:
+    logging.info("warm start: not from %s: %s; from random weights", warm_started["from"], warm_started["reason"])
+  checkpoints.info["warm_start"] = warm_started
 
   def sync_logs():
     if is_chief and folders.local_logs != folders.tensorboard:
@@ -135,6 +147,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
       "precision": policy,
       "data": prepared.summary,
       "resumed_from": resumed_from,
+      "warm_start": warm_started,
       "epochs_run": len(history["loss"]),
       "best_epoch": history["best_epoch"],
       **evaluation,
@@ -146,7 +159,6 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
   }
   result["plots"] = report.write_plots(folders.local, prepared, history, predictions, config.model, evaluation)
   if is_chief:
-    from trainer import export  # noqa: PLC0415
     result["export"] = export.write_export(model, prepared, result, folders.export)
   result["wall_time_s"] = round(time.time() - started, 1)
   # The report last: whoever sees it can rely on everything it names being there.
@@ -158,20 +170,20 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started):
 
 
 def _resume(config, checkpoints, model, optimizer, strategy):
-  """(loop state, best weights, report's resumed_from) from the job's latest checkpoint, or
-  Nones for a fresh start. Every worker restores the same checkpoint; a job that cannot read its
+  """(loop state, best weights, report's resumed_from, the checkpoint's state.json) from the job's
+  latest checkpoint, or Nones for a fresh start. Every worker restores the same checkpoint; a job that cannot read its
   checkpoint folder stops here (trainer.storage.StorageError) rather than start again."""
   if config.restart:
     if config.cluster.is_chief:
       logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
       checkpoints.remove_all()
-    return None, None, None
+    return None, None, None, None
   restored = checkpoints.restore_latest()
   step = restored[0] if restored else 0
   _check_same_step(strategy, config.cluster, step)
   if restored is None:
     logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
-    return None, None, None
+    return None, None, None, None
   step, saved, best_weights = restored
   mismatch = config.resume_mismatch(saved.get("config", {}))
   if mismatch:
@@ -192,7 +204,7 @@ def _resume(config, checkpoints, model, optimizer, strategy):
   logging.info("resuming from %s: %d epochs done, %d steps into epoch %d (global step %d)",
                checkpoints.path(step), state.epoch, state.step, state.epoch + 1, state.global_step)
   return state, best_weights, {"checkpoint": checkpoints.path(step), "epoch": state.epoch, "step": state.step,
-                               "global_step": state.global_step}
+                               "global_step": state.global_step}, saved
 
 
 def _check_same_step(strategy, cluster, step):

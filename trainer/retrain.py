@@ -1,0 +1,95 @@
+"""Entry point: `python -m trainer.retrain --serving_dir=DIR` with the trainer's flags (trainer.task)
+trains a candidate and promotes it into DIR only when it beats production (trainer.retraining).
+
+Exit codes as trainer.task's: 0 whether the candidate was promoted or rejected (a diverged
+candidate too: production stays, nobody needs waking); non-zero only when the job itself failed:
+2 a mistake in its input, 170 storage, 172 another retrain holds the serving folder, 128 + a signal.
+"""
+
+from absl import app, flags
+
+from trainer import config as config_lib
+from trainer import serving, storage, task
+
+FLAGS = flags.FLAGS
+PREFIX = "retrain: error: "
+flags.DEFINE_string("serving_dir", None, "Where production models live, as TF Serving reads them: "
+                    "<serving_dir>/<version>/ SavedModels, plus history.jsonl and history.png (local or gs://).")
+flags.DEFINE_bool("warm_start", True, "Start the candidate from the production model's weights when it is the "
+                  "same network (same --model, columns, classes); --nowarm_start: from random weights.")
+flags.DEFINE_string("eval_start", None, "Forecasts: first date (YYYY-MM-DD) of the hold-out that candidate, "
+                    "production and baseline are scored on; default: the newest --eval_days days.")
+flags.DEFINE_integer("eval_days", 365, "Forecasts: the hold-out is the newest this many days of --data.")
+flags.DEFINE_string("eval_data", None, "dense and cnn: a separate hold-out of the same kind as --data; "
+                    "default: --test_split of --data, split at random.")
+flags.DEFINE_float("min_improvement", 0.01, "Promote only a candidate at least this much better than "
+                   "production, relative (0.01: an RMSE 1% lower, or an accuracy 1% higher).")
+flags.DEFINE_integer("keep_versions", 5, "Newest versions kept in --serving_dir.")
+flags.DEFINE_float("lease_ttl_seconds", 300, "The serving folder's lease lasts this long unless renewed (a live "
+                   "retrain renews it): what a crashed retrain blocks others for.")
+flags.DEFINE_float("lease_wait_seconds", 900, "How long to wait for another retrain's lease before exiting "
+                   "with 172.")
+flags.DEFINE_bool("show_history", False, "Print <serving_dir>/history.jsonl as a table and exit.")
+flags.adopt_module_key_flags(task)  # the trainer's flags are this command's own too (--helpshort)
+
+
+def main(argv):
+  if len(argv) > 1:
+    task.fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value", prefix=PREFIX)
+  with task.exit_codes("retrain"):
+    if not FLAGS.serving_dir:
+      raise config_lib.UserError("--serving_dir is required: the folder (local or gs://) production models "
+                                 "are served from")
+    if FLAGS.show_history:
+      print(serving.history_table(serving.read_history(FLAGS.serving_dir)))
+      print(f"plot: {storage.join(FLAGS.serving_dir, serving.HISTORY_PLOT)}")
+      return
+    job_dir, config = task.config_from_flags(**_hold_out())
+    options = _options()
+    from trainer import retraining  # imports TensorFlow: only once the flags are known to be sound
+    entry = retraining.retrain(config, job_dir, retraining.Options(**options))
+  if entry is None:
+    print("worker done: the chief decides whether the candidate is promoted")
+    return
+  print(f"{entry['decision']}: {entry['reason']}")
+  if entry["version"] is not None:
+    print(f"production: {storage.join(FLAGS.serving_dir, str(entry['version']))}")
+  print(f"history: {storage.join(FLAGS.serving_dir, serving.HISTORY)}")
+
+
+def _hold_out():
+  """The Config fields that set the hold-out, from --eval_start, --eval_days and --eval_data."""
+  for flag, instead in (("test_start", "--eval_start"), ("test_data", "--eval_data")):
+    if FLAGS[flag].present:
+      raise config_lib.UserError(f"--{flag}: a retrain scores every model on its hold-out; give {instead}")
+  if FLAGS.model in config_lib.FORECAST_MODELS:
+    if FLAGS.eval_data:
+      raise config_lib.UserError("--eval_data applies to dense and cnn; forecasts hold out their newest rows "
+                                 "(--eval_start or --eval_days)")
+    return {"test_start": FLAGS.eval_start, "test_days": None if FLAGS.eval_start else FLAGS.eval_days}
+  if FLAGS.eval_start:
+    raise config_lib.UserError("--eval_start applies to forecasts (--model=gru or lstm); dense and cnn are scored "
+                               "on --test_split or --eval_data")
+  return {"test_data": FLAGS.eval_data}
+
+
+def _options():
+  """retraining.Options' fields from the flags, checked."""
+  if FLAGS.min_improvement < 0:
+    raise config_lib.UserError(f"--min_improvement={FLAGS.min_improvement}: a candidate worse than production "
+                               "would be promoted; give 0 or more")
+  if FLAGS.keep_versions < 1:
+    raise config_lib.UserError(f"--keep_versions={FLAGS.keep_versions}: keep at least the version in production")
+  if not FLAGS.lease_ttl_seconds > 0 or FLAGS.lease_wait_seconds < 0:
+    raise config_lib.UserError("--lease_ttl_seconds must be positive and --lease_wait_seconds 0 or more")
+  return dict(serving_dir=FLAGS.serving_dir, warm_start=FLAGS.warm_start, min_improvement=FLAGS.min_improvement,
+              keep_versions=FLAGS.keep_versions, lease_ttl_seconds=FLAGS.lease_ttl_seconds,
+              lease_wait_seconds=FLAGS.lease_wait_seconds)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,150 @@
+"""Scheduled retraining (`python -m trainer.retrain`): train a candidate on the newest data, score
+it beside the model in production and the naive baseline on the same hold-out, and promote it
+into the serving folder only when it beats both; otherwise production stays as it is.
+
+TFX splits this into a Trainer, an Evaluator that "blesses" the candidate and a Pusher. Here:
+
+  1. train.train_and_evaluate trains the candidate into its own job folder (checkpoints, resume,
+     an export), starting from production's weights when it is the same network (warm start);
+  2. under the serving folder's Lease, production is looked up again (another retrain may have
+     promoted meanwhile), and candidate and production are each loaded from their exports and
+     scored on the candidate's test rows, each with its own saved preprocessing, so both answer
+     exactly as a server loading that folder would;
+  3. decide() blesses or rejects; serving.promote publishes a blessed candidate as the next
+     version; every run, either way, appends one line to the history and redraws its plot.
+
+A candidate whose training diverges is a rejection, not a failure: the night's answer is "keep
+production", and the CronJob only alerts on failures of the job itself.
+"""
+
+import dataclasses
+import datetime
+import math
+import os
+import socket
+
+from absl import logging
+
+from trainer import export, loop, report, serving, storage, train
+
+# What each kind of model is judged on: (metric, True when lower is better).
+METRICS = {"forecast": ("rmse", True), "table": ("rmse", True), "classification": ("accuracy", False)}
+PROMOTED, REJECTED = "promoted", "rejected"
+
+
+@dataclasses.dataclass
+class Options:
+  serving_dir: str
+  warm_start: bool = True
+  # Relative: 0.01 promotes a candidate whose RMSE is at least 1% below production's (or whose
+  # accuracy is 1% above it), so noise between two equally good models does not churn versions.
+  min_improvement: float = 0.01
+  keep_versions: int = 5
+  # A crashed retrain blocks others for lease_ttl_seconds at most; a live one renews its lease.
+  lease_ttl_seconds: float = 300
+  # Longer than the TTL: a retry after a crash outwaits the lease its killed attempt left.
+  lease_wait_seconds: float = 900
+
+
+def retrain(config, job_dir, options):
+  """Trains, judges and maybe promotes; returns the history entry written (None on a worker
+  that is not the chief: the chief alone decides)."""
+  serving_dir = options.serving_dir
+  warm_from = serving.production(serving_dir) if options.warm_start else None
+  if options.warm_start and warm_from is None:
+    logging.info("warm start: no production model in %s yet; from random weights", serving_dir)
+  try:
+    result, failure = train.train_and_evaluate(config, job_dir, warm_start=warm_from), None
+  except loop.Diverged as e:
+    result, failure = None, str(e)
+    logging.warning("candidate rejected: %s", failure)
+  if not config.cluster.is_chief:
+    return None
+  # The same split the candidate was tested on (prepare is deterministic for a config).
+  prepared = train.DATA[config.model].prepare(config)
+  metric, lower_is_better = METRICS[prepared.kind]
+  owner = f"{socket.gethostname()} pid {os.getpid()} ({job_dir})"
+  with serving.Lease(serving_dir, owner, options.lease_ttl_seconds, options.lease_wait_seconds,
+                     keep_alive=True) as lease:
+    production = serving.production(serving_dir)
+    production_metadata = export.read_metadata(production) if production else None
+    baseline = report.evaluate(prepared, prepared.baseline_predictions)["baseline"]
+    candidate = score(prepared, result["export"]) if result else None
+    current = score(prepared, production) if production else None
+    warnings = _hold_out_warnings(prepared.summary, production_metadata)
+    if failure:
+      decision, reason, improvement = REJECTED, failure, None
+    else:
+      decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
+                                             options.min_improvement)
+    version = production_metadata["version"] if production_metadata else None
+    if decision == PROMOTED:
+      version = int(os.path.basename(serving.promote(result["export"], serving_dir, options.keep_versions, lease)))
+    entry = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "decision": decision, "version": version, "reason": reason, "metric": metric,
+        "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
+        "production_version": production_metadata["version"] if production_metadata else None,
+        "warm_start": result["warm_start"] if result else None, "warnings": warnings,
+        "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
+    }
+    lease.renew()  # the history, too, is only written by the lease's holder
+    serving.append_history(serving_dir, entry)
+    serving.history_plot(serving.read_history(serving_dir), storage.join(serving_dir, serving.HISTORY_PLOT))
+  logging.info("%s: %s", decision, reason)
+  return entry
+
+
+def score(prepared, version_dir):
+  """The test metrics of the export at version_dir on prepared's test rows, fed through the
+  export's SavedModel and its own saved preprocessing (columns, window, statistics, image size)."""
+  metadata = export.read_metadata(version_dir)
+  model = export.load(version_dir, metadata)
+  test = report.evaluate(prepared, prepared.predict(model, metadata["preprocessing"]))["test"]
+  return {name: value for name, value in test.items() if not isinstance(value, dict)}  # no per-class detail
+
+
+def decide(metric, lower_is_better, candidate, production, baseline, min_improvement):
+  """(decision, reason, relative improvement over production or None): promote a candidate that
+  beats the baseline and, when there is a production model, beats it by min_improvement."""
+  c, b = candidate[metric], baseline[metric]
+  gain = lambda new, old: _relative_gain(new, old, lower_is_better)
+  if not math.isfinite(c):
+    return REJECTED, f"the candidate's {metric} is {c}", None
+  if gain(c, b) <= 0:
+    return REJECTED, f"the candidate's {metric} {c:.4g} does not beat the baseline's {b:.4g}", None
+  if production is None:
+    return PROMOTED, f"no production model yet; the candidate's {metric} {c:.4g} beats the baseline's {b:.4g}", None
+  p = production[metric]
+  improvement = gain(c, p)
+  versus = (f"the candidate's {metric} {c:.4g} is {abs(improvement):.2%} {'better' if improvement >= 0 else 'worse'} "
+            f"than production's {p:.4g}")
+  if improvement < min_improvement or improvement <= 0:
+    return REJECTED, f"{versus}; --min_improvement asks for {min_improvement:.2%} better", improvement
+  return PROMOTED, f"{versus} (--min_improvement {min_improvement:.2%}) and beats the baseline's {b:.4g}", \
+      improvement
+
+
+def _relative_gain(new, old, lower_is_better):
+  """How much better new is than old, relative to old: +0.05 is 5% better, whichever direction
+  the metric improves in; +inf against a production model that answers NaN."""
+  if not math.isfinite(old):
+    return math.inf
+  if old == 0:
+    return 0.0 if new == old else (math.inf if (new < old) == lower_is_better else -math.inf)
+  return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
+
+
+def _hold_out_warnings(summary, production_metadata):
+  """Series: production trained on rows inside today's hold-out scores too well on them, and the
+  comparison favours it (a candidate then has to beat it by more than --min_improvement)."""
+  if not production_metadata:
+    return []
+  test_first = summary.get("split", {}).get("test", {}).get("first")
+  seen_last = production_metadata.get("data", {}).get("split", {}).get("validation", {}).get("last")
+  if not (isinstance(test_first, str) and isinstance(seen_last, str)) or seen_last < test_first:
+    return []
+  message = (f"the production model trained on rows up to {seen_last}, inside this hold-out (from {test_first}): "
+             "its score is flattered; hold out a later period (--eval_start, --eval_days)")
+  logging.warning("%s", message)
+  return [message]
