@@ -18,10 +18,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from image_files import expected_rgb, rgb, write_image  # noqa: E402
+from precondition_proxy import PreconditionProxy  # noqa: E402
 
 # The emulator launcher is shared with scripts/benchmark_checkpoints.py.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 from gcs_emulator import GcsEmulator  # noqa: E402
+from trainer import storage  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -134,3 +136,16 @@ def storage_root(request, tmp_path):
   if request.param == "local":
     return str(tmp_path / "root")
   return request.getfixturevalue("gcs_bucket") + "/root"
+
+
+@pytest.fixture(scope="session")
+def proxy(gcs_emulator):
+  return PreconditionProxy(gcs_emulator.host)
+
+
+@pytest.fixture
+def root(storage_root, request, monkeypatch):
+  """storage_root, with gs:// reached through the precondition proxy (here and in subprocesses)."""
+  if storage.is_remote(storage_root):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", request.getfixturevalue("proxy").host)
+  return storage_root
