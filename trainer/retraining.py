@@ -111,14 +111,13 @@ def decide(metric, lower_is_better, candidate, production, baseline, min_improve
   gain = lambda new, old: _relative_gain(new, old, lower_is_better)
   if not math.isfinite(c):
     return REJECTED, f"the candidate's {metric} is {c}", None
+  improvement = None if production is None else gain(c, production[metric])
   if gain(c, b) <= 0:
-    return REJECTED, f"the candidate's {metric} {c:.4g} does not beat the baseline's {b:.4g}", None
+    return REJECTED, f"the candidate's {metric} {c:.4g} does not beat the baseline's {b:.4g}", improvement
   if production is None:
     return PROMOTED, f"no production model yet; the candidate's {metric} {c:.4g} beats the baseline's {b:.4g}", None
-  p = production[metric]
-  improvement = gain(c, p)
   versus = (f"the candidate's {metric} {c:.4g} is {abs(improvement):.2%} {'better' if improvement >= 0 else 'worse'} "
-            f"than production's {p:.4g}")
+            f"than production's {production[metric]:.4g}")
   if improvement < min_improvement or improvement <= 0:
     return REJECTED, f"{versus}; --min_improvement asks for {min_improvement:.2%} better", improvement
   return PROMOTED, f"{versus} (--min_improvement {min_improvement:.2%}) and beats the baseline's {b:.4g}", \
