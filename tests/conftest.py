@@ -46,6 +46,21 @@ def prices_csv(tmp_path):
 
 
 @pytest.fixture
+def table_csv(tmp_path):
+  """Writes a table (a, b, c, d, y) and returns its path: y depends on three columns, one of them
+  non-linearly, so a model beats the mean by far, and more epochs on more rows beat fewer. The
+  first rows are the same whatever rows= is: a smaller table is a larger one's beginning."""
+  def write(rows=1000, name="table.csv"):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((10_000, 4)), columns=["a", "b", "c", "d"])
+    frame["y"] = 50 + 8 * frame.a - 5 * frame.b + 4 * frame.c ** 2 + rng.standard_normal(10_000)
+    path = tmp_path / name
+    frame.head(rows).to_csv(path, index=False)
+    return str(path)
+  return write
+
+
+@pytest.fixture
 def make_image_folder(tmp_path):
   """Writes a class-per-folder image set of small solid-ish PNG/JPEG images and returns its path.
   classes: {name: count}; each class has its own colour so a CNN can tell them apart."""

@@ -45,22 +45,10 @@ def test_decide(metric, candidate, production, baseline, min_improvement, decisi
   assert (improvement is None) == (production is None or not math.isfinite(candidate))
 
 
-def table_csv(path, rows, seed=0):
-  """y depends on three of four columns, one of them non-linearly: a model beats the mean by far,
-  and more epochs on more rows beat fewer."""
-  rng = np.random.default_rng(seed)
-  frame = pd.DataFrame(rng.standard_normal((rows, 4)), columns=["a", "b", "c", "d"])
-  frame["y"] = 50 + 8 * frame.a - 5 * frame.b + 4 * frame.c ** 2 + rng.standard_normal(rows)
-  frame.to_csv(path, index=False)
-  return str(path)
-
-
-def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(root, tmp_path):
+def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(root, table_csv, tmp_path):
   serving_dir = storage.join(root, "serving")
-  data = str(tmp_path / "table.csv")
-  table_csv(data, 2000)
-  first_rows = str(tmp_path / "first.csv")
-  pd.read_csv(data).head(800).to_csv(first_rows, index=False)
+  data = table_csv(rows=2000)
+  first_rows = table_csv(rows=800, name="first.csv")  # the same rows' beginning: a table that grew
   options = retraining.Options(serving_dir=serving_dir)
 
   first = retraining.retrain(Config(model="dense", data=first_rows, target_column="y", epochs=1),

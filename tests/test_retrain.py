@@ -1,0 +1,200 @@
+"""`python -m trainer.retrain` as the CronJob runs it, in real processes on local folders and on
+gs:// (the emulator behind conftest's precondition proxy): exit codes, a diverged candidate, a
+retrain killed while promoting, two retrains at once, and flags refused before any training."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import export, preemption, retraining, serving, storage
+from trainer.config import Config
+from trainer.retraining import PROMOTED, REJECTED
+
+# Every test here runs the dense model on conftest's table: seconds per run.
+FLAGS = ["--model=dense", "--target_column=y", "--batch_size=64"]
+
+
+def retrain(*args):
+  return [sys.executable, "-m", "trainer.retrain", *FLAGS, *args]
+
+
+def run(*args, timeout=300):
+  return subprocess.run(retrain(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def production_v1(serving_dir, data, job_dir):
+  """A first night, in-process: one epoch, promoted as version 1 (it beats the mean)."""
+  entry = retraining.retrain(Config(model="dense", data=data, target_column="y", batch_size=64, epochs=1), job_dir,
+                             retraining.Options(serving_dir=serving_dir))
+  assert (entry["decision"], entry["version"]) == (PROMOTED, 1)
+
+
+def snapshot(serving_dir):
+  """Every file of every version folder, with its bytes."""
+  return {path: storage.read_bytes(storage.join(serving_dir, path)) for path in storage.list_files(serving_dir)
+          if path.split("/")[0].isdigit()}
+
+
+def test_a_diverged_candidate_is_rejected_production_untouched_exit_0(root, table_csv, tmp_path):
+  serving_dir, data = storage.join(root, "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  before = snapshot(serving_dir)
+
+  night = run(f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
+              "--learning_rate=1e12", "--epochs=5")
+  assert night.returncode == 0, night.stderr
+  assert re.search(r"^rejected: training diverged: the loss is (nan|inf) at step \d+", night.stdout, re.M), night.stdout
+  assert f"production: {storage.join(serving_dir, '1')}" in night.stdout
+  assert snapshot(serving_dir) == before
+  assert not storage.exists(storage.join(serving_dir, serving.LEASE))  # released
+  last = serving.read_history(serving_dir)[-1]
+  assert (last["decision"], last["version"], last["candidate"]) == (REJECTED, 1, None)
+  assert last["production"]["rmse"] < last["baseline"]["rmse"]  # production and baseline still scored
+
+  shown = run(f"--serving_dir={serving_dir}", "--show_history", timeout=60)
+  assert shown.returncode == 0, shown.stderr
+  rows = shown.stdout.splitlines()
+  assert rows[0].split()[:4] == ["time", "decision", "version", "metric"]
+  assert rows[1].split()[2:4] == ["promoted", "1"] and rows[2].split()[2:4] == ["rejected", "1"]
+  assert "training diverged" in rows[2]
+
+
+STALLED_RETRAIN = '''
+import os, runpy, sys, time
+from google.cloud.storage import Blob
+
+serving_dir = os.environ["STALL_SERVING_DIR"]
+
+def stall(what):
+  print("STALLED", what, file=sys.stderr, flush=True)
+  time.sleep(600)
+
+rename = os.rename
+def slow_rename(source, dest):  # a local promotion's last step: its hidden copy renamed to a number
+  if os.path.dirname(str(dest)) == serving_dir and os.path.basename(str(dest)).isdigit():
+    stall(dest)
+  return rename(source, dest)
+os.rename = slow_rename
+
+upload = Blob.upload_from_filename
+def slow_upload(self, *args, **kwargs):  # on gs://, the marker that completes a version
+  if self.name.endswith("/trainer_export.json") and "/serving/" in "/" + self.name:
+    stall(self.name)
+  return upload(self, *args, **kwargs)
+Blob.upload_from_filename = slow_upload
+
+sys.argv = ["trainer.retrain"] + sys.argv[1:]
+runpy.run_module("trainer.retrain", run_name="__main__")
+'''
+
+
+def wait_for_line(process, pattern, timeout=180):
+  deadline = time.monotonic() + timeout
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if re.search(pattern, line):
+      return line
+    assert time.monotonic() < deadline, "".join(seen)
+  raise AssertionError(f"exited {process.wait()} before {pattern!r}:\n" + "".join(seen))
+
+
+def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_proceeds(root, table_csv, tmp_path,
+                                                                                       monkeypatch):
+  serving_dir, data = storage.join(root, "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=15"]
+  script = tmp_path / "stalled_retrain.py"
+  script.write_text(STALLED_RETRAIN)
+  monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
+  # A short lease: the killed run's lease is in the way of the next one for 3 seconds at most.
+  process = subprocess.Popen([sys.executable, str(script), *FLAGS, *night, "--lease_ttl_seconds=3"],
+                             stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_line(process, "^STALLED")
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+  assert serving.production(serving_dir) == storage.join(serving_dir, "1")
+  assert serving.complete_versions(serving_dir) == [1]
+  left = [n for n in storage.list_dir(serving_dir) if n not in ("1", serving.HISTORY, serving.HISTORY_PLOT)]
+  assert serving.LEASE in left  # the killed run's, expiring
+  if storage.is_remote(root):
+    assert sorted(left) == [serving.LEASE, "2"]  # visible, but without its marker: nobody's production
+    assert export.METADATA not in storage.list_files(storage.join(serving_dir, "2"))
+    expected = 3
+  else:
+    assert any(n.startswith(".tmp-2-") for n in left)  # hidden: no poller saw a 2
+    expected = 2
+  assert len(serving.read_history(serving_dir)) == 1  # the killed run decided, but wrote nothing
+
+  # The same command again (the Job's next pod): resumes the trained candidate, outwaits the
+  # lease, removes the leftovers and promotes.
+  again = run(*night)
+  assert again.returncode == 0, again.stderr
+  assert "resuming from" in again.stderr and "took over" in again.stderr
+  assert serving.complete_versions(serving_dir) == [1, expected]
+  # No leftover copy or version; locally the lease's lock file (flock) stays, empty.
+  assert [n for n in storage.list_dir(serving_dir) if n != serving.LEASE + ".lock"] == \
+      sorted(["1", str(expected), serving.HISTORY, serving.HISTORY_PLOT])
+  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, PROMOTED]
+
+
+def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_path):
+  serving_dir, data = storage.join(root, "serving"), table_csv()
+  processes = [subprocess.Popen(retrain(f"--data={data}", f"--serving_dir={serving_dir}",
+                                        f"--job_dir={tmp_path / name}", "--epochs=3"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name in ("a", "b")]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+  # The second to hold the lease finds the first's candidate in production: the same model, no better.
+  history = serving.read_history(serving_dir)
+  assert sorted(e["decision"] for e in history) == [PROMOTED, REJECTED]
+  assert serving.complete_versions(serving_dir) == [1]
+  rejected = next(e for e in history if e["decision"] == REJECTED)
+  assert rejected["production_version"] == 1 and "than production's" in rejected["reason"]
+
+
+def test_a_held_lease_exits_clearly_when_waiting_is_not_asked_for(table_csv, tmp_path):
+  serving_dir = str(tmp_path / "serving")
+  storage.write_text(storage.join(serving_dir, serving.LEASE), json.dumps(
+      {"owner": "a retrain started by hand", "token": "t", "acquired": time.time(), "expires": time.time() + 600}))
+  held = run(f"--data={table_csv()}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'job'}",
+             "--epochs=1", "--lease_wait_seconds=0")
+  assert held.returncode == preemption.SERVING_BUSY
+  assert held.stderr.strip().splitlines()[-1].startswith(
+      f"retrain: {storage.join(serving_dir, serving.LEASE)} is held by a retrain started by hand until ")
+  assert storage.list_dir(serving_dir) == [serving.LEASE, serving.LEASE + ".lock"]  # nothing promoted
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--serving_dir is required"),
+    (["--test_start=2020-01-01"], "--test_start: a retrain scores every model on its hold-out; give --eval_start"),
+    (["--eval_start=2020-01-01"], "--eval_start applies to forecasts"),
+    (["--min_improvement=-0.1"], "--min_improvement=-0.1: a candidate worse than production would be promoted"),
+    (["--keep_versions=0"], "--keep_versions=0: keep at least the version in production"),
+])
+def test_flags_refused_before_training(args, message, tmp_path):
+  serving = [] if not args else [f"--serving_dir={tmp_path / 'serving'}"]
+  refused = run(*serving, *args, f"--job_dir={tmp_path / 'job'}", timeout=60)
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines() == [f"retrain: error: {refused.stderr.split(': error: ', 1)[1].strip()}"]
+  assert message in refused.stderr
+  assert not os.path.exists(tmp_path / "job")
+
+
+def test_forecast_flags(tmp_path):
+  wrong = run("--model=lstm", f"--serving_dir={tmp_path}", "--eval_data=x.csv", timeout=60)
+  assert wrong.returncode == 2 and "--eval_data applies to dense and cnn" in wrong.stderr
+  (tmp_path / "prices.csv").write_text("Date,Close\n")
+  days = run("--model=lstm", f"--serving_dir={tmp_path}", f"--data={tmp_path / 'prices.csv'}", "--target_column=Close",
+             "--eval_days=30", timeout=60)
+  assert days.returncode == 2 and "--eval_days needs --date_column" in days.stderr
