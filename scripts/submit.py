@@ -31,6 +31,7 @@ gcloud exits with its own code.
 
 import argparse
 import copy
+import importlib
 import os
 import re
 import shlex
@@ -151,15 +152,16 @@ def check_gcs_folder(job_dir, why):
                      "'-', '_' and '.', starting and ending with a letter or digit)")
 
 
-def check_trainer_flags(trainer_flags):
-  """The trainer flags after `--`, --flagfile expanded, checked against the trainer's own definitions.
+def check_trainer_flags(trainer_flags, module="trainer.task"):
+  """The trainer flags after `--`, --flagfile expanded, checked against the definitions of the
+  module the pods run (trainer.retrain for the cronjob: the trainer's flags and its own).
 
   Returns (the flags to pass, the names of the flags given).
   """
   if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python scripts/submit.py` from a checkout without `pip install -e .`
   from absl import flags
-  import trainer.task  # noqa: F401 -- defines the trainer's flags; it does not import TensorFlow
+  importlib.import_module(module)  # defines its flags; neither module imports TensorFlow
   values = copy.deepcopy(flags.FLAGS)  # a copy: this process's own flags stay unparsed
   try:
     # A --flagfile names a file on this machine, which the pods do not have: send its lines instead.
@@ -494,7 +496,8 @@ def main(argv=None):
     args, trainer_flags = parse_args(sys.argv[1:] if argv is None else argv)
     parse_image(args.image)
     check_job_name(args.job_name)
-    trainer_flags, given = check_trainer_flags(trainer_flags)
+    trainer_flags, given = check_trainer_flags(trainer_flags,
+                                               "trainer.retrain" if args.target == "cronjob" else "trainer.task")
     if args.target in VERTEX_TARGETS:
       return submit_vertex(args, trainer_flags, given)
     return submit_kubernetes(args, trainer_flags)

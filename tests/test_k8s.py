@@ -43,8 +43,8 @@ PYTHON_ERROR = 1
 # What a Job's podFailurePolicy must say about the trainer's exit codes (README "Resume,
 # preemption and exit codes").
 PERMANENT_CODES = {PYTHON_ERROR, task.USER_ERROR}
-RETRYABLE_CODES = {preemption.STORAGE_FAILURE, preemption.WORKER_LOST, exit_code(signal.SIGINT),
-                   exit_code(signal.SIGTERM)}
+RETRYABLE_CODES = {preemption.STORAGE_FAILURE, preemption.WORKER_LOST, preemption.SERVING_BUSY,
+                   exit_code(signal.SIGINT), exit_code(signal.SIGTERM)}
 
 # A CronJob names the Jobs it creates <cronjob name>-<scheduled time in minutes since 1970>.
 CRONJOB_RUN = "29250180"
@@ -275,6 +275,20 @@ def test_strategy_and_batch_fit_the_workload(overlay, tmp_path):
       per_replica_batch_size(values.batch_size, pod.tasks * per_task)
     except config_lib.UserError as e:
       pytest.fail(f"{overlay}: {pod.where}: {e}")
+
+
+def test_the_cronjob_retrains_and_promotes_only_into_its_serving_folder(tmp_path):
+  docs = render("cronjob")
+  cronjob, = find(docs, "CronJob")
+  assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"  # the retrain's lease is the second guard
+  pod, = pods(docs)
+  container, = pod.spec["containers"]
+  assert container["command"] == ["python", "-m", "trainer.retrain"]
+  values, _ = trainer_flags(pod, docs, tmp_path)
+  assert values.serving_dir.startswith("gs://") and not values.serving_dir.startswith(values.job_dir.split("$")[0])
+  # The base's fixed test period would freeze the hold-out; each night holds out its newest days.
+  assert not values.test_start and values.eval_days >= 1
+  assert values.min_improvement > 0
 
 
 # --- exit codes ----------------------------------------------------------------------------------

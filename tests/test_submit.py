@@ -19,7 +19,8 @@ import yaml
 from absl import flags
 
 import trainer.cluster
-import trainer.task  # noqa: F401 -- defines the trainer's flags, which the jobs' args must parse with
+import trainer.retrain  # noqa: F401 -- defines the trainer's flags and the retrain's (the cronjob's), which
+                       # the jobs' args must parse with
 from trainer import hptuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,6 +302,16 @@ def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected,
   code, stdout, stderr = submit(f"--target={target}", *JOB, "--job_dir=/mnt/jobs/gru-7", "--dry_run")
   assert_usage_error(code, stderr, "--job_dir=/mnt/jobs/gru-7", *expected)
   assert stdout == ""
+
+
+@needs_kubectl
+def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(tmp_path):
+  _, objects = kubernetes_dry_run("cronjob", "--", "--serving_dir=gs://models/serving", "--min_improvement=0.05")
+  (spec, container), = trainer_containers(objects)
+  values = container_flags(objects, spec, container, tmp_path)
+  assert (values.serving_dir, values.min_improvement) == ("gs://models/serving", 0.05)
+  code, _, stderr = submit("--target=gpu-job", *JOB, "--dry_run", "--", "--serving_dir=gs://models/serving")
+  assert_usage_error(code, stderr, "serving_dir")
 
 
 @needs_kubectl

@@ -60,7 +60,7 @@ def main(argv):
 def _hold_out():
   """The Config fields that set the hold-out, from --eval_start, --eval_days and --eval_data."""
   for flag, instead in (("test_start", "--eval_start"), ("test_data", "--eval_data")):
-    if FLAGS[flag].present:
+    if FLAGS[flag].value:  # an empty --test_start= clears one from a shared flags file (k8s/overlays/cronjob)
       raise config_lib.UserError(f"--{flag}: a retrain scores every model on its hold-out; give {instead}")
   if FLAGS.model in config_lib.FORECAST_MODELS:
     if FLAGS.eval_data:

@@ -25,7 +25,8 @@ flags.DEFINE_string("test_data", None, "cnn and dense: a separate test set of th
 flags.DEFINE_string("target_column", None, "Column to predict (required with --data).")
 flags.DEFINE_string("date_column", None, "Column of dates: rows are sorted by it, --test_start refers to it.")
 flags.DEFINE_list("feature_columns", [], "Input columns besides the target; tables default to every numeric column.")
-flags.DEFINE_string("test_start", None, "First date of the test period (YYYY-MM-DD); default: the last 20% of rows.")
+flags.DEFINE_string("test_start", None, "First date of the test period (YYYY-MM-DD); default (or empty): the last "
+                    "20% of rows.")
 flags.DEFINE_integer("window", 60, "Time steps in each forecast window.")
 flags.DEFINE_integer("epochs", 60, "Maximum training epochs.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
@@ -82,7 +83,7 @@ def config_from_flags(**overrides):
                                                tensorboard_dir=FLAGS.tensorboard_dir)
   fields = dict(
       model=FLAGS.model, data=FLAGS.data, target_column=FLAGS.target_column, date_column=FLAGS.date_column,
-      feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start, window=FLAGS.window,
+      feature_columns=tuple(FLAGS.feature_columns), test_start=FLAGS.test_start or None, window=FLAGS.window,
       epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
       patience=FLAGS.patience, seed=FLAGS.seed, bidirectional=FLAGS.bidirectional,
       validation_split=FLAGS.validation_split, test_split=FLAGS.test_split, test_data=FLAGS.test_data,
