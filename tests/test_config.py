@@ -40,3 +40,15 @@ def test_resume_mismatch_names_the_first_flag_that_changed():
 def test_checkpoint_flags_are_checked(flags, message):
   with pytest.raises(UserError, match=message):
     Config(**flags)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"model": "gru", "test_days": 0}, "--eval_days=0: give a number of days of at least 1"),
+    ({"model": "gru", "test_days": 30, "test_start": "2020-01-01"}, "and no --eval_start"),
+    ({"model": "dense", "test_days": 30}, "--eval_days applies to forecasts"),
+    ({"model": "gru", "test_data": "x.csv"}, "--test_data applies to --model=cnn and dense"),
+    ({"model": "dense", "test_data": "missing.csv"}, "--test_data=missing.csv: no such file"),
+])
+def test_hold_out_flags_are_checked(flags, message):
+  with pytest.raises(UserError, match=message):
+    Config(**flags)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from trained_jobs import trained
 
 from trainer import export
+from trainer.models import MODELS
 from trainer.config import UserError
 
 INPUTS = {"dense": "features", "gru": "window", "cnn": "image"}
@@ -78,3 +79,20 @@ def test_unusable_exports_are_user_errors(tmp_path, case, expected):
     export.read_metadata(export.find_version(str(folder)))
   for text in expected:
     assert text in str(raised.value)
+
+
+def test_warm_start_copies_the_weights_of_the_same_network_only(tmp_path_factory):
+  job = trained("dense", tmp_path_factory)
+  same = MODELS["dense"](job.prepared.input_shape)
+  said = export.warm_start(same, job.version_dir, "dense")
+  assert said == {"used": True, "from": job.version_dir, "version": 1}
+  for mine, theirs in zip(same.get_weights(), job.model.get_weights()):
+    np.testing.assert_array_equal(mine, theirs)
+
+  wider = MODELS["dense"]((job.prepared.input_shape[0] + 1,))
+  before = [w.copy() for w in wider.get_weights()]
+  said = export.warm_start(wider, job.version_dir, "dense")
+  assert not said["used"] and "other shapes" in said["reason"]
+  assert all(np.array_equal(a, b) for a, b in zip(before, wider.get_weights()))  # untouched
+  said = export.warm_start(MODELS["gru"]((8, 1)), job.version_dir, "gru")
+  assert not said["used"] and said["reason"] == "it is a dense model, this job trains gru"

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from trainer import storage, train
 from trainer.config import Config, UserError
 from trainer.data import builtin, image_folder, image_tfrecords, images
+from trainer.models import MODELS
 
 
 def batches(dataset):
@@ -155,3 +156,13 @@ def test_cnn_trains_on_a_messy_folder_and_reports(make_image_folder, tmp_path):
 def test_image_size_too_small():
   with pytest.raises(UserError, match="--image_size must be at least 22"):
     Config(model="cnn", image_size=16)
+
+
+def test_another_exports_preprocessing_decodes_at_its_own_size(make_image_folder):
+  folder = make_image_folder()
+  mine, theirs = (images.prepare(Config(model="cnn", data=folder, image_size=size)) for size in (24, 30))
+  model = MODELS["cnn"]((30, 30, 3), 3)
+  # A model of 30x30 inputs scored on the 24x24 split: its test images decoded at 30x30.
+  np.testing.assert_array_equal(mine.predict(model, theirs.preprocessing), theirs.predict(model))
+  with pytest.raises(UserError, match=r"the model's classes \(blue, green\) are not those of"):
+    mine.predict(model, {**theirs.preprocessing, "class_names": ["blue", "green"]})

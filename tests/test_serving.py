@@ -343,6 +343,10 @@ def test_history_round_trip_table_and_plot(root):
   assert len({line.index("reason" if i == 0 else HISTORY[i - 1]["reason"]) for i, line in enumerate(table)}) == 1
   assert serving.history_table([]).splitlines()[-1] == "(no runs yet)"
 
+  # Production's metric each night: the new model's score on promotion nights, else production's.
+  assert [(t.day, value, version, promoted) for t, value, version, promoted in
+          serving.production_series(serving.read_history(root))] == [(1, 9.5, 1, True), (2, 9.4, 1, False),
+                                                                     (3, 9.1, 2, True)]
   plot = storage.join(root, "history.png")
   serving.history_plot(serving.read_history(root), plot)
   assert storage.read_bytes(plot).startswith(b"\x89PNG\r\n\x1a\n")

@@ -51,3 +51,27 @@ def test_no_feature_besides_the_target(tmp_path):
   pd.DataFrame({"name": ["a"] * 20, "y": np.arange(20.0)}).to_csv(tmp_path / "t.csv", index=False)
   with pytest.raises(UserError, match="no numeric column besides 'y'"):
     tabular.prepare(Config(model="dense", data=str(tmp_path / "t.csv"), target_column="y"))
+
+
+def test_a_separate_test_table_is_the_test_set(table_csv):
+  prepared = tabular.prepare(Config(model="dense", data=table_csv(rows=500), target_column="y",
+                                    test_data=table_csv(rows=80, name="holdout.csv")))
+  split = prepared.summary["split"]
+  # All of --data is for training (80% / 20% validation); the test rows are --test_data's, in order.
+  assert (split["train"]["rows"], split["validation"]["rows"], split["test"]["rows"]) == (400, 100, 80)
+  np.testing.assert_array_equal(prepared.test_targets, pd.read_csv(table_csv(rows=80, name="h.csv")).y.to_numpy())
+  model = MODELS["dense"]((4,))
+  own = prepared.predict(model)
+  # Another export's statistics and feature order: the same raw rows, its own normalisation.
+  other = {**prepared.preprocessing, "features": ["d", "c", "b", "a"],
+           "feature_mean": prepared.preprocessing["feature_mean"][::-1],
+           "feature_std": prepared.preprocessing["feature_std"][::-1]}
+  reordered = prepared.predict(lambda x, training: model(x[:, ::-1], training=training), other)
+  np.testing.assert_allclose(reordered, own, rtol=1e-5)
+
+
+def test_a_test_table_without_the_columns_is_refused(table_csv, tmp_path):
+  pd.read_csv(table_csv(rows=50)).drop(columns="c").to_csv(tmp_path / "holdout.csv", index=False)
+  with pytest.raises(UserError, match="--feature_columns='c' is not a column of .*holdout.csv"):
+    tabular.prepare(Config(model="dense", data=table_csv(rows=200), target_column="y",
+                           test_data=str(tmp_path / "holdout.csv")))

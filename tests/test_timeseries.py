@@ -130,8 +130,28 @@ def test_persistence_baseline_is_yesterdays_value(prices_csv):
   np.testing.assert_array_equal(prepared.baseline_predictions[1:], prepared.test_targets[:-1])
 
 
+def test_test_days_hold_out_the_newest_days(prices_csv):
+  path = prices_csv(rows=400)  # business days from 2015-01-01 to 2016-07-13
+  prepared = timeseries.prepare(config_for(path, test_start=None, test_days=30))
+  test = prepared.summary["split"]["test"]
+  # 30 calendar days back from the last date, both ends included: 2016-06-14 on.
+  assert (test["first"], test["last"], test["rows"]) == ("2016-06-14", "2016-07-13", 22)
+  assert len(prepared.test_targets) == 22
+
+
+def test_another_exports_preprocessing_is_fed_its_own_window(prices_csv):
+  path = prices_csv(rows=400)
+  mine, theirs = (timeseries.prepare(config_for(path, window=window)) for window in (5, 9))
+  model = MODELS["gru"]((9, 1))
+  # Scoring a model of window 9 on the window-5 split: its windows, its statistics, the same test rows.
+  np.testing.assert_allclose(mine.predict(model, theirs.preprocessing), theirs.predict(model), rtol=1e-6)
+  with pytest.raises(UserError, match="no column 'Volume', which the model needs"):
+    mine.predict(model, {**theirs.preprocessing, "columns": ["Close", "Volume"]})
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"window": 300}, "too short for --window=300"),
+    ({"test_start": None, "test_days": 1000}, "--eval_days=1000 covers all of"),
     ({"test_start": "2030-01-01"}, "--test_start=2030-01-01 is outside the data"),
     ({"test_start": "2000-01-01"}, "--test_start=2000-01-01 is outside the data"),
 ])

@@ -113,15 +113,16 @@ def decide(metric, lower_is_better, candidate, production, baseline, min_improve
     return REJECTED, f"the candidate's {metric} is {c}", None
   improvement = None if production is None else gain(c, production[metric])
   if gain(c, b) <= 0:
-    return REJECTED, f"the candidate's {metric} {c:.4g} does not beat the baseline's {b:.4g}", improvement
+    return REJECTED, f"the candidate's {metric} {c:.5g} does not beat the baseline's {b:.5g}", improvement
   if production is None:
-    return PROMOTED, f"no production model yet; the candidate's {metric} {c:.4g} beats the baseline's {b:.4g}", None
-  versus = (f"the candidate's {metric} {c:.4g} is {abs(improvement):.2%} {'better' if improvement >= 0 else 'worse'} "
-            f"than production's {production[metric]:.4g}")
+    return PROMOTED, (f"no production model yet; the candidate's {metric} {c:.5g} is {gain(c, b):.2%} better than "
+                      f"the baseline's {b:.5g}"), None
+  versus = (f"the candidate's {metric} {c:.5g} is {abs(improvement):.2%} {'better' if improvement >= 0 else 'worse'} "
+            f"than production's {production[metric]:.5g}")
   if improvement < min_improvement or improvement <= 0:
     return REJECTED, f"{versus}; --min_improvement asks for {min_improvement:.2%} better", improvement
-  return PROMOTED, f"{versus} (--min_improvement {min_improvement:.2%}) and beats the baseline's {b:.4g}", \
-      improvement
+  return PROMOTED, f"{versus} (--min_improvement {min_improvement:.2%}) and {gain(c, b):.2%} better than the " \
+      f"baseline's {b:.5g}", improvement
 
 
 def _relative_gain(new, old, lower_is_better):

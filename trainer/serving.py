@@ -4,7 +4,7 @@ which the highest complete one is in production, plus what retraining keeps besi
     <serving_dir>/<n>/             an export version (trainer.export), its trainer_export.json last
     <serving_dir>/.lease.json      who may change the folder now, and until when (Lease)
     <serving_dir>/history.jsonl    one line per retraining run (append_history)
-    <serving_dir>/history.png      the production metric over time (history_plot)
+    <serving_dir>/history.png      production's metric run by run (history_plot)
 
 Promotion never shows a poller half a model: locally a version is copied under a hidden name
 and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
@@ -330,7 +330,7 @@ def metric_value(entry, key):
 
 
 def _number_text(value):
-  return "-" if value is None else f"{value:.4g}"
+  return "-" if value is None else f"{value:.5g}"
 
 
 def _time_text(value):
@@ -346,10 +346,25 @@ def _parse_time(value):
   return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
 
 
+def production_series(entries):
+  """[(time, production's metric on that run's hold-out, its version, promoted that run?)] for the
+  runs of the last entry's metric (a model that changed metric starts a new story): after a
+  promotion the candidate's score, since it is production from then on."""
+  metric = entries[-1].get("metric") if entries else None
+  series = []
+  for entry in entries:
+    when = _parse_time(entry.get("time"))
+    promoted = entry.get("decision") == "promoted"
+    value = metric_value(entry, "candidate" if promoted else "production")
+    if entry.get("metric") == metric and when and value is not None:
+      series.append((when, value, entry.get("version"), promoted))
+  return series
+
+
 def history_plot(entries, path):
-  """A PNG at path (local or gs://) of the production metric over time: a step at each
-  promotion, rejected candidates as crosses, the baseline as dots; runs of the last entry's
-  metric only (a model that changed metric starts a new story)."""
+  """A PNG at path (local or gs://) of production's metric run by run, each on that run's
+  hold-out: the promotions marked with their version, rejected candidates as crosses, the
+  baseline as dots."""
   import matplotlib
   matplotlib.use("Agg")  # retraining runs without a display
   import matplotlib.pyplot as plt
@@ -357,15 +372,13 @@ def history_plot(entries, path):
   metric = entries[-1].get("metric") if entries else None
   runs = [(t, e) for e in entries if e.get("metric") == metric for t in [_parse_time(e.get("time"))] if t]
   fig, ax = plt.subplots(figsize=(8, 4))
-  promoted = [(t, metric_value(e, "candidate"), e.get("version")) for t, e in runs
-              if e.get("decision") == "promoted" and metric_value(e, "candidate") is not None]
-  if promoted:
-    times, values = [t for t, _, _ in promoted], [v for _, v, _ in promoted]
-    end = max(t for t, _ in runs)  # production holds its value until the last run
-    ax.step(times + [end], values + values[-1:], where="post", color="tab:blue", label="production")
-    ax.plot(times, values, "o", color="tab:blue")
-    for t, value, version in promoted:
-      ax.annotate(f"v{version}", (t, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  production = production_series(entries)
+  if production:
+    ax.plot([t for t, *_ in production], [v for _, v, *_ in production], "-o", color="tab:blue", markersize=4,
+            label="production")
+    for t, value, version, promoted in production:
+      if promoted:
+        ax.annotate(f"v{version}", (t, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
   rejected = [(t, metric_value(e, "candidate")) for t, e in runs
               if e.get("decision") == "rejected" and metric_value(e, "candidate") is not None]
   if rejected:
@@ -377,7 +390,8 @@ def history_plot(entries, path):
     ax.text(0.5, 0.5, "no runs yet", ha="center", va="center", transform=ax.transAxes)
   else:
     ax.legend()
-  ax.set(xlabel="run time (UTC)", ylabel=metric or "metric", title=f"Production {metric or 'metric'} over time")
+  ax.set(xlabel="run time (UTC)", ylabel=f"{metric or 'metric'} on each run's hold-out",
+         title=f"Production {metric or 'metric'} over time")
   fig.autofmt_xdate()
   fig.tight_layout()
   with tempfile.TemporaryDirectory() as scratch:
