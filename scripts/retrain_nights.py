@@ -31,6 +31,7 @@ def main():
   args, extra = parser.parse_known_args()
   extra = [a for a in extra if a != "--"]
   folder = args.folder or tempfile.mkdtemp(prefix="retrain-nights-")
+  os.makedirs(folder, exist_ok=True)
   frame = pd.read_csv(args.data)
   serving_dir = os.path.join(folder, "serving")
   nights = [(night, night, []) for night in args.nights.split(",")]

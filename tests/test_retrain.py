@@ -70,6 +70,7 @@ import os, runpy, sys, time
 from google.cloud.storage import Blob
 
 serving_dir = os.environ["STALL_SERVING_DIR"]
+from trainer import serving
 
 def stall(what):
   print("STALLED", what, file=sys.stderr, flush=True)
@@ -77,17 +78,25 @@ def stall(what):
 
 rename = os.rename
 def slow_rename(source, dest):  # a local promotion's last step: its hidden copy renamed to a number
-  if os.path.dirname(str(dest)) == serving_dir and os.path.basename(str(dest)).isdigit():
+  if os.environ.get("STALL_AT") == "promotion" and os.path.dirname(str(dest)) == serving_dir and os.path.basename(str(dest)).isdigit():
     stall(dest)
   return rename(source, dest)
 os.rename = slow_rename
 
 upload = Blob.upload_from_filename
 def slow_upload(self, *args, **kwargs):  # on gs://, the marker that completes a version
-  if self.name.endswith("/trainer_export.json") and "/serving/" in "/" + self.name:
+  if os.environ.get("STALL_AT") == "promotion" and self.name.endswith("/trainer_export.json") \
+      and "/serving/" in "/" + self.name:
     stall(self.name)
   return upload(self, *args, **kwargs)
 Blob.upload_from_filename = slow_upload
+
+append_history = serving.append_history
+def slow_append(*args):  # after a promotion, before the history says so
+  if os.environ.get("STALL_AT") == "history":
+    stall("history")
+  return append_history(*args)
+serving.append_history = slow_append
 
 sys.argv = ["trainer.retrain"] + sys.argv[1:]
 runpy.run_module("trainer.retrain", run_name="__main__")
@@ -113,6 +122,7 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   script = tmp_path / "stalled_retrain.py"
   script.write_text(STALLED_RETRAIN)
   monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
+  monkeypatch.setenv("STALL_AT", "promotion")
   # A short lease: the killed run's lease is in the way of the next one for 3 seconds at most.
   process = subprocess.Popen([sys.executable, str(script), *FLAGS, *night, "--lease_ttl_seconds=3"],
                              stderr=subprocess.PIPE, text=True)
@@ -145,6 +155,33 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   assert [n for n in storage.list_dir(serving_dir) if n != serving.LEASE + ".lock"] == \
       sorted(["1", str(expected), serving.HISTORY, serving.HISTORY_PLOT])
   assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, PROMOTED]
+
+
+def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_csv, tmp_path, monkeypatch):
+  serving_dir, data = str(tmp_path / "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=15"]
+  (tmp_path / "stalled_retrain.py").write_text(STALLED_RETRAIN)
+  monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
+  monkeypatch.setenv("STALL_AT", "history")
+  process = subprocess.Popen([sys.executable, str(tmp_path / "stalled_retrain.py"), *FLAGS, *night,
+                              "--lease_ttl_seconds=3"], stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_line(process, "^STALLED")
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  assert serving.complete_versions(serving_dir) == [1, 2]  # promoted, unrecorded
+  assert len(serving.read_history(serving_dir)) == 1
+
+  for attempt in range(2):  # the Job's next pod; then once more, as if killed after the history too
+    again = run(*night)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("promoted: promoted as version 2 by an earlier attempt of this job")
+    assert serving.complete_versions(serving_dir) == [1, 2]  # not promoted twice
+    history = serving.read_history(serving_dir)
+    assert [(e["decision"], e["version"]) for e in history] == [(PROMOTED, 1), (PROMOTED, 2)]
+    assert history[-1]["job_dir"] == str(tmp_path / "night2")
 
 
 def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_path):

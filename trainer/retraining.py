@@ -19,6 +19,7 @@ production", and the CronJob only alerts on failures of the job itself.
 
 import dataclasses
 import datetime
+import json
 import math
 import os
 import socket
@@ -72,13 +73,20 @@ def retrain(config, job_dir, options):
     candidate = score(prepared, result["export"]) if result else None
     current = score(prepared, production) if production else None
     warnings = _hold_out_warnings(prepared.summary, production_metadata)
+    version = production_metadata["version"] if production_metadata else None
+    # A retry of a job killed between promoting and writing the history finds its own model in
+    # production: that promotion stands (decided then, against what was production then).
+    promoted_before = bool(result and production_metadata) and \
+        _folder(production_metadata.get("promoted_from", "")) == _folder(result["export"])
     if failure:
       decision, reason, improvement = REJECTED, failure, None
+    elif promoted_before:
+      decision, reason, improvement = PROMOTED, (f"promoted as version {version} by an earlier attempt of this job, "
+                                                 "stopped before it recorded that"), None
     else:
       decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
                                              options.min_improvement)
-    version = production_metadata["version"] if production_metadata else None
-    if decision == PROMOTED:
+    if decision == PROMOTED and not promoted_before:
       version = int(os.path.basename(serving.promote(result["export"], serving_dir, options.keep_versions, lease)))
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -89,8 +97,11 @@ def retrain(config, job_dir, options):
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
     }
     lease.renew()  # the history, too, is only written by the lease's holder
-    serving.append_history(serving_dir, entry)
-    serving.history_plot(serving.read_history(serving_dir), storage.join(serving_dir, serving.HISTORY_PLOT))
+    history = serving.read_history(serving_dir)
+    if not (promoted_before and any(e.get("job_dir") == job_dir and e.get("decision") == PROMOTED for e in history)):
+      serving.append_history(serving_dir, entry)
+      history.append(json.loads(json.dumps(entry)))
+    serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
   logging.info("%s: %s", decision, reason)
   return entry
 
@@ -133,6 +144,11 @@ def _relative_gain(new, old, lower_is_better):
   if old == 0:
     return 0.0 if new == old else (math.inf if (new < old) == lower_is_better else -math.inf)
   return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
+
+
+def _folder(path):
+  """The folder path is in (local or gs://), for comparing export versions of one job."""
+  return path.rstrip("/").rsplit("/", 1)[0]
 
 
 def _hold_out_warnings(summary, production_metadata):
