@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from processes import wait_for_line
 
 from trainer import export, preemption, retraining, serving, storage
 from trainer.config import Config
@@ -101,17 +102,6 @@ serving.append_history = slow_append
 sys.argv = ["trainer.retrain"] + sys.argv[1:]
 runpy.run_module("trainer.retrain", run_name="__main__")
 '''
-
-
-def wait_for_line(process, pattern, timeout=180):
-  deadline = time.monotonic() + timeout
-  seen = []
-  for line in process.stderr:
-    seen.append(line)
-    if re.search(pattern, line):
-      return line
-    assert time.monotonic() < deadline, "".join(seen)
-  raise AssertionError(f"exited {process.wait()} before {pattern!r}:\n" + "".join(seen))
 
 
 def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_proceeds(root, table_csv, tmp_path,

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from processes import wait_for_line
 
 from trainer import export, serving, storage
 from trainer.config import UserError
@@ -157,18 +158,6 @@ Blob.upload_from_filename = slow_upload
 
 serving.promote(sys.argv[1], sys.argv[2])
 '''
-
-
-def wait_for_line(process, pattern, timeout=60):
-  """The first stderr line of process matching pattern (it must appear within timeout seconds)."""
-  deadline = time.monotonic() + timeout
-  seen = []
-  for line in process.stderr:
-    seen.append(line)
-    if re.search(pattern, line):
-      return line
-    assert time.monotonic() < deadline, "".join(seen)
-  raise AssertionError(f"exited {process.wait()} before {pattern!r}:\n" + "".join(seen))
 
 
 def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_path):
