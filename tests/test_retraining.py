@@ -54,7 +54,8 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   first = retraining.retrain(Config(model="dense", data=first_rows, target_column="y", epochs=1),
                              str(tmp_path / "night1"), options)
   assert (first["decision"], first["version"], first["production"]) == (PROMOTED, 1, None)
-  assert first["warm_start"] is None and first["reason"].startswith("no production model yet")
+  assert first["warm_start"] == {"used": False, "reason": "no production model yet"}
+  assert first["reason"].startswith("no production model yet")
   assert first["data"]["rows"] == 800
 
   config = Config(model="dense", data=data, target_column="y", epochs=20)

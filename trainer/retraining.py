@@ -93,7 +93,7 @@ def retrain(config, job_dir, options):
         "decision": decision, "version": version, "reason": reason, "metric": metric,
         "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
         "production_version": production_metadata["version"] if production_metadata else None,
-        "warm_start": result["warm_start"] if result else None, "warnings": warnings,
+        "warm_start": _warm_start(result, options), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
     }
     lease.renew()  # the history, too, is only written by the lease's holder
@@ -144,6 +144,15 @@ def _relative_gain(new, old, lower_is_better):
   if old == 0:
     return 0.0 if new == old else (math.inf if (new < old) == lower_is_better else -math.inf)
   return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
+
+
+def _warm_start(result, options):
+  """What the candidate started from, as the report says it, or why it started from random weights."""
+  if result and result["warm_start"]:
+    return result["warm_start"]
+  if result is None:
+    return None  # training diverged: the log said where it started
+  return {"used": False, "reason": "no production model yet" if options.warm_start else "--nowarm_start"}
 
 
 def _folder(path):
