@@ -190,6 +190,24 @@ def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_pa
   assert rejected["production_version"] == 1 and "than production's" in rejected["reason"]
 
 
+def test_two_workers_train_the_same_warm_started_candidate_and_the_chief_alone_promotes(table_csv, tmp_path):
+  serving_dir, data = str(tmp_path / "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "local_cluster.py")
+  done = subprocess.run([sys.executable, script, "--workers=2", "--module=trainer.retrain", "--", *FLAGS,
+                         f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
+                         "--epochs=10"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  for worker in (0, 1):
+    assert re.search(rf"^\[worker {worker}\] .*warm start: from the weights of version 1 ", done.stderr, re.M)
+  checksums = re.findall(r"^\[worker (\d)\] .*final weights checksum (\S+)", done.stderr, re.M)
+  assert len(checksums) == 2 and checksums[0][1] == checksums[1][1], checksums
+  assert "[worker 1] worker done: the chief decides" in done.stdout
+  assert re.search(r"^\[worker 0\] promoted: the candidate's rmse", done.stdout, re.M), done.stdout
+  assert serving.complete_versions(serving_dir) == [1, 2]
+  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, PROMOTED]
+
+
 def test_a_held_lease_exits_clearly_when_waiting_is_not_asked_for(table_csv, tmp_path):
   serving_dir = str(tmp_path / "serving")
   storage.write_text(storage.join(serving_dir, serving.LEASE), json.dumps(
