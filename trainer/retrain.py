@@ -41,8 +41,10 @@ def main(argv):
       raise config_lib.UserError("--serving_dir is required: the folder (local or gs://) production models "
                                  "are served from")
     if FLAGS.show_history:
-      print(serving.history_table(serving.read_history(FLAGS.serving_dir)))
-      print(f"plot: {storage.join(FLAGS.serving_dir, serving.HISTORY_PLOT)}")
+      history = serving.read_history(FLAGS.serving_dir)
+      print(serving.history_table(history))
+      if history:
+        print(f"plot: {storage.join(FLAGS.serving_dir, serving.HISTORY_PLOT)}")
       return
     job_dir, config = task.config_from_flags(**_hold_out())
     options = _options()
