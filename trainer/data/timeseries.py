@@ -97,7 +97,7 @@ def prepare(config):
     raise UserError(
         f"{source}: too short for --window={window}: it needs at least {needed} rows before the test "
         f"period and 2 in it, {needed + 2} in all (has {test_row} and {rows - test_row}); "
-        "lower --window, move --test_start or give more data")
+        "lower --window, give more data or test on fewer rows (--test_start; trainer.retrain: --eval_days)")
 
   # Change t (row t + 1) is a target; its window is changes t - window .. t - 1.
   first, test_first = window, test_row - 1
