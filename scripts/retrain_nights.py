@@ -27,7 +27,7 @@ def main():
   parser.add_argument("--date_column", default="Date")
   parser.add_argument("--target_column", default="Close")
   parser.add_argument("--bad_learning_rate", type=float, help="add a night on every row with this learning rate")
-  parser.add_argument("--folder", help="where the nights' files, jobs and serving folder go; default: a new temp folder")
+  parser.add_argument("--folder", help="where the nights' files, jobs and serving folder go; default: a temp folder")
   args, extra = parser.parse_known_args()
   extra = [a for a in extra if a != "--"]
   folder = args.folder or tempfile.mkdtemp(prefix="retrain-nights-")

@@ -79,7 +79,8 @@ def stall(what):
 
 rename = os.rename
 def slow_rename(source, dest):  # a local promotion's last step: its hidden copy renamed to a number
-  if os.environ.get("STALL_AT") == "promotion" and os.path.dirname(str(dest)) == serving_dir and os.path.basename(str(dest)).isdigit():
+  if os.environ.get("STALL_AT") == "promotion" and os.path.dirname(str(dest)) == serving_dir \
+      and os.path.basename(str(dest)).isdigit():
     stall(dest)
   return rename(source, dest)
 os.rename = slow_rename
