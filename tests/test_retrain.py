@@ -145,7 +145,10 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   # No leftover copy or version; locally the lease's lock file (flock) stays, empty.
   assert [n for n in storage.list_dir(serving_dir) if n != serving.LEASE + ".lock"] == \
       sorted(["1", str(expected), serving.HISTORY, serving.HISTORY_PLOT])
-  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, PROMOTED]
+  history = serving.read_history(serving_dir)
+  assert [e["decision"] for e in history] == [PROMOTED, PROMOTED]
+  # Resumed from the killed attempt's checkpoint, which says where that attempt started from.
+  assert history[-1]["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
 
 
 def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_csv, tmp_path, monkeypatch):
