@@ -1,6 +1,10 @@
 """One short real training run per model, on small generated data, into a temporary job folder."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -11,6 +15,7 @@ from trainer import report, train
 from trainer.config import Config
 from trainer.data import builtin, tabular, timeseries
 
+ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"model", "config", "data", "epochs_run", "best_epoch", "test", "baseline", "history", "weights",
                "parameters", "plots", "wall_time_s"}
 
@@ -70,3 +75,27 @@ def test_dense_reaches_the_noise_floor_on_the_tutorials_law(tmp_path):
                                     str(tmp_path / "job"))
   noise_floor_mae = 12.3 * np.sqrt(2 / np.pi)  # 9.81: the MAE of the noise itself
   assert result["test"]["mae"] <= 1.05 * noise_floor_mae
+
+
+# Run by scripts/local_cluster.py: this worker holds the number at its index in argv[1].
+SAME_VALUE_TASK = '''
+import os, sys
+from trainer import cluster as cluster_lib, distribution, train
+cluster = cluster_lib.resolve(os.environ, None, None)
+strategy = distribution.make_strategy("auto", cluster, 0)
+value = float(sys.argv[1].split(",")[cluster.task_index])
+print("same" if train._same_on_every_worker(strategy, cluster, value) else "different")
+'''
+
+
+@pytest.mark.parametrize("values, expected", [("7,7,7", "same"), ("1,2,3", "different")])
+def test_workers_that_hold_different_numbers_are_told_apart(values, expected, tmp_path):
+  """What stops workers that restored different checkpoints, or warm-started from different
+  versions: 1, 2 and 3 have the mean 2 of the worker in the middle, their squares do not."""
+  (tmp_path / "same_value_task.py").write_text(SAME_VALUE_TASK)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+  done = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--workers=3",
+                         "--module=same_value_task", "--", values], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert sorted(line.split("] ", 1)[1] for line in done.stdout.splitlines()) == [expected] * 3

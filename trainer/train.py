@@ -15,7 +15,7 @@ from trainer.checkpoints import Checkpoints
 from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
-from trainer.preemption import StopSignal, WorkerLost
+from trainer.preemption import SERVING_BUSY, Restart, StopSignal, WorkerLost
 
 # TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
 # logger, the job's own) would drown the job's.
@@ -30,6 +30,11 @@ _PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, t
 
 # The data module that feeds each model.
 DATA = {"dense": tabular, "gru": timeseries, "lstm": timeseries, "cnn": images}
+
+
+class WarmStartRace(Restart):
+  """Workers warm-started from different versions: a retry starts them from the same one."""
+  exit_code = SERVING_BUSY
 
 
 @dataclasses.dataclass
@@ -120,6 +125,11 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   elif warm_started:
     logging.info("warm start: not from %s: %s; from random weights", warm_started["from"], warm_started["reason"])
   checkpoints.info["warm_start"] = warm_started
+  if not _same_on_every_worker(strategy, config.cluster, warm_started["version"] if warm_started and
+                               warm_started["used"] else 0):
+    # Each worker looked up production by itself, and a retrain promoted a version in between.
+    raise WarmStartRace("the workers started from different production versions (one was promoted while they "
+                        "started); run the job again")
 
   def sync_logs():
     if is_chief and folders.local_logs != folders.tensorboard:
@@ -210,10 +220,17 @@ def _resume(config, checkpoints, model, optimizer, strategy):
 def _check_same_step(strategy, cluster, step):
   """Workers that restored different checkpoints would all-reduce gradients of different
   weights without any error (GUIDE section 4): compare before the first step."""
-  if cluster.num_workers < 2:
-    return
-  total = tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(float(step))), axis=None))()
-  if float(total) != step * strategy.num_replicas_in_sync:
+  if not _same_on_every_worker(strategy, cluster, step):
     raise UserError(f"workers restored different checkpoints (this one step {step}): every worker must read the "
                     "same --job_dir or --checkpoint_dir, e.g. a gs:// folder, not a local disk of its own")
 
+
+def _same_on_every_worker(strategy, cluster, value):
+  """Whether every replica of every worker holds this number: n * sum(v^2) == sum(v)^2 exactly
+  when all n values are equal, so one all-reduce of (v, v^2) tells."""
+  if cluster.num_workers < 2:
+    return True
+  total = tf.function(lambda: strategy.reduce(
+      "SUM", strategy.run(lambda: tf.constant([float(value), float(value) ** 2], tf.float64)), axis=None))()
+  sum_, sum_of_squares = total.numpy()
+  return strategy.num_replicas_in_sync * sum_of_squares == sum_ ** 2
