@@ -114,22 +114,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
                             info={"config": config.resume_identity()})
   state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
-  if saved is not None:
-    warm_started = saved.get("warm_start")  # what the first attempt of this job started from
-  elif warm_start:
-    warm_started = export.warm_start(model, warm_start, config.model)
-  else:
-    warm_started = None
-  if warm_started and warm_started["used"]:
-    logging.info("warm start: from the weights of version %s (%s)", warm_started["version"], warm_started["from"])
-  elif warm_started:
-    logging.info("warm start: not from %s: %s; from random weights", warm_started["from"], warm_started["reason"])
+  warm_started = _warm_start(config, strategy, model, saved, warm_start)
   checkpoints.info["warm_start"] = warm_started
-  if not _same_on_every_worker(strategy, config.cluster, warm_started["version"] if warm_started and
-                               warm_started["used"] else 0):
-    # Each worker looked up production by itself, and a retrain promoted a version in between.
-    raise WarmStartRace("the workers started from different production versions (one was promoted while they "
-                        "started); run the job again")
 
   def sync_logs():
     if is_chief and folders.local_logs != folders.tensorboard:
@@ -179,10 +165,31 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   return result
 
 
+def _warm_start(config, strategy, model, saved, version_dir):
+  """What the model starts from (export.warm_start's answer, or None): a resumed job, what its
+  first attempt started from (the checkpoint's state.json); a fresh one, version_dir's weights
+  when it is the same network."""
+  if saved is not None:
+    warm_started = saved.get("warm_start")
+  else:
+    warm_started = export.warm_start(model, version_dir, config.model) if version_dir else None
+  if warm_started and warm_started["used"]:
+    logging.info("warm start: from the weights of version %s (%s)", warm_started["version"], warm_started["from"])
+  elif warm_started:
+    logging.info("warm start: not from %s: %s; from random weights", warm_started["from"], warm_started["reason"])
+  if not _same_on_every_worker(strategy, config.cluster,
+                               warm_started["version"] if warm_started and warm_started["used"] else 0):
+    # Each worker looked up production by itself, and a retrain promoted a version in between.
+    raise WarmStartRace("the workers started from different production versions (one was promoted while they "
+                        "started); run the job again")
+  return warm_started
+
+
 def _resume(config, checkpoints, model, optimizer, strategy):
   """(loop state, best weights, report's resumed_from, the checkpoint's state.json) from the job's
-  latest checkpoint, or Nones for a fresh start. Every worker restores the same checkpoint; a job that cannot read its
-  checkpoint folder stops here (trainer.storage.StorageError) rather than start again."""
+  latest checkpoint, or Nones for a fresh start. Every worker restores the same checkpoint; a job
+  that cannot read its checkpoint folder stops here (trainer.storage.StorageError) rather than
+  start again."""
   if config.restart:
     if config.cluster.is_chief:
       logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
