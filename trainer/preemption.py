@@ -25,7 +25,9 @@ def exit_code(signum):
 # reason outside it, and the same command resumes from the last checkpoint.
 STORAGE_FAILURE = 170  # Cloud Storage could not be read or written (trainer.storage.StorageError)
 WORKER_LOST = 171  # another worker of a multi-worker job died
-SERVING_BUSY = 172  # trainer.retrain: another retrain holds the serving folder's lease (trainer.serving.Lease)
+# trainer.retrain: another retrain holds the serving folder's lease (trainer.serving.Lease), or
+# promoted a version while this job's workers started (train.WarmStartRace).
+SERVING_BUSY = 172
 
 
 class Restart(Exception):
