@@ -192,6 +192,9 @@ def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_pa
   assert serving.complete_versions(serving_dir) == [1]
   rejected = next(e for e in history if e["decision"] == REJECTED)
   assert rejected["production_version"] == 1 and "than production's" in rejected["reason"]
+  assert rejected["warnings"] == [f"the hold-out is a random split of {data}, which production was trained on too: "
+                                  "some of its rows may be production's training rows, flattering its score; give "
+                                  "--eval_data"]
 
 
 def test_two_workers_train_the_same_warm_started_candidate_and_the_chief_alone_promotes(table_csv, tmp_path):

@@ -64,6 +64,7 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert (second["version"], second["production_version"]) == (2, 1)
   assert second["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
   assert second["improvement"] >= options.min_improvement
+  assert second["warnings"] == []  # version 1 trained on first.csv, not on this table
   assert serving.complete_versions(serving_dir) == [1, 2]  # version 1 kept
   assert serving.production(serving_dir) == storage.join(serving_dir, "2")
 
@@ -109,9 +110,9 @@ def momentum_prices(path, days=700, seed=0):
 def test_forecast_production_is_scored_with_its_own_window_on_the_newest_days(tmp_path):
   data = momentum_prices(tmp_path / "prices.csv")
   serving_dir = str(tmp_path / "serving")
-  # Production: a window of 8, trained on older rows.
+  # Production: a window of 8, trained (and validated) on rows up to 2021-10-14.
   old = Config(model="gru", data=data, target_column="Close", date_column="Date", window=8, epochs=2,
-               test_start="2021-06-01", batch_size=64)
+               test_start="2021-10-15", batch_size=64)
   serving.promote(train.train_and_evaluate(old, str(tmp_path / "old"))["export"], serving_dir)
 
   candidate = Config(model="gru", data=data, target_column="Close", date_column="Date", window=12, epochs=2,
@@ -121,6 +122,10 @@ def test_forecast_production_is_scored_with_its_own_window_on_the_newest_days(tm
   assert (test["first"], test["last"], test["rows"]) == ("2021-09-02", "2021-11-30", 90)
   # GRU weights do not depend on the window's length: the same network, warm-started.
   assert entry["warm_start"]["used"] is True
+  # Production saw six weeks of this hold-out: the history says its score is flattered.
+  assert entry["warnings"] == ["the production model trained on rows up to 2021-10-14, inside this hold-out (from "
+                               "2021-09-02): its score is flattered; hold out a later period (--eval_start, "
+                               "--eval_days)"]
 
   frame = pd.read_csv(data)
   first_test = int(np.flatnonzero(frame.Date == "2021-09-02")[0])

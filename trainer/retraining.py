@@ -72,7 +72,7 @@ def retrain(config, job_dir, options):
     baseline = report.evaluate(prepared, prepared.baseline_predictions)["baseline"]
     candidate = score(prepared, result["export"]) if result else None
     current = score(prepared, production) if production else None
-    warnings = _hold_out_warnings(prepared.summary, production_metadata)
+    warnings = _hold_out_warnings(config, prepared.summary, production_metadata)
     version = production_metadata["version"] if production_metadata else None
     # A retry of a job killed between promoting and writing the history finds its own model in
     # production: that promotion stands (decided then, against what was production then).
@@ -160,16 +160,23 @@ def _folder(path):
   return path.rstrip("/").rsplit("/", 1)[0]
 
 
-def _hold_out_warnings(summary, production_metadata):
-  """Series: production trained on rows inside today's hold-out scores too well on them, and the
-  comparison favours it (a candidate then has to beat it by more than --min_improvement)."""
+def _hold_out_warnings(config, summary, production_metadata):
+  """Production trained on rows of this hold-out scores too well on them, and the comparison
+  favours it (a candidate then has to beat it by more than --min_improvement): say so."""
   if not production_metadata:
     return []
-  test_first = summary.get("split", {}).get("test", {}).get("first")
-  seen_last = production_metadata.get("data", {}).get("split", {}).get("validation", {}).get("last")
-  if not (isinstance(test_first, str) and isinstance(seen_last, str)) or seen_last < test_first:
+  seen = production_metadata.get("data", {})
+  if config.is_forecast:
+    test_first = summary.get("split", {}).get("test", {}).get("first")
+    seen_last = seen.get("split", {}).get("validation", {}).get("last")
+    if not (isinstance(test_first, str) and isinstance(seen_last, str)) or seen_last < test_first:
+      return []
+    message = (f"the production model trained on rows up to {seen_last}, inside this hold-out (from {test_first}): "
+               "its score is flattered; hold out a later period (--eval_start, --eval_days)")
+  elif not config.test_data and seen.get("path") == summary.get("path"):
+    message = (f"the hold-out is a random split of {summary.get('path')}, which production was trained on too: some "
+               "of its rows may be production's training rows, flattering its score; give --eval_data")
+  else:
     return []
-  message = (f"the production model trained on rows up to {seen_last}, inside this hold-out (from {test_first}): "
-             "its score is flattered; hold out a later period (--eval_start, --eval_days)")
   logging.warning("%s", message)
   return [message]
