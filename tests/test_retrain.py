@@ -56,6 +56,7 @@ def test_a_diverged_candidate_is_rejected_production_untouched_exit_0(root, tabl
   assert not storage.exists(storage.join(serving_dir, serving.LEASE))  # released
   last = serving.read_history(serving_dir)[-1]
   assert (last["decision"], last["version"], last["candidate"]) == (REJECTED, 1, None)
+  assert last["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
   assert last["production"]["rmse"] < last["baseline"]["rmse"]  # production and baseline still scored
 
   shown = run(f"--serving_dir={serving_dir}", "--show_history", timeout=60)

@@ -55,9 +55,10 @@ def retrain(config, job_dir, options):
   if options.warm_start and warm_from is None:
     logging.info("warm start: no production model in %s yet; from random weights", serving_dir)
   try:
-    result, failure = train.train_and_evaluate(config, job_dir, warm_start=warm_from), None
+    result = train.train_and_evaluate(config, job_dir, warm_start=warm_from)
+    failure, warm_started = None, result["warm_start"]
   except loop.Diverged as e:
-    result, failure = None, str(e)
+    result, failure, warm_started = None, str(e), e.warm_start
     logging.warning("candidate rejected: %s", failure)
   if not config.cluster.is_chief:
     return None
@@ -93,7 +94,7 @@ def retrain(config, job_dir, options):
         "decision": decision, "version": version, "reason": reason, "metric": metric,
         "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
         "production_version": production_metadata["version"] if production_metadata else None,
-        "warm_start": _warm_start(result, options), "warnings": warnings,
+        "warm_start": _warm_start(warm_started, options), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
     }
     lease.renew()  # the history, too, is only written by the lease's holder
@@ -146,13 +147,10 @@ def _relative_gain(new, old, lower_is_better):
   return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
 
 
-def _warm_start(result, options):
-  """What the candidate started from, as the report says it, or why it started from random weights."""
-  if result and result["warm_start"]:
-    return result["warm_start"]
-  if result is None:
-    return None  # training diverged: the log said where it started
-  return {"used": False, "reason": "no production model yet" if options.warm_start else "--nowarm_start"}
+def _warm_start(warm_started, options):
+  """What the candidate started from, as train reported it, or why it started from random weights."""
+  return warm_started or {"used": False, "reason": "no production model yet" if options.warm_start else
+                          "--nowarm_start"}
 
 
 def _folder(path):

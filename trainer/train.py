@@ -124,9 +124,13 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
   checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs,
                                      restored=resumed_from and resumed_from["checkpoint"])
-  history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
-                     config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
-                     checkpointing=checkpointing, state=state, best_weights=best_weights)
+  try:
+    history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
+                       config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
+                       checkpointing=checkpointing, state=state, best_weights=best_weights)
+  except loop.Diverged as e:
+    e.warm_start = warm_started  # for the retraining history: no report is written
+    raise
   sync_logs()
   if is_chief:
     hptuning.report(history["val_loss"][history["best_epoch"] - 1], history["global_step"])
