@@ -1,6 +1,8 @@
 """Watching a real process a test will kill at a chosen moment."""
 
 import re
+import signal
+import subprocess
 import time
 
 
@@ -14,3 +16,14 @@ def wait_for_line(process, pattern, timeout=180):
       return line
     assert time.monotonic() < deadline, "".join(seen)
   raise AssertionError(f"exited {process.wait()} before {pattern!r}:\n" + "".join(seen))
+
+
+def kill_when(argv, pattern="^STALLED", timeout=180):
+  """Runs argv until a line of its stderr matches pattern, then SIGKILLs it (nothing it does after
+  runs: no cleanup, no finally); returns that line."""
+  process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+  try:
+    return wait_for_line(process, pattern, timeout)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -5,13 +5,12 @@ retrain killed while promoting, two retrains at once, and flags refused before a
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from processes import wait_for_line
+from processes import kill_when
 
 from trainer import export, preemption, retraining, serving, storage
 from trainer.config import Config
@@ -116,13 +115,7 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
   monkeypatch.setenv("STALL_AT", "promotion")
   # A short lease: the killed run's lease is in the way of the next one for 3 seconds at most.
-  process = subprocess.Popen([sys.executable, str(script), *FLAGS, *night, "--lease_ttl_seconds=3"],
-                             stderr=subprocess.PIPE, text=True)
-  try:
-    wait_for_line(process, "^STALLED")
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  kill_when([sys.executable, str(script), *FLAGS, *night, "--lease_ttl_seconds=3"])
 
   assert serving.production(serving_dir) == storage.join(serving_dir, "1")
   assert serving.complete_versions(serving_dir) == [1]
@@ -159,13 +152,7 @@ def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_cs
   (tmp_path / "stalled_retrain.py").write_text(STALLED_RETRAIN)
   monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
   monkeypatch.setenv("STALL_AT", "history")
-  process = subprocess.Popen([sys.executable, str(tmp_path / "stalled_retrain.py"), *FLAGS, *night,
-                              "--lease_ttl_seconds=3"], stderr=subprocess.PIPE, text=True)
-  try:
-    wait_for_line(process, "^STALLED")
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  kill_when([sys.executable, str(tmp_path / "stalled_retrain.py"), *FLAGS, *night, "--lease_ttl_seconds=3"])
   assert serving.complete_versions(serving_dir) == [1, 2]  # promoted, unrecorded
   assert len(serving.read_history(serving_dir)) == 1
 

@@ -6,7 +6,6 @@ that tf.saved_model.load serves."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from processes import wait_for_line
+from processes import kill_when
 
 from trainer import export, serving, storage
 from trainer.config import UserError
@@ -166,12 +165,7 @@ def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_pa
   serving.promote(source, serving_dir)
   script = tmp_path / "stalled_promotion.py"
   script.write_text(STALLED_PROMOTION)
-  process = subprocess.Popen([sys.executable, str(script), source, serving_dir], stderr=subprocess.PIPE, text=True)
-  try:
-    wait_for_line(process, "^STALLED")
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  kill_when([sys.executable, str(script), source, serving_dir])
   assert serving.production(serving_dir) == storage.join(serving_dir, "1")
   assert serving.complete_versions(serving_dir) == [1]
   left = [n for n in storage.list_dir(serving_dir) if n != "1"]
