@@ -142,13 +142,13 @@ def check_job_name(name):
                      "object and pod host names)")
 
 
-def check_gcs_folder(job_dir, why):
-  """UsageError unless job_dir is gs://BUCKET[/PATH]; `why` says why it must be on Cloud Storage."""
-  if not job_dir.startswith("gs://"):
-    raise UsageError(f"--job_dir={job_dir} is not on Cloud Storage: {why}; give a gs://BUCKET/PATH folder")
-  if not GCS_FOLDER.fullmatch(job_dir):
-    bucket = job_dir[len("gs://"):].split("/")[0]
-    raise UsageError(f"--job_dir={job_dir}: {bucket!r} is not a bucket name (3 or more lowercase letters, digits, "
+def check_gcs_folder(folder, why, flag="--job_dir"):
+  """UsageError unless folder is gs://BUCKET[/PATH]; `why` says why it must be on Cloud Storage."""
+  if not folder.startswith("gs://"):
+    raise UsageError(f"{flag}={folder} is not on Cloud Storage: {why}; give a gs://BUCKET/PATH folder")
+  if not GCS_FOLDER.fullmatch(folder):
+    bucket = folder[len("gs://"):].split("/")[0]
+    raise UsageError(f"{flag}={folder}: {bucket!r} is not a bucket name (3 or more lowercase letters, digits, "
                      "'-', '_' and '.', starting and ending with a letter or digit)")
 
 
@@ -366,8 +366,9 @@ def kustomization(args, trainer_flags, objects, overlay, folder):
   (folder / "kustomization.yaml").write_text(dump_yaml(document), encoding="utf-8")
 
 
-def check_rendered(args, objects):
-  """Mistakes only the rendered objects show: names too long, a job folder the pods cannot share or keep."""
+def check_rendered(args, objects, trainer_flags):
+  """Mistakes only the rendered objects show: names too long, a job folder (or the cronjob's
+  serving folder) the pods cannot share or keep."""
   derived = [names for obj in objects for names in derived_names(obj)]
   what, name, limit = max(derived, key=lambda names: len(names[1]) - names[2], default=("", "", MAX_NAME))
   if len(name) > limit:
@@ -375,9 +376,20 @@ def check_rendered(args, objects):
     raise UsageError(f"--job_name={args.job_name} is too long for --target={args.target}: {what} would be {name} "
                      f"({len(name)} characters, at most {limit}); use at most {max(most, 0)} characters")
   workers = max([pods_at_once(obj) for obj in objects] + [0])
+  serving_dir = next((flag.split("=", 1)[1] for flag in reversed(trainer_flags) if flag.startswith("--serving_dir=")),
+                     None)
+  if serving_dir and not serving_dir.startswith("gs://"):
+    check_kept("--serving_dir", serving_dir, objects, "the models it promotes")
+  elif serving_dir:
+    check_gcs_folder(serving_dir, "", flag="--serving_dir")
   if args.job_dir.startswith("gs://") or workers > 1:
     return check_gcs_folder(args.job_dir, f"--target={args.target} runs {workers} workers on different nodes, and "
                             "every one of them reads the job's checkpoints to resume")
+  check_kept("--job_dir", args.job_dir, objects, "the job folder")
+
+
+def check_kept(flag, folder, objects, what):
+  """UsageError unless folder is on a persistent volume the pods mount: outlives the pod."""
   mounts = []
   for obj in objects:
     for _, spec in pod_templates(obj):
@@ -385,11 +397,11 @@ def check_rendered(args, objects):
                     if any(kind in volume for kind in PERSISTENT_VOLUMES)}
       mounts += [mount["mountPath"] for container in spec.get("containers", [])
                  for mount in container.get("volumeMounts", []) if mount["name"] in persistent]
-  path = os.path.normpath(args.job_dir)
+  path = os.path.normpath(folder)
   if not (os.path.isabs(path) and any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)):
     where = f"a folder under {' or '.join(sorted(set(mounts)))}" if mounts else "none, the pod mounts no such volume"
-    raise UsageError(f"--job_dir={args.job_dir} is neither gs:// nor on a persistent volume of the pod, so the job "
-                     f"folder would be lost with the pod; give gs://BUCKET/PATH (local paths: {where})")
+    raise UsageError(f"{flag}={folder} is neither gs:// nor on a persistent volume of the pod, so {what} would be "
+                     f"lost with the pod; give gs://BUCKET/PATH (local paths: {where})")
 
 
 def submit_kubernetes(args, trainer_flags):
@@ -399,7 +411,7 @@ def submit_kubernetes(args, trainer_flags):
   with tempfile.TemporaryDirectory(prefix="submit-") as folder:
     kustomization(args, trainer_flags, objects, overlay, Path(folder))
     text, objects = kustomize(folder)
-  check_rendered(args, objects)
+  check_rendered(args, objects, trainer_flags)
   names = ", ".join(f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects)
   print(text, end="", flush=True)
   output = f"job folders {args.job_dir}/<each run's Job>" if args.target == "cronjob" else f"job folder {args.job_dir}"

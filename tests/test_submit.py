@@ -312,6 +312,13 @@ def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(tmp_
   assert (values.serving_dir, values.min_improvement) == ("gs://models/serving", 0.05)
   code, _, stderr = submit("--target=gpu-job", *JOB, "--dry_run", "--", "--serving_dir=gs://models/serving")
   assert_usage_error(code, stderr, "serving_dir")
+  # Promoted models must outlive the pod that promoted them.
+  code, stdout, stderr = submit("--target=cronjob", *JOB, "--dry_run", "--", "--serving_dir=/models")
+  assert_usage_error(code, stderr, "--serving_dir=/models is neither gs:// nor on a persistent volume of the pod",
+                     "the models it promotes would be lost with the pod")
+  assert stdout == ""
+  code, _, stderr = submit("--target=cronjob", *JOB, "--dry_run", "--", "--serving_dir=gs://Models/serving")
+  assert_usage_error(code, stderr, "--serving_dir=gs://Models/serving: 'Models' is not a bucket name")
 
 
 @needs_kubectl
