@@ -231,6 +231,15 @@ def test_flags_refused_before_training(args, message, tmp_path):
   assert not os.path.exists(tmp_path / "job")
 
 
+def test_a_serving_dir_that_is_a_file_is_refused_before_training(tmp_path):
+  (tmp_path / "models").write_text("not a folder")
+  refused = run(f"--serving_dir={tmp_path / 'models'}", f"--job_dir={tmp_path / 'job'}", timeout=60)
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines() == [f"retrain: error: --serving_dir={tmp_path / 'models'} is a file; "
+                                                 "give the folder models are served from (it is created if missing)"]
+  assert not os.path.exists(tmp_path / "job")
+
+
 def test_forecast_flags(tmp_path):
   wrong = run("--model=lstm", f"--serving_dir={tmp_path}", "--eval_data=x.csv", timeout=60)
   assert wrong.returncode == 2 and "--eval_data applies to dense and cnn" in wrong.stderr

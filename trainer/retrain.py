@@ -48,6 +48,9 @@ def main(argv):
       return
     job_dir, config = task.config_from_flags(**_hold_out())
     options = _options()
+    if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
+      raise config_lib.UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
+                                 "served from (it is created if missing)")
     from trainer import retraining  # imports TensorFlow: only once the flags are known to be sound
     entry = retraining.retrain(config, job_dir, retraining.Options(**options))
   if entry is None:
