@@ -1,8 +1,10 @@
 """Watching a real process a test will kill at a chosen moment."""
 
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 
@@ -27,3 +29,12 @@ def kill_when(argv, pattern="^STALLED", timeout=180):
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+STALLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stalled.py")
+
+
+def stalled(target, *args, **stalls):
+  """The command that runs target (a module, or module:function) with args, stalled at the writes
+  that `stalls` (rename=, upload=, call=, skip=) name: see tests/stalled.py."""
+  return [sys.executable, STALLED, *(f"--{name}={value}" for name, value in stalls.items()), "--", target, *args]

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from processes import stalled
 
 from trainer import preemption, storage
 
@@ -21,12 +22,11 @@ ROWS = 700  # GRU epochs of ~30 steps: a signal after epoch 1's line stops epoch
 
 
 class Job:
-  """`python -m trainer.task` (or `python <script>`) in a subprocess; its stderr is collected
+  """`python -m trainer.task` (or another command) in a subprocess; its stderr is collected
   line by line so a test can wait for a line before it sends a signal."""
 
-  def __init__(self, flags, env=None, script=None):
-    command = [sys.executable, script] if script else [sys.executable, "-m", "trainer.task"]
-    self.process = subprocess.Popen(command + flags, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  def __init__(self, flags, env=None, command=(sys.executable, "-m", "trainer.task")):
+    self.process = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, **(env or {})})
     self.lines, self._new_line = [], threading.Condition()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -137,45 +137,12 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
   assert storage.list_dir(storage.join(job_dir, "export")) == ["1"]
 
 
-# Run as `python slow_writes.py <trainer flags>`: the trainer, with every checkpoint after the first
-# stalled in the middle of its publication (locally before the rename of the copied folder, on
-# gs:// before state.json is uploaded) and a line on stderr saying so, for the test to kill it there.
-SLOW_WRITES = '''
-import os, sys, time
-from google.cloud.storage import Blob
-from trainer import task
-
-published = []
-
-def stall(what):
-  published.append(what)
-  if len(published) > 1:
-    print("STALLED", what, file=sys.stderr, flush=True)
-    time.sleep(600)
-
-rename = os.rename
-def slow_rename(source, dest):
-  if os.path.basename(str(dest)).startswith("ckpt-"):
-    stall(dest)
-  return rename(source, dest)
-os.rename = slow_rename
-
-upload = Blob.upload_from_filename
-def slow_upload(self, *args, **kwargs):
-  if self.name.endswith("/state.json"):
-    stall(self.name)
-  return upload(self, *args, **kwargs)
-Blob.upload_from_filename = slow_upload
-
-task.run()
-'''
-
-
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(storage_root, tmp_path):
   job_dir = f"{storage_root}/killed"
-  script = tmp_path / "slow_writes.py"
-  script.write_text(SLOW_WRITES)
-  job = Job(dense_flags(job_dir, "--epochs=3"), script=str(script))
+  # Every checkpoint after the first stalled in the middle of its publication: locally before the
+  # rename of the copied folder, on gs:// before state.json is uploaded.
+  job = Job(dense_flags(job_dir, "--epochs=3"), command=stalled("trainer.task", rename=r"/ckpt-[^/]*$",
+                                                                upload=r"/state\.json$", skip=1))
   job.wait_for("STALLED")
   job.process.send_signal(signal.SIGKILL)
   assert job.finish() == -signal.SIGKILL

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from processes import kill_when
+from processes import kill_when, stalled
 
 from trainer import export, preemption, retraining, serving, storage
 from trainer.config import Config
@@ -66,56 +66,16 @@ def test_a_diverged_candidate_is_rejected_production_untouched_exit_0(root, tabl
   assert "training diverged" in rows[2]
 
 
-STALLED_RETRAIN = '''
-import os, runpy, sys, time
-from google.cloud.storage import Blob
-
-serving_dir = os.environ["STALL_SERVING_DIR"]
-from trainer import serving
-
-def stall(what):
-  print("STALLED", what, file=sys.stderr, flush=True)
-  time.sleep(600)
-
-rename = os.rename
-def slow_rename(source, dest):  # a local promotion's last step: its hidden copy renamed to a number
-  if os.environ.get("STALL_AT") == "promotion" and os.path.dirname(str(dest)) == serving_dir \
-      and os.path.basename(str(dest)).isdigit():
-    stall(dest)
-  return rename(source, dest)
-os.rename = slow_rename
-
-upload = Blob.upload_from_filename
-def slow_upload(self, *args, **kwargs):  # on gs://, the marker that completes a version
-  if os.environ.get("STALL_AT") == "promotion" and self.name.endswith("/trainer_export.json") \
-      and "/serving/" in "/" + self.name:
-    stall(self.name)
-  return upload(self, *args, **kwargs)
-Blob.upload_from_filename = slow_upload
-
-append_history = serving.append_history
-def slow_append(*args):  # after a promotion, before the history says so
-  if os.environ.get("STALL_AT") == "history":
-    stall("history")
-  return append_history(*args)
-serving.append_history = slow_append
-
-sys.argv = ["trainer.retrain"] + sys.argv[1:]
-runpy.run_module("trainer.retrain", run_name="__main__")
-'''
-
-
-def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_proceeds(root, table_csv, tmp_path,
-                                                                                       monkeypatch):
+def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_proceeds(root, table_csv, tmp_path):
   serving_dir, data = storage.join(root, "serving"), table_csv()
   production_v1(serving_dir, data, str(tmp_path / "night1"))
   night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=15"]
-  script = tmp_path / "stalled_retrain.py"
-  script.write_text(STALLED_RETRAIN)
-  monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
-  monkeypatch.setenv("STALL_AT", "promotion")
-  # A short lease: the killed run's lease is in the way of the next one for 3 seconds at most.
-  kill_when([sys.executable, str(script), *FLAGS, *night, "--lease_ttl_seconds=3"])
+  # Stalled at the step that completes the promoted version: locally the rename of its hidden copy
+  # to a number, on gs:// the upload of its marker. A short lease: the killed run's lease is in
+  # the way of the next one for 3 seconds at most.
+  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3",
+                    rename="^" + re.escape(serving_dir) + r"/\d+$",
+                    upload=r"(^|/)serving/(.*/)?trainer_export\.json$"))
 
   assert serving.production(serving_dir) == storage.join(serving_dir, "1")
   assert serving.complete_versions(serving_dir) == [1]
@@ -145,14 +105,12 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   assert history[-1]["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
 
 
-def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_csv, tmp_path, monkeypatch):
+def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_csv, tmp_path):
   serving_dir, data = str(tmp_path / "serving"), table_csv()
   production_v1(serving_dir, data, str(tmp_path / "night1"))
   night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=15"]
-  (tmp_path / "stalled_retrain.py").write_text(STALLED_RETRAIN)
-  monkeypatch.setenv("STALL_SERVING_DIR", serving_dir)
-  monkeypatch.setenv("STALL_AT", "history")
-  kill_when([sys.executable, str(tmp_path / "stalled_retrain.py"), *FLAGS, *night, "--lease_ttl_seconds=3"])
+  # After the promotion, before the history says so.
+  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.serving.append_history"))
   assert serving.complete_versions(serving_dir) == [1, 2]  # promoted, unrecorded
   assert len(serving.read_history(serving_dir)) == 1
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from processes import kill_when
+from processes import kill_when, stalled
 
 from trainer import export, serving, storage
 from trainer.config import UserError
@@ -129,43 +129,14 @@ def test_keep_versions_prunes_the_oldest(root, tmp_path):
   assert serving.production(serving_dir) == storage.join(serving_dir, "4")
 
 
-# Run as `python stalled_promotion.py <source> <serving_dir>`: promote, stalled just before the
-# step that makes the version complete (locally the rename of the hidden copy, on gs:// the
-# upload of trainer_export.json), saying so on stderr for the test to kill it there.
-STALLED_PROMOTION = '''
-import os, sys, time
-from google.cloud.storage import Blob
-from trainer import serving
-
-def stall(what):
-  print("STALLED", what, file=sys.stderr, flush=True)
-  time.sleep(600)
-
-rename = os.rename
-def slow_rename(source, dest):
-  if os.path.basename(str(dest)).isdigit():
-    stall(dest)
-  return rename(source, dest)
-os.rename = slow_rename
-
-upload = Blob.upload_from_filename
-def slow_upload(self, *args, **kwargs):
-  if self.name.endswith("/trainer_export.json"):
-    stall(self.name)
-  return upload(self, *args, **kwargs)
-Blob.upload_from_filename = slow_upload
-
-serving.promote(sys.argv[1], sys.argv[2])
-'''
-
-
 def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_path):
   serving_dir = storage.join(root, "serving")
   source = fake_export(str(tmp_path / "export"))
   serving.promote(source, serving_dir)
-  script = tmp_path / "stalled_promotion.py"
-  script.write_text(STALLED_PROMOTION)
-  kill_when([sys.executable, str(script), source, serving_dir])
+  # Stalled just before the step that makes the version complete: locally the rename of the
+  # hidden copy, on gs:// the upload of trainer_export.json.
+  kill_when(stalled("trainer.serving:promote", source, serving_dir, rename=r"/\d+$",
+                    upload=r"/trainer_export\.json$"))
   assert serving.production(serving_dir) == storage.join(serving_dir, "1")
   assert serving.complete_versions(serving_dir) == [1]
   left = [n for n in storage.list_dir(serving_dir) if n != "1"]
