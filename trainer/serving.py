@@ -350,15 +350,19 @@ def production_series(entries):
   """[(time, production's metric on that run's hold-out, its version, promoted that run?)] for the
   runs of the last entry's metric (a model that changed metric starts a new story): after a
   promotion the candidate's score, since it is production from then on."""
-  metric = entries[-1].get("metric") if entries else None
   series = []
-  for entry in entries:
-    when = _parse_time(entry.get("time"))
+  for when, entry in _runs(entries):
     promoted = entry.get("decision") == "promoted"
     value = metric_value(entry, "candidate" if promoted else "production")
-    if entry.get("metric") == metric and when and value is not None:
+    if value is not None:
       series.append((when, value, entry.get("version"), promoted))
   return series
+
+
+def _runs(entries):
+  """[(time, entry)] of the entries with a readable time and the last entry's metric."""
+  metric = entries[-1].get("metric") if entries else None
+  return [(t, e) for e in entries if e.get("metric") == metric for t in [_parse_time(e.get("time"))] if t]
 
 
 def history_plot(entries, path):
@@ -370,7 +374,7 @@ def history_plot(entries, path):
   import matplotlib.pyplot as plt
 
   metric = entries[-1].get("metric") if entries else None
-  runs = [(t, e) for e in entries if e.get("metric") == metric for t in [_parse_time(e.get("time"))] if t]
+  runs = _runs(entries)
   fig, ax = plt.subplots(figsize=(8, 4))
   production = production_series(entries)
   if production:
