@@ -41,6 +41,7 @@ def prepare(config):
   if not features:
     raise UserError(f"{source} has no numeric column besides {target!r} to learn from; "
                     "name the inputs with --feature_columns")
+  fitted = len(frame)  # the rows of --data itself
   if config.test_data:
     # A separate test table (trainer.retrain's --eval_data): rows no candidate or production model
     # trained on, however the random split of --data falls.
@@ -49,15 +50,13 @@ def prepare(config):
     frame = pd.concat([frame, test_frame], ignore_index=True)  # its rows last: the test rows
   x, y = frame[features].to_numpy(np.float64), frame[target].to_numpy(np.float64)
   rows = len(y)
-  fitted = rows - (len(test_frame) if config.test_data else 0)  # rows that --data itself has
-  order = np.random.default_rng(config.seed).permutation(fitted)
-  n_test = len(test_frame) if config.test_data else round(config.test_split * rows)
+  n_test = rows - fitted if config.test_data else round(config.test_split * rows)
   # The validation rows are the tail of the training rows, as Keras' validation_split takes them.
   n_val = round(config.validation_split * (rows - n_test))
   if rows - n_test - n_val < 1 or n_test < 2 or n_val < 1:
     raise UserError(f"{source}: {rows} rows are too few to split into train, validation and test; give at least 10")
-  if config.test_data:
-    order = np.concatenate([order, np.arange(fitted, rows)])
+  # --data's rows in a seeded random order, then --test_data's (none without it).
+  order = np.concatenate([np.random.default_rng(config.seed).permutation(fitted), np.arange(fitted, rows)])
   train, val, test = np.split(order, [rows - n_test - n_val, rows - n_test])
 
   x_mean, x_std = x[train].mean(axis=0), x[train].std(axis=0)
