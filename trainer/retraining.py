@@ -19,7 +19,6 @@ production", and the CronJob only alerts on failures of the job itself.
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import socket
@@ -74,7 +73,7 @@ def retrain(config, job_dir, options):
     candidate = score(prepared, result["export"]) if result else None
     current = score(prepared, production) if production else None
     warnings = _hold_out_warnings(config, prepared.summary, production_metadata)
-    version = production_metadata["version"] if production_metadata else None
+    version = production_version = production_metadata["version"] if production_metadata else None
     # A retry of a job killed between promoting and writing the history finds its own model in
     # production: that promotion stands (decided then, against what was production then).
     promoted_before = bool(result and production_metadata) and \
@@ -93,7 +92,7 @@ def retrain(config, job_dir, options):
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "decision": decision, "version": version, "reason": reason, "metric": metric,
         "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
-        "production_version": production_metadata["version"] if production_metadata else None,
+        "production_version": production_version,
         "warm_start": _warm_start(warm_started, options), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
     }
@@ -101,7 +100,7 @@ def retrain(config, job_dir, options):
     history = serving.read_history(serving_dir)
     if not (promoted_before and any(e.get("job_dir") == job_dir and e.get("decision") == PROMOTED for e in history)):
       serving.append_history(serving_dir, entry)
-      history.append(json.loads(json.dumps(entry)))
+      history.append(entry)
     serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
   logging.info("%s: %s", decision, reason)
   return entry
