@@ -195,3 +195,22 @@ def test_a_dead_worker_fails_the_job_within_seconds(tmp_path):
     for worker in workers:
       worker.kill()
       worker.wait()
+
+
+def test_lstm_on_two_replicas_with_an_odd_number_of_batches_in_a_fresh_process(tmp_path):
+  """`python -m trainer.task --model=lstm --strategy=mirrored --cpu_devices=2` as a user runs it: a
+  fresh process splits its CPU itself (not conftest's split), and an odd number of per-replica
+  batches hands replica 1 an empty batch on each epoch's last step, in training and validation."""
+  import re
+  import subprocess
+  import sys
+  from trainer.data import builtin
+  builtin.price_series(days=285).to_csv(tmp_path / "prices.csv", index=False)
+  done = subprocess.run(
+      [sys.executable, "-m", "trainer.task", "--model=lstm", "--strategy=mirrored", "--cpu_devices=2", "--epochs=1",
+       f"--data={tmp_path / 'prices.csv'}", "--target_column=Close", "--date_column=Date", "--window=10",
+       f"--job_dir={tmp_path / 'job'}"], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  train, validation = map(int, re.search(r"windows of 10: (\d+) train, (\d+) validation", done.stderr).groups())
+  assert [-(-n // 16) % 2 for n in (train, validation)] == [1, 1]  # odd: the premise of this test
+  assert re.search(r"epoch 1/1  loss \d", done.stderr)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import loop
+from trainer import distribution, loop
 from trainer.checkpoints import Checkpoints
+from trainer.cluster import Cluster
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
 
@@ -70,3 +71,31 @@ def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):
   assert checkpoints.complete() == [3, 6, 9, 12, 15, 16]
   step, state, _ = checkpoints.restore_latest()
   assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 16)
+
+
+SHAPES = {"dense": (5,), "gru": (6, 1), "lstm": (6, 1), "cnn": (32, 32, 3)}
+
+
+def odd_batches(model_name):
+  """A make_dataset whose splits give each pipeline 3 per-replica batches of 16 (the last of 8): under
+  two replicas the last step hands replica 1 an empty batch."""
+  def make_dataset(split, batch_size, input_context=None, epoch=0):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    x = rng.standard_normal((40, *SHAPES[model_name])).astype(np.float32)
+    y = (rng.integers(0, 3, 40) if model_name == "cnn" else rng.standard_normal(40)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+  return make_dataset
+
+
+@pytest.mark.parametrize("model_name", sorted(SHAPES))
+def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
+  # Two replicas of 16: 40 examples are 3 per-replica batches, so the second step gives replica 1 nothing.
+  strategy = distribution.make_strategy("mirrored", Cluster({}, "worker", 0, "none"), cpu_devices=2)
+  with strategy.scope():
+    model = MODELS[model_name](SHAPES[model_name], 3 if model_name == "cnn" else 1)
+    optimizer = OPTIMIZERS[model_name](1e-3)
+    optimizer.build(model.trainable_variables)  # as the trainer does: no variable is created inside a step
+  loss = loop.cross_entropy if model_name == "cnn" else loop.squared_error
+  history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 2, 2)
+  assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"] + history["val_loss"]))
+  assert history["global_step"] == 4  # 2 steps an epoch: 32 examples, then 8 on replica 0 alone

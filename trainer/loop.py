@@ -102,18 +102,34 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   if jit_compile:
     gradients = tf.function(gradients, jit_compile=True)
 
-  @tf.function
+  def nothing_learnt(inputs, targets):
+    del inputs, targets
+    return [tf.zeros_like(v) for v in model.trainable_variables], tf.zeros([2])
+
+  def if_any(batch, compute, otherwise):
+    # A replica can get an empty batch: the last, partial global batch of an epoch may not reach
+    # every replica (an odd number of per-replica batches over two, or a worker whose shard ran
+    # out first). Keras' LSTM cell fails on one, and cuDNN kernels have; such a replica skips the
+    # model and adds nothing (zero gradients, no loss, no examples) to the step's all-reduce.
+    return tf.cond(tf.shape(batch)[0] > 0, compute, otherwise)
+
+  # The batch dimension stays unknown in the traced steps (the distributed dataset's element_spec):
+  # traced with a static 0 for an empty batch, the LSTM fails before the cond above can skip it;
+  # and the epoch's last, smaller batch then needs no second trace.
+  specs = val_data.element_spec
+
+  @tf.function(input_signature=[*specs, tf.TensorSpec([], tf.float32)])
   def train_step(inputs, targets, stop_flag):
     def step(inputs, targets):
-      grads, sums = gradients(inputs, targets)
+      grads, sums = if_any(inputs, lambda: gradients(inputs, targets), lambda: nothing_learnt(inputs, targets))
       optimizer.apply_gradients(zip(grads, model.trainable_variables))
       # The stop flag rides in the loss's all-reduce: every worker sees any worker's signal at the same step.
       return tf.concat([sums, [stop_flag]], 0)
     return strategy.reduce("SUM", strategy.run(step, (inputs, targets)), axis=None)
 
-  @tf.function
+  @tf.function(input_signature=list(specs))
   def val_step(inputs, targets):
-    step = lambda x, y: summed(loss_fn(y, model(x, training=False)))
+    step = lambda x, y: if_any(x, lambda: summed(loss_fn(y, model(x, training=False))), lambda: tf.zeros([2]))
     return strategy.reduce("SUM", strategy.run(step, (inputs, targets)), axis=None)
 
   stop = checkpointing.stop
