@@ -123,6 +123,8 @@ def test_bad_image_folders(tmp_path, make_image_folder, case, expected):
      ["parameter servers"]),
     ({"JOB_COMPLETION_INDEX": "5"}, ["--indexed_job_hosts=train-{index}.svc:2222", "--num_workers=2"],
      ["JOB_COMPLETION_INDEX"]),
+    ({"JOB_COMPLETION_INDEX": "1"}, ["--model=dense", "--epochs=1"],
+     ["JOB_COMPLETION_INDEX=1", "--indexed_job_hosts", "--num_workers"]),
     ({}, ["--strategy=mirrored_everywhere"], ["--strategy"]),
 ])
 def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, expected):
