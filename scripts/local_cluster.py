@@ -1,7 +1,8 @@
 """Rehearses a multi-worker cluster job on one machine: N trainer processes, each with its own TF_CONFIG.
 
     python scripts/local_cluster.py --workers=2 -- --model=dense --epochs=2 --job_dir=runs/rehearsal
-    python scripts/local_cluster.py --workers=3 --chief -- --model=lstm   # the Vertex AI / TFJob-with-chief shape
+    python scripts/local_cluster.py --workers=3 --chief -- --model=lstm --batch_size=48   # the shape of Vertex AI
+                                                                    # and a TFJob with a chief; 3 replicas split 48
 
 Everything after `--` goes, unchanged, to every `python -m trainer.task`; without `--` the trainer
 runs with its defaults. Each process gets a free 127.0.0.1 port and the TF_CONFIG a cluster would

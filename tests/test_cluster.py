@@ -221,6 +221,16 @@ def test_alone(environ):
   assert (cluster.num_workers, cluster.is_chief, cluster.tf_config) == (1, True, None)
 
 
+@pytest.mark.parametrize("index", ["1", "2", "x"])
+def test_indexed_job_pod_other_than_0_without_a_cluster_is_refused(index):
+  # Pods 1..N-1 of an Indexed Job that misses its hosts and count would each train alone as chief,
+  # in the same job folder, deleting each other's checkpoints and exports.
+  message = resolve_error({"JOB_COMPLETION_INDEX": index})
+  assert message.startswith(f"JOB_COMPLETION_INDEX={index}"), message
+  for part in ("--indexed_job_hosts", "--num_workers", "TRAINER_INDEXED_JOB_HOSTS", "TRAINER_NUM_WORKERS"):
+    assert part in message, message
+
+
 def test_import_does_not_start_tensorflow():
   done = subprocess.run([sys.executable, "-c", "import trainer.cluster, sys; print('tensorflow' in sys.modules)"],
                         capture_output=True, text=True, timeout=60)

@@ -4,13 +4,16 @@ metadata beside it, and versions that count up past the leftovers of interrupted
 import datetime
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from trained_jobs import trained
 
-from trainer import export
+from trainer import export, preemption, storage
 from trainer.models import MODELS
 from trainer.config import UserError
 
@@ -79,6 +82,40 @@ def test_unusable_exports_are_user_errors(tmp_path, case, expected):
     export.read_metadata(export.find_version(str(folder)))
   for text in expected:
     assert text in str(raised.value)
+
+
+def test_missing_metadata_read_directly_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match="trainer_export.json: cannot read the export's metadata"):
+    export.read_metadata(str(tmp_path))
+
+
+def closed_port():
+  """A port on 127.0.0.1 nothing listens on: connecting is refused at once, locally."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_storage(monkeypatch):
+  """gs:// pointed at a closed port (here and in subprocesses), failing within seconds."""
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{closed_port()}")
+  monkeypatch.setenv("TRAINER_STORAGE_TIMEOUT", "3")
+
+
+def test_an_unreachable_bucket_is_a_storage_error_not_a_user_error(unreachable_storage):
+  # A UserError exits 2, which no cluster retries: a storage outage would fail the job for good.
+  with pytest.raises(storage.StorageError, match="cannot read gs://bucket/export/1/trainer_export.json"):
+    export.read_metadata("gs://bucket/export/1")
+
+
+def test_predict_from_an_unreachable_bucket_exits_170_in_one_line(unreachable_storage, tmp_path):
+  done = subprocess.run([sys.executable, "-m", "trainer.predict", "--model_dir=gs://bucket/export/1",
+                         f"--data={tmp_path / 'rows.csv'}"], capture_output=True, text=True, timeout=120)
+  assert done.returncode == preemption.STORAGE_FAILURE, done.stderr
+  assert "Traceback" not in done.stderr
+  (line,) = [line for line in done.stderr.splitlines() if "error" in line]
+  assert line.startswith("predict: error: cannot ") and "gs://bucket/export/1" in line, line
 
 
 def test_warm_start_copies_the_weights_of_the_same_network_only(tmp_path_factory):

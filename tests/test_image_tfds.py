@@ -1,16 +1,22 @@
-"""TFDS by name, offline: mocked mnist and cifar10 come out as RGB uint8 with int32 labels, and a
-data set that is not prepared stops at once with one line instead of trying to download."""
+"""TFDS by name, offline: mocked mnist and cifar10 come out as RGB uint8 with int32 labels, a
+data set that is not prepared stops at once with one line instead of trying to download, and a
+download that cannot reach the network ends in one line and the retryable exit code, in time."""
 
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader
 
 from trainer.config import UserError
 from trainer.data import image_tfds
+from trainer.storage import StorageError
 
 
 @pytest.fixture
@@ -87,3 +93,45 @@ def test_a_version_tfds_cannot_load_is_one_line(tmp_path, no_downloads):
   with pytest.raises(UserError, match="--data=tfds:mnist:9.9.9: .*9.9.9") as error:
     image_tfds.load("mnist:9.9.9", data_dir=str(tmp_path))
   assert "\n" not in str(error.value)
+
+
+def closed_port():
+  """A port on 127.0.0.1 nothing listens on: a connection to it is refused at once, locally."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def offline(environ):
+  """environ with every proxy variable requests reads pointing at a closed local port: a download
+  fails for real, as offline, and nothing leaves this machine."""
+  proxy = f"http://127.0.0.1:{closed_port()}"
+  return {**environ, "NO_PROXY": "", "no_proxy": "",
+          **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                                      "all_proxy")}}
+
+
+def test_a_failed_download_is_a_storage_error_and_tfds_is_left_as_it_was(tmp_path, monkeypatch):
+  for name, value in offline({}).items():
+    monkeypatch.setenv(name, value)
+  retries = downloader.MAX_RETRIES
+  with pytest.raises(StorageError, match=r"^--data=tfds:mnist: cannot download it \(Connection refused\)"):
+    image_tfds.load("mnist", data_dir=str(tmp_path), download=True)
+  assert downloader.MAX_RETRIES == retries  # bounded for this download only
+
+
+def test_a_download_without_network_is_one_line_and_exit_170_in_time(tmp_path):
+  # Unbounded, TFDS retries for 3.5 minutes, then exits 1 with a chained traceback.
+  env = offline(os.environ)
+  data_dir = tmp_path / "tfds"
+  started = time.monotonic()
+  flags = ["--model=cnn", "--data=tfds:mnist", "--tfds_download", f"--tfds_data_dir={data_dir}", "--image_size=28",
+           "--epochs=1", f"--job_dir={tmp_path / 'job'}"]
+  done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=180)
+  assert time.monotonic() - started < 60, done.stderr[-3000:]
+  assert done.returncode == 170, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  (line,) = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]
+  assert line.startswith("trainer: error: --data=tfds:mnist: cannot download it"), line
+  assert "--tfds_data_dir" in line and "Connection refused" in line, line

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -218,3 +219,25 @@ def test_usage_errors_are_one_line(cluster_env, args, words):
   assert code == 2
   assert stdout == []
   assert len(stderr) == 1 and stderr[0].startswith("local_cluster: error: ") and words in stderr[0], stderr
+
+
+def readme_command(prefix):
+  """The one README.md line that starts with prefix, as argv: the test runs what the README says."""
+  readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  (line,) = [line for line in readme.splitlines() if line.startswith(prefix)]
+  return shlex.split(line.split("#", 1)[0])
+
+
+def test_the_readmes_rehearsal_with_a_chief_trains(tmp_path):
+  """The README's three-task rehearsal, exactly, in a fresh folder: its global batch must split
+  evenly across the three replicas, or every task exits 2."""
+  argv = readme_command("python scripts/local_cluster.py --workers=3 --chief ")
+  assert argv[:2] == ["python", "scripts/local_cluster.py"]
+  done = subprocess.run([sys.executable, str(SCRIPT), *argv[2:]], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stderr.splitlines()[-1] == "local_cluster: all 3 tasks exited 0"
+  (job_dir,) = [tmp_path / arg.split("=", 1)[1] for arg in argv if arg.startswith("--job_dir=")]
+  report = json.loads((job_dir / "report.json").read_text())
+  assert (report["num_workers"], report["num_replicas"]) == (3, 3)
+  assert os.listdir(job_dir / "export") == ["1"]

@@ -2,11 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
+from processes import wait_for_line
 
 
 def run_cli(*flags, cwd, env=None):
@@ -123,6 +125,8 @@ def test_bad_image_folders(tmp_path, make_image_folder, case, expected):
      ["parameter servers"]),
     ({"JOB_COMPLETION_INDEX": "5"}, ["--indexed_job_hosts=train-{index}.svc:2222", "--num_workers=2"],
      ["JOB_COMPLETION_INDEX"]),
+    ({"JOB_COMPLETION_INDEX": "1"}, ["--model=dense", "--epochs=1"],
+     ["JOB_COMPLETION_INDEX=1", "--indexed_job_hosts", "--num_workers"]),
     ({}, ["--strategy=mirrored_everywhere"], ["--strategy"]),
 ])
 def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, expected):
@@ -145,3 +149,27 @@ def test_vertex_ai_variables_decide_where_a_job_writes(tmp_path):
   assert os.listdir(out / "checkpoints") == ["ckpt-200"]
   assert sorted(os.listdir(out / "tensorboard")) == ["train", "validation"]
   assert not os.path.exists(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("flags, advice", [
+    ([], "run the same command with --job_dir={job_dir} to resume"),
+    (["--job_dir=jobs/kept", "--restart"], "run the same command without --restart to resume"),
+])
+def test_sigterm_says_exactly_what_resumes_the_job(tmp_path, flags, advice):
+  """Without --job_dir every run makes a new folder, and --restart wipes the checkpoints: "run the
+  same command again" would start from scratch; the line names what to run instead."""
+  process = subprocess.Popen([sys.executable, "-m", "trainer.task", "--model=dense", *flags], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_line(process, r"checkpoint \S+ saved|epoch 1/")
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 143, rest[-3000:]
+  (job_dir,) = [flag.split("=", 1)[1] for flag in flags if flag.startswith("--job_dir=")] or [
+      os.path.join("runs", name) for name in os.listdir(tmp_path / "runs")]
+  assert os.listdir(tmp_path / job_dir / "checkpoints")
+  last = rest.strip().splitlines()[-1]
+  assert last.startswith("trainer: stopped by SIGTERM at step ") and "Traceback" not in rest, rest[-3000:]
+  assert last.endswith(f"; {advice.format(job_dir=job_dir)} (exit code 143)"), last

@@ -14,7 +14,8 @@ Three sources, tried in this order:
    or env TRAINER_INDEXED_JOB_HOSTS) and their number (`--num_workers` or env TRAINER_NUM_WORKERS,
    equal to the Job's `completions` and `parallelism`: every worker must run at once). Setting
    `publishNotReadyAddresses: true` on the Service lets a name resolve as soon as its pod exists.
-   An Indexed Job without pattern and count is a one-pod job: its process trains alone.
+   An Indexed Job without pattern and count is a one-pod job: its process (index 0) trains alone;
+   any other index is refused, as it would be a second chief.
 3. Neither: the process trains alone.
 
 Pure Python on purpose: it runs before TensorFlow starts any server, so a wrong environment
@@ -192,7 +193,12 @@ def _from_indexed_job(environ: Mapping[str, str], hosts: Optional[str], count: O
   count, count_name = _setting(count, environ, "--num_workers", "TRAINER_NUM_WORKERS")
   index = environ.get("JOB_COMPLETION_INDEX", "")
   if hosts is None and count is None:
-    return alone()  # also a one-pod Indexed Job: nothing to coordinate with
+    if index not in ("", "0"):
+      # Pod 1 (2, ...) of an Indexed Job that misses its cluster would train alone as a chief and share
+      # the job folder with pod 0, each deleting the others' checkpoints and exports.
+      raise UserError(f"JOB_COMPLETION_INDEX={index} without a cluster: set --indexed_job_hosts and --num_workers "
+                      "(or env TRAINER_INDEXED_JOB_HOSTS and TRAINER_NUM_WORKERS) on every pod, or run a one-pod Job")
+    return alone()  # a one-pod Indexed Job: nothing to coordinate with
   given = " and ".join(name for name, value in ((hosts_name, hosts), (count_name, count)) if value is not None)
   if not index:
     verb, them = ("are", "them") if hosts is not None and count is not None else ("is", "it")

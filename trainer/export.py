@@ -92,12 +92,15 @@ def _versions(export_dir):
 
 
 def read_metadata(version_dir):
-  """The version's trainer_export.json as a dict; UserError if it is missing or unreadable."""
+  """The version's trainer_export.json as a dict; UserError if it is missing or malformed.
+
+  A storage.StorageError (the bucket unreachable, no permission) passes: it exits 170, which a
+  cluster retries, where a UserError's 2 would fail the job for good over an outage."""
   path = storage.join(version_dir, METADATA)
   try:
     metadata = json.loads(storage.read_text(path))
-  except (OSError, storage.StorageError) as e:
-    raise UserError(f"{path}: cannot read the export's metadata ({getattr(e, 'strerror', None) or e})") from None
+  except OSError as e:  # missing, or a folder: storage says anything else as StorageError
+    raise UserError(f"{path}: cannot read the export's metadata ({e.strerror or e})") from None
   except ValueError as e:  # JSON, or UTF-8, that is not
     raise UserError(f"{path}: the export's metadata is not valid JSON ({e}); re-export the model") from None
   if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:

@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from trainer import export, inference, storage  # noqa: E402
+from trainer import export, inference, preemption, storage  # noqa: E402
 from trainer.config import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -40,8 +40,10 @@ def main(argv):
     read, predict = inference.KINDS[kind]
     inputs = read(FLAGS.data, metadata)
     predictions, text = predict(export.load(version_dir, metadata), metadata, inputs)
-  except (UserError, storage.StorageError) as e:
+  except UserError as e:
     fail(str(e))
+  except storage.StorageError as e:  # an outage, not the command's mistake: 170, which is retried
+    fail(str(e), preemption.STORAGE_FAILURE)
   print(f"export: {version_dir} (model {metadata['model']}, version {metadata['version']}, "
         f"made {metadata['created']})")
   print(text)
@@ -50,10 +52,10 @@ def main(argv):
     print(f"{len(predictions)} predictions written to {FLAGS.output}")
 
 
-def fail(message):
-  """A mistake in the command: one line, and exit code 2, as trainer.task says them."""
+def fail(message, code=2):
+  """One line, and exit code 2 for a mistake in the command (170 for storage), as trainer.task says them."""
   print(f"predict: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def run():

@@ -47,12 +47,18 @@ class WorkerLost(Restart):
 
 
 class Preempted(Restart):
-  """Training stopped on a signal after saving a checkpoint."""
+  """Training stopped on a signal after saving a checkpoint; `resume` says what runs it on from there."""
 
-  def __init__(self, signum, global_step, checkpoint):
+  def __init__(self, signum, global_step, checkpoint, resume="run the same command again"):
     self.exit_code = exit_code(signum)
+    self.signum, self.global_step, self.checkpoint = signum, global_step, checkpoint
     super().__init__(f"stopped by {signal.Signals(signum).name} at step {global_step}; checkpoint {checkpoint} "
-                     f"saved; run the same command again to resume (exit code {self.exit_code})")
+                     f"saved; {resume} to resume (exit code {self.exit_code})")
+
+  def resumed_by(self, resume):
+    """The same stop, advising `resume` (the command line knows what the loop does not: whether the
+    job folder is new each run, or --restart wipes the checkpoints)."""
+    return Preempted(self.signum, self.global_step, self.checkpoint, resume)
 
 
 class StopSignal:

@@ -52,7 +52,8 @@ def main(argv):
       raise config_lib.UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
                                  "served from (it is created if missing)")
     from trainer import retraining  # imports TensorFlow: only once the flags are known to be sound
-    entry = retraining.retrain(config, job_dir, retraining.Options(**options))
+    with task.saying_how_to_resume(job_dir):
+      entry = retraining.retrain(config, job_dir, retraining.Options(**options))
   if entry is None:
     print("worker done: the chief decides whether the candidate is promoted")
     return

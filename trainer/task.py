@@ -67,7 +67,8 @@ def main(argv):
   with exit_codes():
     job_dir, config = config_from_flags()
     from trainer import train  # imports TensorFlow: only once the flags are known to be sound
-    result = train.train_and_evaluate(config, job_dir)
+    with saying_how_to_resume(job_dir):
+      result = train.train_and_evaluate(config, job_dir)
   from trainer import report
   print(report.summary_table(result))
   if config.cluster.is_chief:
@@ -93,6 +94,20 @@ def config_from_flags(**overrides):
       checkpoint_every_steps=FLAGS.checkpoint_every_steps, keep_checkpoints=FLAGS.keep_checkpoints,
       restart=FLAGS.restart, **folders)
   return job_dir, config_lib.Config(**{**fields, **overrides})
+
+
+@contextlib.contextmanager
+def saying_how_to_resume(job_dir):
+  """A stop on a signal names what resumes it: "the same command" starts from scratch when the job
+  folder is a new one each run (no --job_dir) or --restart deletes the checkpoints every time."""
+  try:
+    yield
+  except preemption.Preempted as e:
+    changes = [f"with --job_dir={job_dir}"] if not FLAGS.job_dir else []
+    changes += ["without --restart"] if FLAGS.restart else []
+    if not changes:
+      raise
+    raise e.resumed_by(f"run the same command {' and '.join(changes)}") from None
 
 
 @contextlib.contextmanager

@@ -1,17 +1,29 @@
 """Image classification data sets from TensorFlow Datasets by name (`--data=tfds:NAME`).
 
 Ends where the other image sources end: (uint8 image [H, W, 3], int32 label) pairs and the
-class names. Nothing is downloaded unless --tfds_download is given: offline, a download retries
-for minutes before it fails, so a missing data set must stop the job at once with one line.
+class names. Nothing is downloaded unless --tfds_download is given, so a missing data set stops
+the job at once with one line. A download that cannot reach the network stops within a minute
+with one line and exit code 170 (storage.StorageError), which a cluster retries: TFDS itself
+retries each request 10 times over 3.5 minutes, waits on a silent server forever, then ends in
+a long chained traceback.
 """
 
+import contextlib
+
 import numpy as np
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader
 
 from trainer.config import UserError
+from trainer.storage import StorageError
 
 USUAL_SPLITS = ("train", "test")
+# Per request: retries after the first try (TFDS's backoff: 0, 0.4 s) and (connect, read) seconds.
+# At most 3 x 10 s to find the network unreachable; a stalled read fails after 30 s without a byte.
+DOWNLOAD_RETRIES = 2
+DOWNLOAD_TIMEOUT = (10, 30)
 
 
 def load(name, data_dir=None, download=False):
@@ -22,7 +34,12 @@ def load(name, data_dir=None, download=False):
   """
   source = f"--data=tfds:{name}"
   try:
-    splits, info = tfds.load(name, data_dir=data_dir, download=download, as_supervised=True, with_info=True)
+    with _bounded_requests() if download else contextlib.nullcontext():
+      splits, info = tfds.load(name, data_dir=data_dir, download=download, as_supervised=True, with_info=True)
+  except (requests.RequestException, tfds.download.DownloadError) as e:
+    # Files already downloaded stay in <data_dir>/downloads: a retry of the job goes on from them.
+    raise StorageError(f"{source}: cannot download it ({_reason(e)}); retry, or prepare it on a machine with "
+                       "internet and point --tfds_data_dir at a copy of its TFDS data folder") from None
   except tfds.core.DatasetNotFoundError:
     raise UserError(f"{source}: TFDS has no data set called {name!r}; "
                     "see https://www.tensorflow.org/datasets/catalog for the names") from None
@@ -64,3 +81,33 @@ def _image_and_label(info, source):
     raise UserError(f"{source}: its pairs are ({image_key}, {label_key}), not an image and a class label; "
                     "choose an image classification data set")
   return image_key, label_key
+
+
+@contextlib.contextmanager
+def _bounded_requests():
+  """TFDS's downloads with a few retries and a timeout, instead of 10 retries and none.
+
+  Both are set where TFDS reads them at each request: its module constant MAX_RETRIES and the
+  keyword arguments its _open_with_requests passes to requests' Session.get. Restored after."""
+  retries, open_with_requests = downloader.MAX_RETRIES, downloader._open_with_requests  # noqa: SLF001
+
+  def with_timeout(url, **kwargs):
+    return open_with_requests(url, **{"timeout": DOWNLOAD_TIMEOUT, **kwargs})
+
+  downloader.MAX_RETRIES, downloader._open_with_requests = DOWNLOAD_RETRIES, with_timeout  # noqa: SLF001
+  try:
+    yield
+  finally:
+    downloader.MAX_RETRIES, downloader._open_with_requests = retries, open_with_requests  # noqa: SLF001
+
+
+def _reason(error):
+  """The innermost reason ("Connection refused", "Read timed out") of an error wrapped by retries."""
+  reason, seen = str(error).strip().splitlines()[0][:160], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
+    error = getattr(error, "reason", None) or error.__cause__ or (nested[0] if nested else None) or error.__context__
+  return reason
