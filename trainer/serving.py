@@ -6,13 +6,14 @@ which the highest complete one is in production, plus what retraining keeps besi
     <serving_dir>/history.jsonl    one line per retraining run (append_history)
     <serving_dir>/history.png      production's metric run by run (history_plot)
 
-Promotion never shows a poller half a model: locally a version is copied under a hidden name
-and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
-Serving waits for) and trainer_export.json (what `production` waits for); killed between those
-two, the version is whole for TF Serving but not production here until the next promotion
-replaces it with a higher number. Everything that
-changes the folder (promote, append_history) assumes the caller holds the Lease: the folder is
-read, decided on and written in separate steps.
+Promotion never shows a poller a half-uploaded model: a version is staged under a hidden name
+first (`.tmp-<n>-` locally, renamed into place; `.staging-` on gs://, copied into place on the
+server, then saved_model.pb (what TF Serving waits for) and trainer_export.json (what
+`production` waits for) uploaded last); killed between those two, the version is whole for TF
+Serving but not production here until the next promotion replaces it with a higher number.
+Everything that changes the folder (promote, append_history) assumes the caller holds the
+Lease, and promote checks it before every publish and removal: the folder is read, decided on
+and written in separate steps.
 
 No TensorFlow here, and matplotlib only for the plot: the history is shown in a second.
 """
@@ -55,14 +56,14 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
   than the highest version folder present, complete or not; returns that folder. run (a JSON
   value naming the retraining run) is recorded in the version's metadata.
 
-  The copy is staged first under a hidden name (`.staging-<random>`, which TF Serving does not
-  poll), then published: locally renamed to its number; on gs:// copied object by object on the
-  server, saved_model.pb and trainer_export.json uploaded last. Why not reuse the number of an
-  incomplete folder: on gs:// a folder is visible from its first object, so TF Serving may have
-  tried, and failed, to load it, and would not try that number again. Incomplete folders are
-  removed only once the new version is complete, so a run killed in between cannot make the next
-  one reuse their numbers either. Then the newest keep_versions complete versions are kept and
-  older ones removed.
+  The copy is staged first under a hidden name, which TF Serving does not poll, then published:
+  locally `.tmp-<n>-<random>` renamed to n; on gs:// `.staging-<random>/` copied object by
+  object on the server, saved_model.pb and trainer_export.json uploaded last. Why not reuse the
+  number of an incomplete folder: on gs:// a folder is visible from its first object, so TF
+  Serving may have tried, and failed, to load it, and would not try that number again.
+  Incomplete folders are removed only once the new version is complete, so a run killed in
+  between cannot make the next one reuse their numbers either. Then the newest keep_versions
+  complete versions are kept and older ones removed.
 
   With a lease, it is checked (Lease.check) before the version is published and before anything
   is removed: a promoter whose lease ran out stops with LeaseLost, having removed only its own
@@ -133,12 +134,12 @@ def _publish_remote(local, serving_dir, metadata, lease):
     staged = storage.list_files(staging)
     for name in staged:
       storage.copy_file(storage.join(staging, name), storage.join(folder, name))
-    _check(lease)
-    missing = sorted(set(staged) - set(storage.list_files(folder)))
-    if missing:  # removed by whoever took the lease from us: no marker on a folder without weights
-      raise LeaseLost(f"{folder}: {missing[0]} was removed while it was being published; not publishing it")
   finally:
     _remove_own(staging)
+  _check(lease)
+  missing = sorted(set(staged) - set(storage.list_files(folder)))
+  if missing:  # removed by whoever took the lease from us: no marker on a folder without weights
+    raise LeaseLost(f"{folder}: {missing[0]} was removed while it was being published; not publishing it")
   for name in _MARKERS:
     storage.upload_file(os.path.join(markers, name), storage.join(folder, name))
   return folder
@@ -272,7 +273,8 @@ class Lease:
       else:
         left = _left(held, written, storage.store_time(self.path + ".lock"))
         if left > 0:
-          raise LeaseHeld(self.path, held.get("owner", "an unknown owner"), held.get("expires", time.time() + left), left)
+          owner, expires = held.get("owner", "an unknown owner"), held.get("expires", time.time() + left)
+          raise LeaseHeld(self.path, owner, expires, left)
       if storage.replace_if_unchanged(self.path, record, token):
         if held.get("token") != self._token:
           logging.warning("took over %s from %s, whose lease expired at %s", self.path,
