@@ -96,8 +96,9 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
   assert again.returncode == 0, again.stderr
   assert "resuming from" in again.stderr and "took over" in again.stderr
   assert serving.complete_versions(serving_dir) == [1, expected]
-  # No leftover copy or version; locally the lease's lock file (flock) stays, empty.
-  assert [n for n in storage.list_dir(serving_dir) if n != serving.LEASE + ".lock"] == \
+  # No leftover copy or version; locally the lock files (flock) of the lease and the history stay, empty.
+  locks = (serving.LEASE + ".lock", serving.HISTORY + ".lock")
+  assert [n for n in storage.list_dir(serving_dir) if n not in locks] == \
       sorted(["1", str(expected), serving.HISTORY, serving.HISTORY_PLOT])
   history = serving.read_history(serving_dir)
   assert [e["decision"] for e in history] == [PROMOTED, PROMOTED]
@@ -122,6 +123,38 @@ def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_cs
     history = serving.read_history(serving_dir)
     assert [(e["decision"], e["version"]) for e in history] == [(PROMOTED, 1), (PROMOTED, 2)]
     assert history[-1]["job_dir"] == str(tmp_path / "night2")
+
+
+def test_a_rejected_night_killed_after_recording_it_is_recorded_once_by_its_retry(table_csv, tmp_path):
+  serving_dir, data = str(tmp_path / "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
+           "--learning_rate=1e12", "--epochs=5"]
+  # After its history line, before the plot.
+  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.serving.history_plot"))
+  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, REJECTED]
+
+  again = run(*night)
+  assert again.returncode == 0, again.stderr
+  assert again.stdout.startswith("rejected: training diverged")
+  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, REJECTED]
+  assert storage.read_bytes(storage.join(serving_dir, serving.HISTORY_PLOT)).startswith(b"\x89PNG")
+
+
+def test_nights_sharing_an_export_dir_each_decide_for_themselves(table_csv, tmp_path):
+  """A flags file used every night may give one --export_dir: night 2's export sits beside the
+  version night 1 promoted, and is still night 2's own candidate."""
+  serving_dir, data, shared = str(tmp_path / "serving"), table_csv(), str(tmp_path / "exports")
+  for name in ("night1", "night2"):
+    night = run(f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / name}",
+                f"--export_dir={shared}", "--epochs=3")
+    assert night.returncode == 0, night.stderr
+  first, second = serving.read_history(serving_dir)
+  assert (first["decision"], first["version"]) == (PROMOTED, 1)
+  assert "earlier attempt" not in second["reason"], second["reason"]
+  assert second["production_version"] == 1 and second["improvement"] is not None  # compared with production
+  assert serving.complete_versions(serving_dir) == ([1, 2] if second["decision"] == PROMOTED else [1])
+  assert storage.list_dir(shared) == ["1", "2"]
 
 
 def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_path):

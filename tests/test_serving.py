@@ -4,6 +4,7 @@ killed half way, the lease against real racing processes, the history, and a pro
 that tf.saved_model.load serves."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -13,9 +14,9 @@ import time
 
 import numpy as np
 import pytest
-from processes import kill_when, stalled
+from processes import kill_when, stalled, wait_for_line
 
-from trainer import export, serving, storage
+from trainer import export, preemption, serving, storage
 from trainer.config import UserError
 
 
@@ -154,6 +155,122 @@ def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_pa
   assert serving.production(serving_dir) == storage.join(serving_dir, expected)
 
 
+def test_folders_named_with_other_digits_are_not_versions(root, tmp_path):
+  """str.isdigit() holds for "٣" (int: 3) and "²" (int: ValueError): neither is a version TF Serving polls."""
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  serving.promote(source, serving_dir)
+  for name in ("\u0663", "\u00b2"):
+    fake_export(storage.join(serving_dir, name))
+  assert serving.production(serving_dir) == storage.join(serving_dir, "1")
+  assert export.latest_version(serving_dir) == storage.join(serving_dir, "1")
+  assert serving.complete_versions(serving_dir) == [1]
+  assert serving.promote(source, serving_dir) == storage.join(serving_dir, "2")
+  assert export.next_version(serving_dir) == 3
+  assert storage.list_dir(serving_dir) == sorted(["1", "2", "\u0663", "\u00b2"])
+
+
+def test_the_version_folder_appears_only_once_its_upload_is_staged(gcs_bucket, tmp_path):
+  """On gs:// a folder is visible from its first object: the slow upload goes to a hidden staging
+  prefix (not all digits: TF Serving ignores it) and the version is made of server-side copies."""
+  serving_dir = storage.join(gcs_bucket, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  serving.promote(source, serving_dir)
+  kill_when(stalled("trainer.serving:promote", source, serving_dir, upload=r"variables\.data"))
+  left = storage.list_dir(serving_dir)
+  assert [n for n in left if n.isdigit()] == ["1"], left  # no 2 while its weights are uploading
+  assert serving.promote(source, serving_dir) == storage.join(serving_dir, "2")
+  assert storage.list_dir(serving_dir) == ["1", "2"]  # the killed staging removed
+  assert version_files(storage.join(serving_dir, "2")) == version_files(source)
+
+
+# Run as `python promote.py <source> <serving_dir> <owner> <pause> <go file>`: takes the lease of
+# <serving_dir> and promotes <source> under it, pausing at the first write (a gs:// upload or copy,
+# a local rename) whose target matches the regex <pause>, saying "PAUSED <target>" on stderr, until
+# <go file> exists. A lost lease ends it with "LOST <message>" and exit 172.
+PROMOTE = '''
+import os, re, sys, time
+from google.cloud.storage import Blob, Bucket
+from trainer import serving
+
+source, serving_dir, owner, pattern, go = sys.argv[1:]
+paused = []
+
+def pause(target):
+  if not paused and re.search(pattern, str(target)):
+    paused.append(target)
+    print("PAUSED", target, file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(go):
+      assert time.monotonic() < deadline, "never told to go on"
+      time.sleep(0.01)
+
+def hooked(method, target):
+  def call(*args, **kwargs):
+    pause(target(*args, **kwargs))
+    return method(*args, **kwargs)
+  return call
+
+Blob.upload_from_filename = hooked(Blob.upload_from_filename, lambda blob, *a, **k: blob.name)
+Bucket.copy_blob = hooked(Bucket.copy_blob, lambda bucket, blob, dest, name=None, *a, **k: name)
+os.rename = hooked(os.rename, lambda source, dest: dest)
+try:
+  with serving.Lease(serving_dir, owner) as lease:
+    print("promoted", serving.promote(source, serving_dir, lease=lease), flush=True)
+except serving.LeaseLost as e:
+  print("LOST", e, file=sys.stderr, flush=True)
+  sys.exit(e.exit_code)
+'''
+
+
+def test_a_promoter_whose_lease_ran_out_never_touches_the_new_holders_version(root, tmp_path):
+  serving_dir = storage.join(root, "serving")
+  source = fake_export(str(tmp_path / "export"))
+  serving.promote(source, serving_dir)
+  files = version_files(source)
+
+  def production_loads():
+    """Production's folder, checked whole: its weights are there."""
+    folder = serving.production(serving_dir)
+    assert version_files(folder) == files, folder
+    return folder
+
+  script = tmp_path / "promote.py"
+  script.write_text(PROMOTE)
+
+  def start(owner, pause):
+    return subprocess.Popen([sys.executable, str(script), source, serving_dir, owner, pause,
+                             str(tmp_path / f"go-{owner}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  remote = storage.is_remote(root)
+  # A pauses while it uploads its copy (its weights on gs://; locally the rename of its hidden copy)...
+  a = start("retrain-a", r"variables\.data" if remote else r"/\.tmp-\d+-[0-9a-f]+$")
+  b = None
+  try:
+    wait_for_line(a, "^PAUSED")
+    write_lease(serving_dir, "retrain-a", time.time() - 1)  # ...long enough for its lease to run out,
+    b = start("retrain-b", r"/\d+/saved_model\.pb$" if remote else r"/\d+$")
+    wait_for_line(b, "^PAUSED")  # and B takes over and pauses before its version is whole.
+    assert production_loads() == storage.join(serving_dir, "1")
+    (tmp_path / "go-retrain-a").write_text("")
+    assert a.wait(timeout=120) == preemption.SERVING_BUSY, a.stderr.read()
+    assert re.search(r"^LOST .*held by retrain-b", a.stderr.read(), re.M)
+    assert production_loads() == storage.join(serving_dir, "1")  # A withdrew and published nothing
+    (tmp_path / "go-retrain-b").write_text("")
+    out, err = b.communicate(timeout=120)
+    assert b.returncode == 0, err
+    promoted = out.split()[-1]
+    assert production_loads() == promoted
+    assert serving.complete_versions(serving_dir) == [1, int(os.path.basename(promoted))]
+    assert [n for n in storage.list_dir(serving_dir) if not n.startswith(serving.LEASE)] == \
+        ["1", os.path.basename(promoted)]  # A's staged copy is gone too
+  finally:
+    for process in (a, b):
+      if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def lease_record(serving_dir):
   return json.loads(storage.read_text(storage.join(serving_dir, serving.LEASE)))
 
@@ -266,6 +383,86 @@ def test_two_processes_racing_for_the_lease_never_both_win(root, tmp_path):
     for process in racers.values():
       process.kill()
       process.wait()
+
+
+# Run as `python clock.py <offset seconds> <root> <owner> <ttl> <wait seconds>`: this host's
+# clock is <offset> seconds off; tries for the lease of <root>, saying "won" or "held <message>".
+CLOCK = '''
+import sys, time
+offset = float(sys.argv[1])
+real = time.time
+time.time = lambda: real() + offset
+from trainer import serving
+try:
+  serving.Lease(sys.argv[2], sys.argv[3], ttl_seconds=float(sys.argv[4]), wait_seconds=float(sys.argv[5])).acquire()
+  print("won", flush=True)
+except serving.LeaseHeld as e:
+  print("held", e, flush=True)
+'''
+
+
+def test_lease_expiry_is_judged_by_the_store_clock_not_the_hosts(root, tmp_path):
+  script = tmp_path / "clock.py"
+  script.write_text(CLOCK)
+
+  def acquire(offset, owner, wait=0):
+    done = subprocess.run([sys.executable, str(script), str(offset), root, owner, "300", str(wait)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+  lease = storage.join(root, serving.LEASE)
+  serving.Lease(root, "fresh", ttl_seconds=300).acquire()
+  assert acquire(600, "ahead").startswith("held ")  # ten minutes ahead: the lease is still fresh
+  assert lease_record(root)["owner"] == "fresh"
+  storage.remove(lease)
+  assert acquire(-600, "behind") == "won"  # its record says it ran out five minutes ago, by our clock
+  with pytest.raises(serving.LeaseHeld, match="held by behind"):
+    serving.Lease(root, "here").acquire()
+  storage.remove(lease)
+  # A lease does run out by the store's clock: a second after it was written, for a host behind too.
+  serving.Lease(root, "brief", ttl_seconds=1).acquire()
+  assert acquire(-600, "patient", wait=60) == "won"
+
+
+def test_a_failing_release_does_not_mask_the_error_that_ended_the_block(root, monkeypatch, caplog):
+  def unreachable(path, token):
+    raise storage.StorageError(f"cannot remove {path}: Connection refused")
+
+  with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="the real failure"):
+    with serving.Lease(root, "holder"):
+      monkeypatch.setattr(storage, "remove_if_unchanged", unreachable)
+      raise ValueError("the real failure")
+  assert "could not release" in caplog.text and "Connection refused" in caplog.text
+  # With nothing else failing, a failed release is the failure.
+  monkeypatch.undo()
+  with pytest.raises(storage.StorageError, match="Connection refused"):
+    with serving.Lease(storage.join(root, "other"), "holder"):
+      monkeypatch.setattr(storage, "remove_if_unchanged", unreachable)
+
+
+def test_append_history_loses_no_line_to_a_concurrent_writer_and_records_a_run_once(root, monkeypatch):
+  path = storage.join(root, serving.HISTORY)
+  serving.append_history(root, {"decision": "promoted", "run": "night-1"})
+  reads = {"read_text": storage.read_text, "read_with_token": storage.read_with_token}
+
+  def then_another_writer(name):
+    def read(p, *args):
+      got = reads[name](p, *args)
+      if p == path and not reads.get("done"):
+        reads["done"] = True  # a writer that lost its lease without knowing, between our read and write
+        storage.write_text(path, reads["read_text"](path) + json.dumps({"decision": "other"}) + "\n")
+      return got
+    return read
+
+  for name in ("read_text", "read_with_token"):
+    monkeypatch.setattr(storage, name, then_another_writer(name))
+  serving.append_history(root, {"decision": "rejected", "run": "night-2"})
+  monkeypatch.undo()
+  assert [e["decision"] for e in serving.read_history(root)] == ["promoted", "other", "rejected"]
+  # A retry of night 2 (killed after it wrote its line) adds nothing.
+  serving.append_history(root, {"decision": "rejected", "run": "night-2", "reason": "again"})
+  assert [e["decision"] for e in serving.read_history(root)] == ["promoted", "other", "rejected"]
 
 
 HISTORY = [

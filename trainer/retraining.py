@@ -19,17 +19,22 @@ production", and the CronJob only alerts on failures of the job itself.
 
 import dataclasses
 import datetime
+import json
 import math
 import os
+import secrets
 import socket
 
 from absl import logging
 
 from trainer import export, loop, report, serving, storage, train
+from trainer.config import UserError
 
 # What each kind of model is judged on: (metric, True when lower is better).
 METRICS = {"forecast": ("rmse", True), "table": ("rmse", True), "classification": ("accuracy", False)}
 PROMOTED, REJECTED = "promoted", "rejected"
+# In the job folder: the random half of the run's identity (run_identity).
+RUN = "retrain_run.json"
 
 
 @dataclasses.dataclass
@@ -64,9 +69,17 @@ def retrain(config, job_dir, options):
   # The same split the candidate was tested on (prepare is deterministic for a config).
   prepared = train.DATA[config.model].prepare(config)
   metric, lower_is_better = METRICS[prepared.kind]
+  run = run_identity(job_dir)
   owner = f"{socket.gethostname()} pid {os.getpid()} ({job_dir})"
   with serving.Lease(serving_dir, owner, options.lease_ttl_seconds, options.lease_wait_seconds,
                      keep_alive=True) as lease:
+    history = serving.read_history(serving_dir)
+    recorded = next((e for e in history if e.get("run") == run), None)
+    if recorded:  # a retry of a run killed after its history line: decided and recorded once
+      logging.info("%s (recorded already by an earlier attempt of this job): %s", recorded.get("decision"),
+                   recorded.get("reason"))
+      serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
+      return recorded
     production = serving.production(serving_dir)
     production_metadata = export.read_metadata(production) if production else None
     baseline = report.evaluate(prepared, prepared.baseline_predictions)["baseline"]
@@ -75,9 +88,9 @@ def retrain(config, job_dir, options):
     warnings = _hold_out_warnings(config, prepared.summary, production_metadata)
     version = production_version = production_metadata["version"] if production_metadata else None
     # A retry of a job killed between promoting and writing the history finds its own model in
-    # production: that promotion stands (decided then, against what was production then).
-    promoted_before = bool(result and production_metadata) and \
-        _folder(production_metadata.get("promoted_from", "")) == _folder(result["export"])
+    # production: that promotion stands (decided then, against what was production then). Its
+    # own by the run recorded in the version, not by the export's folder, which nights may share.
+    promoted_before = bool(result and production_metadata) and production_metadata.get("run") == run
     if failure:
       decision, reason, improvement = REJECTED, failure, None
     elif promoted_before:
@@ -87,7 +100,8 @@ def retrain(config, job_dir, options):
       decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
                                              options.min_improvement)
     if decision == PROMOTED and not promoted_before:
-      version = int(os.path.basename(serving.promote(result["export"], serving_dir, options.keep_versions, lease)))
+      folder = serving.promote(result["export"], serving_dir, options.keep_versions, lease, run=run)
+      version = int(os.path.basename(folder))
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "decision": decision, "version": version, "reason": reason, "metric": metric,
@@ -95,11 +109,10 @@ def retrain(config, job_dir, options):
         "production_version": production_version,
         "warm_start": _warm_start(warm_started, options), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
+        "run": run,
     }
-    lease.renew()  # the history, too, is only written by the lease's holder
-    history = serving.read_history(serving_dir)
-    if not (promoted_before and any(e.get("job_dir") == job_dir and e.get("decision") == PROMOTED for e in history)):
-      serving.append_history(serving_dir, entry)
+    lease.check()  # the history, too, is only written by the lease's holder
+    if serving.append_history(serving_dir, entry):
       history.append(entry)
     serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
   logging.info("%s: %s", decision, reason)
@@ -152,9 +165,20 @@ def _warm_start(warm_started, options):
                           "--nowarm_start"}
 
 
-def _folder(path):
-  """The folder path is in (local or gs://), for comparing export versions of one job."""
-  return path.rstrip("/").rsplit("/", 1)[0]
+def run_identity(job_dir):
+  """{"job_dir", "id"}: what this run's promoted version and history line are known by. The id
+  is random, kept in the job folder: a retry of the job (the same --job_dir) is the same run; a
+  later night, even one sharing --export_dir, or a job folder made anew, is another."""
+  path = storage.join(job_dir, RUN)
+  try:
+    run_id = json.loads(storage.read_text(path))["id"]
+  except FileNotFoundError:
+    run_id = secrets.token_hex(8)
+    storage.write_text(path, json.dumps({"id": run_id}))
+  except (ValueError, TypeError, KeyError):
+    raise UserError(f"{path}: not a run record of this trainer; remove it (a retry of this job then counts as "
+                    "a new run)") from None
+  return {"job_dir": job_dir, "id": run_id}
 
 
 def _hold_out_warnings(config, summary, production_metadata):

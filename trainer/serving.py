@@ -6,13 +6,14 @@ which the highest complete one is in production, plus what retraining keeps besi
     <serving_dir>/history.jsonl    one line per retraining run (append_history)
     <serving_dir>/history.png      production's metric run by run (history_plot)
 
-Promotion never shows a poller half a model: locally a version is copied under a hidden name
-and renamed into place; on gs:// every other file is uploaded before saved_model.pb (what TF
-Serving waits for) and trainer_export.json (what `production` waits for); killed between those
-two, the version is whole for TF Serving but not production here until the next promotion
-replaces it with a higher number. Everything that
-changes the folder (promote, append_history) assumes the caller holds the Lease: the folder is
-read, decided on and written in separate steps.
+Promotion never shows a poller a half-uploaded model: a version is staged under a hidden name
+first (`.tmp-<n>-` locally, renamed into place; `.staging-` on gs://, copied into place on the
+server, then saved_model.pb (what TF Serving waits for) and trainer_export.json (what
+`production` waits for) uploaded last); killed between those two, the version is whole for TF
+Serving but not production here until the next promotion replaces it with a higher number.
+Everything that changes the folder (promote, append_history) assumes the caller holds the
+Lease, and promote checks it before every publish and removal: the folder is read, decided on
+and written in separate steps.
 
 No TensorFlow here, and matplotlib only for the plot: the history is shown in a second.
 """
@@ -35,8 +36,9 @@ LEASE = ".lease.json"
 HISTORY = "history.jsonl"
 HISTORY_PLOT = "history.png"
 DEFAULT_TTL_SECONDS = 3600
-# Hidden folders publish_dir copies a version into before renaming it to its number.
-_TEMP = re.compile(r"\.tmp-\d+-")
+# Hidden folders a promotion stages its copy in (`.tmp-<n>-` locally, and publish_dir's temporary
+# copy of that; `.staging-` on gs://): never polled, removed by the next promotion.
+_HIDDEN = re.compile(r"\.(staging-|tmp-\d+-|tmp-\.tmp-\d+-)")
 
 
 def production(serving_dir):
@@ -49,16 +51,23 @@ def complete_versions(serving_dir):
   return _scan(serving_dir)[1]
 
 
-def promote(version_dir, serving_dir, keep_versions=5, lease=None):
+def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
   """Copies the complete export version_dir (local or gs://) to `<serving_dir>/<n>`, n one more
-  than the highest version folder present, complete or not; returns that folder.
+  than the highest version folder present, complete or not; returns that folder. run (a JSON
+  value naming the retraining run) is recorded in the version's metadata.
 
-  Why not reuse the number of an incomplete folder: on gs:// a folder is visible from its first
-  object, so TF Serving may have tried, and failed, to load it, and would not try that number
-  again. Incomplete folders are removed only once the new version is complete, so a run killed
-  in between cannot make the next one reuse their numbers either. Then the newest
-  keep_versions complete versions are kept and older ones removed. With a lease, it is renewed
-  first: a retrain whose lease was taken over stops here with LeaseLost.
+  The copy is staged first under a hidden name, which TF Serving does not poll, then published:
+  locally `.tmp-<n>-<random>` renamed to n; on gs:// `.staging-<random>/` copied object by
+  object on the server, saved_model.pb and trainer_export.json uploaded last. Why not reuse the
+  number of an incomplete folder: on gs:// a folder is visible from its first object, so TF
+  Serving may have tried, and failed, to load it, and would not try that number again.
+  Incomplete folders are removed only once the new version is complete, so a run killed in
+  between cannot make the next one reuse their numbers either. Then the newest keep_versions
+  complete versions are kept and older ones removed.
+
+  With a lease, it is checked (Lease.check) before the version is published and before anything
+  is removed: a promoter whose lease ran out stops with LeaseLost, having removed only its own
+  staged copy. Others' leftovers are removed only by the lease's holder: their writer lost it.
   """
   if keep_versions < 1:
     raise ValueError(f"keep_versions={keep_versions}: keep at least the version in production")
@@ -68,30 +77,111 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None):
     storage.download_dir(version_dir, local)
     if not os.path.exists(os.path.join(local, "saved_model.pb")):
       raise UserError(f"{version_dir}: no saved_model.pb; not a SavedModel export, cannot serve it")
-    if lease is not None:
-      lease.renew()
-    names = storage.list_dir(serving_dir)
-    for name in names:  # hidden copies of killed promotions: no poller looks at them
-      if _TEMP.match(name):
-        logging.warning("removing %s: left by a promotion that was interrupted", storage.join(serving_dir, name))
-        storage.remove(storage.join(serving_dir, name))
-    version = max((int(n) for n in names if n.isdigit()), default=0) + 1
-    metadata.update(version=version, promoted_from=version_dir)
-    with open(os.path.join(local, export.METADATA), "w") as f:
-      json.dump(metadata, f, indent=2)
-    folder = storage.join(serving_dir, str(version))
-    storage.publish_dir(local, folder, last=("saved_model.pb", export.METADATA))
+    metadata.update(promoted_from=version_dir, **({"run": run} if run is not None else {}))
+    _check(lease)
+    _remove_hidden_leftovers(serving_dir, lease)
+    publish = _publish_remote if storage.is_remote(serving_dir) else _publish_local
+    try:
+      folder = publish(local, serving_dir, metadata, lease)
+    except (OSError, storage.StorageError):
+      _check(lease)  # whoever took the lease over removed our staged copy: say that, not what it broke
+      raise
   logging.info("promoted %s to %s", version_dir, folder)
   names, complete = _scan(serving_dir)
   for name in names:
-    if name.isdigit() and int(name) not in complete:
+    if _is_version(name) and int(name) not in complete:
       logging.warning("removing %s: an incomplete version (no %s), left by an interrupted promotion",
                       storage.join(serving_dir, name), export.METADATA)
-      _withdraw(storage.join(serving_dir, name))
+      _withdraw(storage.join(serving_dir, name), lease)
   for old in complete[:-keep_versions]:
     logging.info("removing version %d of %s: keeping the newest %d", old, serving_dir, keep_versions)
-    _withdraw(storage.join(serving_dir, str(old)))
+    _withdraw(storage.join(serving_dir, str(old)), lease)
   return folder
+
+
+# What TF Serving waits for, and what `production` waits for: published last, in this order.
+_MARKERS = ("saved_model.pb", export.METADATA)
+
+
+def _publish_local(local, serving_dir, metadata, lease):
+  """Copies local into `<serving_dir>/.tmp-<n>-<random>` and renames that to n; returns n's folder."""
+  folder = _number(local, serving_dir, metadata)
+  staging = storage.join(serving_dir, f".tmp-{metadata['version']}-{secrets.token_hex(4)}")
+  try:
+    storage.publish_dir(local, staging)
+    _check(lease)
+    try:
+      os.rename(staging, folder)  # fails rather than merge into a folder someone else made meanwhile
+    except OSError as e:
+      raise storage.StorageError(f"cannot publish {folder}: {e.strerror or e}") from None
+  finally:
+    _remove_own(staging)
+  return folder
+
+
+def _publish_remote(local, serving_dir, metadata, lease):
+  """Uploads local but its markers to `<serving_dir>/.staging-<random>/`, then makes the next
+  version of server-side copies of it and uploads the markers last; returns its folder."""
+  markers = os.path.join(os.path.dirname(local), "markers")
+  os.makedirs(markers)
+  for name in _MARKERS:  # uploaded straight into the version, last: staging them is one more step
+    os.replace(os.path.join(local, name), os.path.join(markers, name))
+  staging = storage.join(serving_dir, f".staging-{secrets.token_hex(6)}")
+  try:
+    storage.publish_dir(local, staging)  # the slow part, where no poller looks
+    _check(lease)
+    folder = _number(markers, serving_dir, metadata)  # numbered only now: the highest still
+    staged = storage.list_files(staging)
+    for name in staged:
+      storage.copy_file(storage.join(staging, name), storage.join(folder, name))
+  finally:
+    _remove_own(staging)
+  _check(lease)
+  missing = sorted(set(staged) - set(storage.list_files(folder)))
+  if missing:  # removed by whoever took the lease from us: no marker on a folder without weights
+    raise LeaseLost(f"{folder}: {missing[0]} was removed while it was being published; not publishing it")
+  for name in _MARKERS:
+    storage.upload_file(os.path.join(markers, name), storage.join(folder, name))
+  return folder
+
+
+def _number(local, serving_dir, metadata):
+  """The next version's folder; its number goes into the metadata written to local."""
+  metadata["version"] = max(_versions(storage.list_dir(serving_dir)), default=0) + 1
+  with open(os.path.join(local, export.METADATA), "w") as f:
+    json.dump(metadata, f, indent=2)
+  return storage.join(serving_dir, str(metadata["version"]))
+
+
+def _check(lease):
+  if lease is not None:
+    lease.check()
+
+
+def _remove_hidden_leftovers(serving_dir, lease):
+  """Removes the staged copies other promotions left: theirs, abandoned, since we hold the lease."""
+  for name in storage.list_dir(serving_dir):
+    if _HIDDEN.match(name):
+      _check(lease)
+      logging.warning("removing %s: left by a promotion that was interrupted", storage.join(serving_dir, name))
+      storage.remove(storage.join(serving_dir, name))
+
+
+def _remove_own(staging):
+  """Removes our staged copy, never masking the error that may be on its way out."""
+  try:
+    storage.remove(staging)
+  except storage.StorageError as e:
+    logging.warning("could not remove %s (%s); the next promotion will", staging, e)
+
+
+def _is_version(name):
+  """A version folder's name: ASCII digits only ("٣" and "²" pass str.isdigit, not TF Serving)."""
+  return name.isascii() and name.isdigit()
+
+
+def _versions(names):
+  return [int(name) for name in names if _is_version(name)]
 
 
 def _scan(serving_dir):
@@ -99,12 +189,14 @@ def _scan(serving_dir):
   names = storage.list_dir(serving_dir)
   marked = {path.split("/")[0] for path in storage.list_files(serving_dir) if path.count("/") == 1
             and path.endswith("/" + export.METADATA)}
-  return names, sorted(int(n) for n in names if n.isdigit() and n in marked)
+  return names, sorted(int(n) for n in names if _is_version(n) and n in marked)
 
 
-def _withdraw(folder):
-  """Removes a version so that it stops being one first: its marker, then what TF Serving loads."""
-  for name in (export.METADATA, "saved_model.pb"):
+def _withdraw(folder, lease=None):
+  """Removes a version so that it stops being one first: its marker, then what TF Serving loads.
+  Only by the lease's holder, checked first: a folder of someone else's is abandoned only then."""
+  _check(lease)
+  for name in _MARKERS[::-1]:
     storage.remove(storage.join(folder, name))
   storage.remove(folder)
 
@@ -114,9 +206,9 @@ class LeaseHeld(preemption.Restart):
   same command run later goes on (a retry resumes the trained candidate from its checkpoint)."""
   exit_code = preemption.SERVING_BUSY
 
-  def __init__(self, path, owner, expires):
+  def __init__(self, path, owner, expires, left=None):
     self.path, self.owner, self.expires = path, owner, expires
-    left = max(0, expires - time.time())
+    left = max(0, expires - time.time() if left is None else left)
     left = f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
     super().__init__(f"{path} is held by {owner} until {_utc(expires)} ({left} from now): another retrain is "
                      "running, or one crashed and its lease runs out then")
@@ -128,15 +220,18 @@ class LeaseLost(preemption.Restart):
 
 
 class Lease:
-  """`<serving_dir>/.lease.json`: {"owner", "token", "acquired", "expires"} (UTC epoch seconds).
+  """`<serving_dir>/.lease.json`: {"owner", "token", "acquired", "expires", "ttl"}.
 
   acquire() creates it if absent, or replaces it if it has expired (so a crashed holder blocks
   others for ttl_seconds at most), each only if nobody changed it in between (a generation
   precondition on gs://, a lock file locally), so of two processes racing exactly one wins and
-  the other raises LeaseHeld. The holder renews it before it runs out (renew(), or
-  keep_alive=True: a thread renews every ttl_seconds / 3 while the `with` block runs); a
-  holder whose lease was taken over learns it at its next renew (LeaseLost). Expiry compares
-  wall clocks: hosts must agree to well within ttl_seconds.
+  the other raises LeaseHeld. Expiry is judged by the storage's clock, never a host's: a lease
+  runs out "ttl" seconds after the storage last wrote it (its `updated` time on gs://, its mtime
+  locally), compared with the time the storage gives a file written now ("acquired" and
+  "expires" are the holder's clock, for people). The holder renews it before it runs out
+  (renew(), or keep_alive=True: a thread renews every ttl_seconds / 3 while the `with` block
+  runs). A holder whose lease was taken over learns it at its next renew (LeaseLost), and from
+  then on check() fails at once: whoever changes the folder calls check() before every write.
   """
 
   def __init__(self, serving_dir, owner, ttl_seconds=DEFAULT_TTL_SECONDS, wait_seconds=0, keep_alive=False):
@@ -148,6 +243,7 @@ class Lease:
     self._lock = threading.Lock()  # the renewing thread and the caller must not race each other
     self._stop = threading.Event()
     self._renewer = None
+    self._lost = None  # the LeaseLost once the lease is known lost: nothing may be written after it
 
   def acquire(self):
     """Takes the lease, waiting up to wait_seconds for its holder; LeaseHeld if it cannot."""
@@ -165,20 +261,25 @@ class Lease:
     for _ in range(5):
       record = self._record(acquired=time.time())
       if storage.create_exclusive(self.path, record):
+        self._lost = None
         return self
       try:
-        data, token = storage.read_with_token(self.path)
+        data, token, written = storage.read_stamped(self.path)
       except FileNotFoundError:
         continue  # released since: create it again
       held = _parse_lease(data)
       if held.get("token") == self._token:  # ours already: extend it
         record = self._record(acquired=held.get("acquired", time.time()))
-      elif held.get("expires", 0) > time.time():
-        raise LeaseHeld(self.path, held.get("owner", "an unknown owner"), held["expires"])
+      else:
+        left = _left(held, written, storage.store_time(self.path + ".lock"))
+        if left > 0:
+          owner, expires = held.get("owner", "an unknown owner"), held.get("expires", time.time() + left)
+          raise LeaseHeld(self.path, owner, expires, left)
       if storage.replace_if_unchanged(self.path, record, token):
         if held.get("token") != self._token:
           logging.warning("took over %s from %s, whose lease expired at %s", self.path,
                           held.get("owner", "nobody"), _utc(held.get("expires", 0)))
+        self._lost = None
         return self
       # Changed since we read it: someone else got there first. Look again.
     raise LeaseHeld(self.path, held.get("owner", "another process"), held.get("expires", time.time()))
@@ -189,15 +290,27 @@ class Lease:
       try:
         data, token = storage.read_with_token(self.path)
       except FileNotFoundError:
-        raise LeaseLost(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
+        raise self._losing(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
       held = _parse_lease(data)
       if held.get("token") != self._token:
-        raise LeaseLost(f"{self.path}: the lease of {self.owner} expired and is now held by "
-                        f"{held.get('owner', 'an unknown owner')}")
+        raise self._losing(f"{self.path}: the lease of {self.owner} expired and is now held by "
+                           f"{held.get('owner', 'an unknown owner')}")
       record = self._record(acquired=held.get("acquired", time.time()))
       if not storage.replace_if_unchanged(self.path, record, token):
-        raise LeaseLost(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
+        raise self._losing(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
     return self
+
+  def check(self):
+    """LeaseLost unless the lease is ours: at once when it is known lost (by the renewing thread),
+    else as the storage says now (renewing it). Nobody else writes before replacing our record,
+    so a lease found ours here was ours until now, however late this process is running."""
+    if self._lost is not None:
+      raise LeaseLost(str(self._lost))
+    return self.renew()
+
+  def _losing(self, message):
+    self._lost = LeaseLost(message)
+    return self._lost
 
   def release(self):
     """Removes the lease if it is still ours; True if it was."""
@@ -215,7 +328,7 @@ class Lease:
   def _record(self, acquired):
     now = time.time()
     return json.dumps({"owner": self.owner, "token": self._token, "acquired": round(acquired, 3),
-                       "expires": round(now + self.ttl_seconds, 3)}).encode("utf-8")
+                       "expires": round(now + self.ttl_seconds, 3), "ttl": self.ttl_seconds}).encode("utf-8")
 
   def __enter__(self):
     self.acquire()
@@ -225,22 +338,36 @@ class Lease:
       self._renewer.start()
     return self
 
-  def __exit__(self, *exc_info):
+  def __exit__(self, exc_type, exc, traceback):
     if self._renewer is not None:
       self._stop.set()
       self._renewer.join()
       self._renewer = None
-    self.release()
+    try:
+      self.release()
+    except Exception as e:  # noqa: BLE001 - whatever it is, the error already on its way out says more
+      if exc is None:
+        raise
+      logging.error("could not release %s (%s); it runs out by itself within %g s", self.path, e, self.ttl_seconds)
 
   def _renew_until_stopped(self):
     while not self._stop.wait(self.ttl_seconds / 3):
       try:
         self.renew()
       except LeaseLost as e:
-        logging.error("%s; stopped renewing it", e)
+        logging.error("%s; stopped renewing it, and this process changes nothing more", e)
         return
       except storage.StorageError as e:  # a flaky bucket: try again at the next interval
         logging.warning("could not renew %s (%s); trying again", self.path, e)
+
+
+def _left(held, written, now):
+  """Seconds until the lease held runs out by the storage's clock: its ttl from when the storage
+  wrote it. A record without one (written by hand, or by an older trainer) says when it expires."""
+  ttl = held.get("ttl")
+  if isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+    return written + ttl - now
+  return held.get("expires", 0) - now
 
 
 def _parse_lease(data):
@@ -260,17 +387,26 @@ def _utc(epoch_seconds):
 
 
 def append_history(serving_dir, entry):
-  """Adds entry as the last line of `<serving_dir>/history.jsonl`. Read, extended and written
-  whole (storage.write_text: a reader sees the old file or the new one; gs:// has no append),
-  so call it holding the Lease: two unguarded writers would lose one of the lines."""
+  """Adds entry as the last line of `<serving_dir>/history.jsonl`, unless a line of the same
+  entry["run"] is there already (a retry of a run killed after recording it); True if it wrote.
+  Read, extended and written whole (gs:// has no append), only if nobody wrote in between (else
+  read again): call it holding the Lease, but a writer that lost it unknowingly loses no line."""
   path = storage.join(serving_dir, HISTORY)
-  try:
-    text = storage.read_text(path)
-  except FileNotFoundError:
-    text = ""
-  if text and not text.endswith("\n"):
-    text += "\n"
-  storage.write_text(path, text + json.dumps(entry, sort_keys=True) + "\n")
+  for _ in range(5):
+    try:
+      data, token = storage.read_with_token(path)
+      text = data.decode("utf-8")
+    except FileNotFoundError:
+      text, token = "", None
+    if entry.get("run") is not None and any(e.get("run") == entry["run"] for e in _entries(text, path)):
+      logging.info("%s: this run is recorded already", path)
+      return False
+    if text and not text.endswith("\n"):
+      text += "\n"
+    data = (text + json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    if storage.create_exclusive(path, data) if token is None else storage.replace_if_unchanged(path, data, token):
+      return True
+  raise storage.StorageError(f"{path}: changed during each of 5 attempts to add a line; is something rewriting it?")
 
 
 def read_history(serving_dir):
@@ -278,11 +414,15 @@ def read_history(serving_dir):
   that is not a JSON object (edited by hand) is skipped with a warning naming it."""
   path = storage.join(serving_dir, HISTORY)
   try:
-    lines = storage.read_text(path).splitlines()
+    text = storage.read_text(path)
   except FileNotFoundError:
     return []
+  return _entries(text, path, warn=True)
+
+
+def _entries(text, path, warn=False):
   entries = []
-  for number, line in enumerate(lines, 1):
+  for number, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -290,7 +430,8 @@ def read_history(serving_dir):
     except ValueError:
       entry = None
     if not isinstance(entry, dict):
-      logging.warning("%s:%d: not a JSON object; skipped", path, number)
+      if warn:
+        logging.warning("%s:%d: not a JSON object; skipped", path, number)
       continue
     entries.append(entry)
   return entries

@@ -522,3 +522,80 @@ def _root_cause(error):
 def _first_line(error):
   text = str(error).strip()
   return text.splitlines()[0] if text else type(error).__name__
+
+
+# The storage's own clock, for a lease whose expiry must not depend on which host judges it: a
+# file's modification time is set by the storage (the file server, Cloud Storage), not the writer.
+
+
+def read_stamped(path):
+  """(contents, token, modification time in epoch seconds by the storage's clock) of one version of
+  a file, as read_with_token's; FileNotFoundError when it is missing."""
+  if not is_remote(path):
+    for _ in range(5):
+      with _translated(path, "read"):
+        before = os.stat(path).st_mtime_ns
+        data = read_bytes(path)
+        if os.stat(path).st_mtime_ns == before:  # not replaced while it was read
+          return data, data, before / 1e9
+    raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
+  from google.api_core import exceptions
+  bucket, key = _split(path)
+  for _ in range(5):
+    with _translated(path, "read"):
+      blob = _bucket(bucket).get_blob(key, **_call())
+      if blob is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+      generation, updated = blob.generation, blob.updated  # before the download resets them
+      if not generation or updated is None:
+        raise StorageError(f"{path}: the storage did not say the object's generation and time; cannot judge it")
+      try:
+        return blob.download_as_bytes(if_generation_match=generation, **_call()), generation, updated.timestamp()
+      except (exceptions.PreconditionFailed, exceptions.NotFound):
+        continue
+  raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
+
+
+def store_time(probe):
+  """The storage's current time (epoch seconds): the modification time of probe, written now.
+  Locally probe is touched and left (give a file that stays anyway, such as a lock); on gs:// it
+  is uploaded empty and removed."""
+  if not is_remote(probe):
+    with _translated(probe, "write"):
+      os.makedirs(os.path.dirname(os.path.abspath(probe)), exist_ok=True)
+      os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
+      os.utime(probe)  # the file server's now, also over NFS
+      return os.stat(probe).st_mtime_ns / 1e9
+  from google.api_core import exceptions
+  bucket, key = _split(probe)
+  with _translated(probe, "write"):
+    blob = _bucket(bucket).blob(key)
+    blob.upload_from_string(b"", **_call())
+    updated = blob.updated
+    with contextlib.suppress(exceptions.NotFound):
+      blob.delete(**_call())
+  if updated is None:
+    raise StorageError(f"{probe}: the storage did not say when the object was written; cannot read its clock")
+  return updated.timestamp()
+
+
+def copy_file(source, dest):
+  """Copies one file within the storage: a server-side copy on gs:// (nothing goes through this
+  host), a plain copy locally. FileNotFoundError when source is missing."""
+  if not is_remote(source):
+    with _translated(dest, "write"):
+      os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+      shutil.copy2(source, dest)
+    return
+  from google.api_core import exceptions
+  (bucket, key), (dest_bucket, dest_key) = _split(source), _split(dest)
+  with _translated(dest, "write"):
+    try:
+      _bucket(bucket).copy_blob(_bucket(bucket).blob(key), _bucket(dest_bucket), dest_key, **_call())
+    except exceptions.NotFound:
+      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source) from None
+
+
+def upload_file(source, dest):
+  """Copies the local file source to dest (local or gs://), as one upload on gs://."""
+  _upload(source, dest)
