@@ -14,6 +14,7 @@ import errno
 import fnmatch
 import functools
 import glob as globbing
+import hashlib
 import os
 import posixpath
 import secrets
@@ -133,6 +134,42 @@ def list_files(path):
   with _translated(path, "list"):
     names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
   return sorted(n for n in names if n and not n.endswith("/"))
+
+
+def list_sizes(path):
+  """{relative posix path: size in bytes} of every file below a folder, from one listing on
+  gs://; {} when there is no such folder."""
+  if not is_remote(path):
+    with _translated(path, "list"):
+      return {name: os.path.getsize(os.path.join(path, *name.split("/"))) for name in list_files(path)}
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "list"):
+    return {blob.name[len(prefix):]: blob.size for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())
+            if blob.name[len(prefix):] and not blob.name.endswith("/")}
+
+
+def stat(path):
+  """What identifies one version of a file: {"size", "modified" (UTC, ISO), "checksum"} and on
+  gs:// "generation". The checksum is the object's crc32c on gs:// (kept by the storage) and a
+  sha256 of the contents locally (which reads the whole file). FileNotFoundError when missing."""
+  import datetime
+  if not is_remote(path):
+    with _translated(path, "read"):
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+        info = os.fstat(f.fileno())
+    modified = datetime.datetime.fromtimestamp(info.st_mtime, datetime.timezone.utc)
+    return {"size": info.st_size, "modified": modified.isoformat(timespec="seconds"),
+            "checksum": "sha256:" + digest.hexdigest()}
+  bucket, key = _split(path)
+  with _translated(path, "read"):
+    blob = _bucket(bucket).get_blob(key, **_call())
+  if blob is None:
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+  return {"size": blob.size, "modified": blob.updated.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "checksum": f"crc32c:{blob.crc32c}", "generation": blob.generation}
 
 
 def remove(path, first=()):
