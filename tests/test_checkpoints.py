@@ -6,13 +6,14 @@ import logging
 import os
 import re
 import shutil
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from trainer import storage
-from trainer.checkpoints import Checkpoints
+from trainer.checkpoints import Checkpoints, data_change, data_fingerprint
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
@@ -225,3 +226,44 @@ def test_a_check_refuses_a_checkpoint_before_its_variables_are_read(root):
       raise UserError("another model")
   with pytest.raises(UserError, match="^another model$"):
     other.restore_latest(check)
+
+
+def test_data_fingerprints_of_files_folders_and_globs(storage_root):
+  def at(*names):
+    return storage.join(storage_root, *names)
+  for name in ("images/cat/1.png", "images/dog/2.png", "shards/train-0.tfrecord", "shards/other.txt"):
+    storage.write_bytes(at(*name.split("/")), name.encode())
+  storage.write_text(at("test.csv"), "a,y\n1,2\n")
+
+  def fingerprints(data, test_data=None):
+    return data_fingerprint(types.SimpleNamespace(data=data, test_data=test_data), {"split": {"test": {"rows": 1}}})
+
+  before = fingerprints(at("images"), at("test.csv"))
+  assert before["data"]["files"] == 2 and before["test_data"]["rows"] == 1
+  storage.write_text(at("test.csv"), "a,y\n1,2\n")  # rewritten, the same bytes
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))) is None
+  storage.write_text(at("test.csv"), "a,y\n1,3\n")  # the same size, other contents
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))).startswith(
+      f"--test_data={at('test.csv')} changed since the checkpoint was written (")
+  storage.write_bytes(at("images", "dog", "3.png"), b"new")
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))).startswith(
+      f"--data={at('images')} changed since the checkpoint was written (files 2 -> 3, bytes 32 -> 35")
+
+  shards = fingerprints(at("shards", "train-*.tfrecord"))
+  storage.write_bytes(at("shards", "other.txt"), b"not a shard, whatever it holds")
+  assert data_change(shards, fingerprints(at("shards", "train-*.tfrecord"))) is None
+  storage.write_bytes(at("shards", "train-1.tfrecord"), b"another shard")
+  assert "files 1 -> 2" in data_change(shards, fingerprints(at("shards", "train-*.tfrecord")))
+  assert fingerprints(None) == {} and fingerprints("tfds:cifar10") == {}
+  assert data_change(None, before) is None  # a checkpoint written before fingerprints
+
+
+def test_storage_stat_tells_versions_apart(storage_root):
+  path = storage.join(storage_root, "data.csv")
+  storage.write_text(path, "a\n1\n")
+  first = storage.stat(path)
+  assert first["size"] == 4 and first["checksum"].startswith("crc32c:" if storage.is_remote(path) else "sha256:")
+  storage.write_text(path, "a\n2\n")
+  assert storage.stat(path)["checksum"] != first["checksum"]
+  with pytest.raises(FileNotFoundError):
+    storage.stat(storage.join(storage_root, "missing.csv"))
