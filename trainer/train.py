@@ -112,7 +112,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
 
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
-                            info={"config": config.resume_identity(), "data": data_fingerprint(config, prepared.summary)})
+                            info={"config": config.resume_identity(),
+                                  "data": data_fingerprint(config, prepared.summary)})
   state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
   warm_started = _warm_start(config, strategy, model, saved, warm_start)
   checkpoints.info["warm_start"] = warm_started
@@ -205,7 +206,7 @@ def _resume(config, checkpoints, model, optimizer, strategy):
   if restored is None:
     logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
     return None, None, None, None
-  step, saved, best_weights = restored
+  _, saved, best_weights = restored
   folder = checkpoints.restored
   state = _loop_state(saved, folder)
   replicas = strategy.num_replicas_in_sync
