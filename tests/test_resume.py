@@ -342,7 +342,7 @@ def test_data_rewritten_since_the_checkpoint_is_refused(prices, storage_root):
   assert "Traceback" not in changed.stderr
 
   # A checkpoint written before data fingerprints resumes as it did.
-  folder = storage.join(job_dir, "checkpoints", "ckpt-30")
+  folder = storage.join(job_dir, "checkpoints", complete_checkpoints(job_dir)[-1])
   state = json.loads(storage.read_text(storage.join(folder, "state.json")))
   del state["data"]
   storage.write_text(storage.join(folder, "state.json"), json.dumps(state))
