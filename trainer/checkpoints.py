@@ -126,18 +126,20 @@ class Checkpoints:
       with open(f"{staging}/{STATE}", "w") as f:
         json.dump({**self.info, **state}, f, indent=1)
       if self.publish:
-        self._publish(step, staging)
-        self._prune(step)  # only now: publish_dir returns once the new checkpoint is on disk
+        folders = self._complete_folders()  # one listing for both: on gs:// each is a request
+        self._publish(step, staging, folders.get(step, []))
+        folders[step] = [f"ckpt-{step}"]
+        self._prune(step, folders)  # only now: publish_dir returns once the new checkpoint is on disk
     finally:
       shutil.rmtree(staging, ignore_errors=True)
 
-  def _publish(self, step, staging):
-    """Publishes staging as ckpt-<step>. The same step saved again (the end of training right
-    after an every-N-steps save, a signal at an epoch's end) must never leave that step without
-    a complete copy, which with --keep_checkpoints=1 is the only checkpoint: the new copy goes
-    beside the old as ckpt-<step>.new first, then replaces the old, then the .new copy goes."""
+  def _publish(self, step, staging, complete):
+    """Publishes staging as ckpt-<step>; complete: the names of that step's complete folders. The
+    same step saved again (the end of training right after an every-N-steps save, a signal at an
+    epoch's end) must never leave that step without a complete copy, which with
+    --keep_checkpoints=1 is the only checkpoint: the new copy goes beside the old as
+    ckpt-<step>.new first, then replaces the old, then the .new copy goes."""
     main, aside = f"ckpt-{step}", f"ckpt-{step}.new"
-    complete = self._complete_folders().get(step, [])
     if main in complete:
       if aside not in complete:
         storage.publish_dir(staging, storage.join(self.directory, aside), last=(STATE,))
@@ -157,8 +159,8 @@ class Checkpoints:
       if _NAME.fullmatch(name) or name.startswith(".tmp-"):
         self._remove(name)
 
-  def _prune(self, newest):
-    folders = self._complete_folders()
+  def _prune(self, newest, folders):
+    """Removes what is not among the newest `keep` checkpoints; folders: _complete_folders()."""
     kept = set(sorted(folders)[-self.keep:])
     complete = {name for names in folders.values() for name in names}
     for name in storage.list_dir(self.directory):
