@@ -1,14 +1,19 @@
 """trainer.checkpoints on a local folder and on the real storage emulator."""
 
+import builtins
+import errno
 import logging
 import os
+import re
+import shutil
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from trainer import storage
-from trainer.checkpoints import Checkpoints
+from trainer.checkpoints import Checkpoints, data_change, data_fingerprint
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
@@ -114,3 +119,155 @@ def test_non_chief_workers_write_nothing(tmp_path):
   model, optimizer, _ = make(str(tmp_path))
   Checkpoints(str(tmp_path / "c"), model, optimizer, publish=False).save(1, {}, None)
   assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_checkpoint_is_on_disk_before_older_ones_are_pruned(tmp_path, monkeypatch):
+  """A power loss cannot be pulled in a test; the order of the calls that make it survivable can be
+  recorded: every file and folder of the copy fsynced before its rename, the parent after it, and
+  no older checkpoint removed before that."""
+  root = str(tmp_path / "checkpoints")
+  model, optimizer, checkpoints = make(root, keep=1)
+  checkpoints.save(1, {"n": 1}, None)
+  events = []
+  fsync, rename, unlink, rmtree = os.fsync, os.rename, os.unlink, shutil.rmtree
+  monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                               fsync(fd)))
+  monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", a, b)), rename(a, b)))
+  monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (events.append(("remove", str(p))), unlink(p, *a, **k)))
+  monkeypatch.setattr(os, "remove", os.unlink)
+  monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("remove", str(p))), rmtree(p, *a, **k)))
+  checkpoints.save(2, {"n": 2}, None)
+  [at] = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == os.path.join(root, "ckpt-2")]
+  temp = events[at][1]
+  files = {os.path.join(temp, name) for name in os.listdir(os.path.join(root, "ckpt-2"))}
+  synced = {e[1] for e in events[:at] if e[0] == "fsync"}
+  assert files | {temp} <= synced, sorted(files | {temp} - synced)
+  parent = events.index(("fsync", root))
+  assert parent > at
+  pruned = [i for i, e in enumerate(events) if e[0] == "remove" and "ckpt-1" in e[1]]
+  assert pruned and min(pruned) > parent, events
+  assert storage.list_dir(root) == ["ckpt-2"]
+
+
+def test_a_pruned_checkpoint_loses_its_marker_first(root, monkeypatch):
+  """A prune killed half way must not leave a marker beside part of the data (on gs:// objects
+  were deleted in name order: state.json last)."""
+  model, optimizer, checkpoints = make(root, keep=1)
+  checkpoints.save(1, {"n": 1}, None)
+  removed = []
+  if storage.is_remote(root):
+    from google.cloud.storage import Blob
+    delete = Blob.delete
+    monkeypatch.setattr(Blob, "delete", lambda self, *a, **k: (removed.append(self.name), delete(self, *a, **k)))
+  else:
+    unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (removed.append(str(p)), unlink(p, *a, **k)))
+    monkeypatch.setattr(os, "remove", os.unlink)
+  checkpoints.save(2, {"n": 2}, None)
+  removed = [name for name in removed if "ckpt-1" in name]
+  assert removed and removed[0].endswith("ckpt-1/state.json"), removed
+  assert checkpoints.complete() == [2]
+
+
+def test_the_same_step_saved_again_replaces_it(root):
+  model, optimizer, checkpoints = make(root, keep=1)
+  checkpoints.save(5, {"n": 1}, None)
+  checkpoints.save(5, {"n": 2}, None)
+  assert storage.list_dir(root) == ["ckpt-5"]
+  assert make(root)[2].restore_latest()[1]["n"] == 2
+  # As a save killed after its first copy leaves it: the .new copy is the newer one, and read first.
+  storage.publish_dir(storage.local_path(storage.join(root, "ckpt-5")), storage.join(root, "ckpt-5.new"),
+                      last=("state.json",))
+  storage.write_text(storage.join(root, "ckpt-5.new", "state.json"), '{"config": {"model": "gru"}, "n": 3}')
+  again = make(root)[2]
+  assert again.complete() == [5] and again.restore_latest()[1]["n"] == 3
+  assert again.restored == storage.join(root, "ckpt-5.new")
+  again.save(5, {"n": 4}, None)
+  assert storage.list_dir(root) == ["ckpt-5"]
+  assert make(root)[2].restore_latest()[1]["n"] == 4
+
+
+def test_folder_names_with_other_digits_are_not_checkpoints(tmp_path):
+  root = str(tmp_path)
+  storage.write_text(os.path.join(root, "ckpt-\u0663", "state.json"), "{}")  # ARABIC-INDIC DIGIT THREE
+  model, optimizer, checkpoints = make(root)
+  assert checkpoints.complete() == [] and checkpoints.restore_latest() is None
+  checkpoints.save(1, {"n": 1}, None)
+  checkpoints.remove_all()
+  assert storage.list_dir(root) == ["ckpt-\u0663"]
+
+
+@pytest.mark.parametrize("name", ["state.json", "best.npz", "ckpt.data-00000-of-00001"])
+def test_a_read_error_is_a_storage_failure_not_a_corrupt_checkpoint(tmp_path, monkeypatch, name):
+  root = str(tmp_path)
+  model, optimizer, checkpoints = make(root)
+  checkpoints.save(1, {"n": 1}, None)
+  checkpoints.save(2, {"n": 2}, None)
+  failing = os.path.join(root, "ckpt-2", name)
+  if name.startswith("ckpt."):
+    # TensorFlow reads its files itself and says only that it failed: let it fail (a short read),
+    # and the OS refuse the same file to Python, as an NFS server answering EIO refuses both.
+    storage.write_bytes(failing, storage.read_bytes(failing)[:100])
+  real_open = builtins.open
+
+  def open_with_eio(file, *args, **kwargs):  # an NFS server that answers EIO for one file
+    if str(file) == failing:
+      raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+    return real_open(file, *args, **kwargs)
+  monkeypatch.setattr(builtins, "open", open_with_eio)
+  with pytest.raises(StorageError, match=rf"^cannot read {re.escape(failing)}: Input/output error$"):
+    make(root)[2].restore_latest()
+
+
+def test_a_check_refuses_a_checkpoint_before_its_variables_are_read(root):
+  model, optimizer, checkpoints = make(root)
+  checkpoints.save(1, {"n": 1}, None)
+  dense = MODELS["dense"]((5,))
+  other = Checkpoints(root, dense, OPTIMIZERS["dense"](1e-3))
+
+  def check(state):
+    if state["config"]["model"] != "dense":
+      raise UserError("another model")
+  with pytest.raises(UserError, match="^another model$"):
+    other.restore_latest(check)
+
+
+def test_data_fingerprints_of_files_folders_and_globs(storage_root):
+  def at(*names):
+    return storage.join(storage_root, *names)
+  for name in ("images/cat/1.png", "images/dog/2.png", "shards/train-0.tfrecord", "shards/other.txt"):
+    storage.write_bytes(at(*name.split("/")), name.encode())
+  storage.write_text(at("test.csv"), "a,y\n1,2\n")
+
+  def fingerprints(data, test_data=None):
+    return data_fingerprint(types.SimpleNamespace(data=data, test_data=test_data), {"split": {"test": {"rows": 1}}})
+
+  before = fingerprints(at("images"), at("test.csv"))
+  assert before["data"]["files"] == 2 and before["test_data"]["rows"] == 1
+  storage.write_text(at("test.csv"), "a,y\n1,2\n")  # rewritten, the same bytes
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))) is None
+  storage.write_text(at("test.csv"), "a,y\n1,3\n")  # the same size, other contents
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))).startswith(
+      f"--test_data={at('test.csv')} changed since the checkpoint was written (")
+  storage.write_bytes(at("images", "dog", "3.png"), b"new")
+  assert data_change(before, fingerprints(at("images"), at("test.csv"))).startswith(
+      f"--data={at('images')} changed since the checkpoint was written (files 2 -> 3, bytes 32 -> 35")
+
+  shards = fingerprints(at("shards", "train-*.tfrecord"))
+  storage.write_bytes(at("shards", "other.txt"), b"not a shard, whatever it holds")
+  assert data_change(shards, fingerprints(at("shards", "train-*.tfrecord"))) is None
+  storage.write_bytes(at("shards", "train-1.tfrecord"), b"another shard")
+  assert "files 1 -> 2" in data_change(shards, fingerprints(at("shards", "train-*.tfrecord")))
+  assert fingerprints(None) == {} and fingerprints("tfds:cifar10") == {}
+  assert data_change(None, before) is None  # a checkpoint written before fingerprints
+
+
+def test_storage_stat_tells_versions_apart(storage_root):
+  path = storage.join(storage_root, "data.csv")
+  storage.write_text(path, "a\n1\n")
+  first = storage.stat(path)
+  assert first["size"] == 4 and first["checksum"].startswith("crc32c:" if storage.is_remote(path) else "sha256:")
+  storage.write_text(path, "a\n2\n")
+  assert storage.stat(path)["checksum"] != first["checksum"]
+  with pytest.raises(FileNotFoundError):
+    storage.stat(storage.join(storage_root, "missing.csv"))

@@ -270,3 +270,81 @@ def test_a_job_folder_of_another_job_is_refused(tmp_path):
   assert code == 2
   assert other.last_line() == (f"trainer: error: {job_dir}/checkpoints holds checkpoints of another job: --seed was "
                                "42, now 7; use another --job_dir, or --restart to discard them")
+
+
+def test_the_same_step_saved_again_and_killed_half_way_leaves_a_checkpoint_to_resume_from(storage_root):
+  """An epoch of 200 steps with --checkpoint_every_steps=200 saves step 200 twice (every 200 steps,
+  then at the end of training). Killed while the second copy is published, over the first,
+  with --keep_checkpoints=1: a complete step 200 must be left, and the next run resume from it."""
+  job_dir = f"{storage_root}/twice"
+  flags = ["--checkpoint_every_steps=200", "--keep_checkpoints=1"]
+  # Stalled where the second copy of ckpt-200 becomes complete: its rename locally, its state.json on gs://.
+  job = Job(dense_flags(job_dir, "--epochs=1", *flags),
+            command=stalled("trainer.task", rename=r"/ckpt-200$", upload=r"/ckpt-200/state\.json$", skip=1))
+  job.wait_for("STALLED")
+  job.process.send_signal(signal.SIGKILL)
+  assert job.finish() == -signal.SIGKILL
+  folder = storage.join(job_dir, "checkpoints")
+  assert any(storage.exists(storage.join(folder, name, "state.json")) for name in storage.list_dir(folder)), \
+      storage.list_dir(folder)
+
+  code, rerun = run(dense_flags(job_dir, "--epochs=2", *flags))
+  assert code == 0, rerun.stderr[-3000:]
+  assert "training from the start" not in rerun.stderr
+  assert re.search(r"resuming from \S+/ckpt-200(\.new)?: 1 epochs done, 0 steps into epoch 2", rerun.stderr)
+  assert storage.list_dir(folder) == ["ckpt-400"]
+
+
+def test_a_checkpoint_of_another_model_or_precision_is_refused_by_its_flags(tmp_path):
+  job_dir = str(tmp_path / "job")
+  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+  for flag, was, now in [("--model=gru", "'dense'", "'gru'"), ("--mixed_precision", "False", "True")]:
+    code, other = run(dense_flags(job_dir, "--epochs=1") + [flag])
+    assert code == 2, other.stderr[-3000:]
+    name = flag[2:].split("=")[0]
+    assert other.last_line() == (f"trainer: error: {job_dir}/checkpoints holds checkpoints of another job: --{name} "
+                                 f"was {was}, now {now}; use another --job_dir, or --restart to discard them")
+
+
+def test_a_checkpoint_of_an_older_layout_resumes(tmp_path):
+  job_dir = str(tmp_path / "job")
+  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+  path = storage.join(job_dir, "checkpoints", "ckpt-200", "state.json")
+  state = json.loads(storage.read_text(path))
+  for name in ("partial", "num_replicas", "data"):  # fields added since, and no data fingerprint
+    state.pop(name, None)
+  storage.write_text(path, json.dumps(state))
+  code, resumed = run(dense_flags(job_dir, "--epochs=2"))
+  assert code == 0, resumed.stderr[-3000:]
+  assert re.search(r"checkpoint \S+ckpt-200 is of an older layout without partial, num_replicas: taking their "
+                   "defaults", resumed.stderr)
+  assert report(job_dir)["resumed_from"]["global_step"] == 200
+
+
+def test_data_rewritten_since_the_checkpoint_is_refused(prices, storage_root):
+  data = f"{storage_root}/prices.csv"
+  storage.write_bytes(data, storage.read_bytes(prices))
+  job_dir = f"{storage_root}/nightly"
+  assert run(gru_flags(data, job_dir, "--epochs=1"))[0] == 0
+  storage.write_bytes(data, storage.read_bytes(prices))  # rewritten, the same rows: still the same data
+  code, same = run(gru_flags(data, job_dir, "--epochs=1"))
+  assert code == 0 and "resuming from" in same.stderr, same.stderr[-3000:]
+
+  rows = pd.read_csv(prices)
+  extra = pd.DataFrame({"Date": ["2012-09-10"], "Close": [rows.Close.iloc[-1] * 1.01]})
+  storage.write_text(data, pd.concat([rows, extra]).to_csv(index=False))  # a nightly ETL added a day
+  code, changed = run(gru_flags(data, job_dir, "--epochs=2"))
+  assert code == 2, changed.stderr[-3000:]
+  line = changed.last_line()
+  assert line.startswith(f"trainer: error: --data={data} changed since the checkpoint was written (rows 700 -> 701, "
+                         f"last {rows.Date.iloc[-1]} -> 2012-09-10, size "), line
+  assert line.endswith("; use --restart to train from scratch on the new data, or another --job_dir"), line
+  assert "Traceback" not in changed.stderr
+
+  # A checkpoint written before data fingerprints resumes as it did.
+  folder = storage.join(job_dir, "checkpoints", complete_checkpoints(job_dir)[-1])
+  state = json.loads(storage.read_text(storage.join(folder, "state.json")))
+  del state["data"]
+  storage.write_text(storage.join(folder, "state.json"), json.dumps(state))
+  code, old = run(gru_flags(data, job_dir, "--epochs=1"))
+  assert code == 0 and "resuming from" in old.stderr, old.stderr[-3000:]

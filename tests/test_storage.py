@@ -224,3 +224,82 @@ def test_list_files_lists_every_file_below_in_one_go(base):
     storage.write_text(storage.join(base, *name.split("/")), name)
   assert storage.list_files(base) == ["a/b/y.txt", "a/x.txt", "z.txt"]
   assert storage.list_files(storage.join(base, "a")) == ["b/y.txt", "x.txt"]
+
+
+def test_local_publish_is_durable_before_it_returns(tmp_path, monkeypatch):
+  """Every file and folder of the copy reaches the disk before the rename, the rename itself (the
+  parent folder) after it: a caller that deletes older copies once publish_dir returns cannot be
+  left with nothing but empty files after a power loss."""
+  source = write_tree(str(tmp_path / "export"), TREE)
+  dest = str(tmp_path / "models" / "1")
+  events = []
+  fsync, rename = os.fsync, os.rename
+  monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                               fsync(fd)))
+  monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", a, b)), rename(a, b)))
+  storage.publish_dir(source, dest, last=("state.json",))
+  [at] = [i for i, event in enumerate(events) if event[0] == "rename"]
+  temp = events[at][1]
+  synced_before = {path for kind, path, *_ in events[:at] if kind == "fsync"}
+  copied = {os.path.join(temp, *name.split("/")) for name in TREE}
+  folders = {temp, os.path.join(temp, "sub"), os.path.join(temp, "sub", "deeper")}
+  assert copied | folders <= synced_before, sorted(copied | folders - synced_before)
+  assert ("fsync", os.path.dirname(dest)) in events[at + 1:]
+  assert read_tree(dest) == TREE
+
+
+def test_a_removal_deletes_the_markers_first(base, monkeypatch):
+  for name in ("a.txt", "b/c.txt", "state.json", "z.txt"):
+    storage.write_bytes(storage.join(base, "ckpt", *name.split("/")), b"1")
+  removed = []
+  if storage.is_remote(base):
+    from google.cloud.storage import Blob
+    delete = Blob.delete
+    monkeypatch.setattr(Blob, "delete", lambda self, *a, **k: (removed.append(self.name.split("/ckpt/")[1]),
+                                                                delete(self, *a, **k)))
+  else:
+    unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (removed.append(os.path.relpath(p, f"{base}/ckpt")
+                                                                         if isinstance(p, str) else p),
+                                                          unlink(p, *a, **k)))
+    monkeypatch.setattr(os, "remove", os.unlink)
+  storage.remove(storage.join(base, "ckpt"), first=("state.json",))
+  assert removed[0] == "state.json", removed
+  assert storage.list_dir(base) == []
+
+
+def test_an_object_removed_during_a_download_is_a_storage_error_naming_it(gcs_bucket, tmp_path, monkeypatch):
+  for name, data in TREE.items():
+    storage.write_bytes(storage.join(gcs_bucket, "run", *name.split("/")), data)
+  from google.cloud.storage import Blob
+  download = Blob.download_to_filename
+
+  def download_after_a_prune(self, *args, **kwargs):
+    # Another process removes sub/b.bin after it was listed, before it is downloaded (one call).
+    if self.name.endswith("a.txt"):
+      storage.remove(storage.join(gcs_bucket, "run", "sub", "b.bin"))
+    return download(self, *args, **kwargs)
+  monkeypatch.setattr(Blob, "download_to_filename", download_after_a_prune)
+  with pytest.raises(storage.StorageError) as error:
+    storage.download_dir(storage.join(gcs_bucket, "run"), str(tmp_path / "down"))
+  assert str(error.value).startswith(f"{gcs_bucket}/run/sub/b.bin vanished while {gcs_bucket}/run was downloaded")
+  assert "bucket not found" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_storage_timeout_is_a_user_mistake(gcs_bucket, monkeypatch, value):
+  from trainer.config import UserError
+  monkeypatch.setenv("TRAINER_STORAGE_TIMEOUT", value)
+  with pytest.raises(UserError, match=rf"^TRAINER_STORAGE_TIMEOUT='{value}' is not a positive number of seconds; "
+                                      r"set it to one \(e.g. 60, the default\) or unset it$"):
+    storage.read_bytes(storage.join(gcs_bucket, "x"))
+
+
+def test_a_bad_storage_timeout_exits_2(gcs_bucket, tmp_path):
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1",
+                         f"--job_dir={gcs_bucket}/job"], capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "TRAINER_STORAGE_TIMEOUT": "abc"})
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith("trainer: error: TRAINER_STORAGE_TIMEOUT='abc'")

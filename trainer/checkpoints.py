@@ -9,6 +9,9 @@ local folder first and published through trainer.storage: renamed into place loc
 with `state.json` last on gs://. A folder without `state.json` is not a checkpoint.
 """
 
+import fnmatch
+import hashlib
+import io
 import json
 import os
 import re
@@ -23,8 +26,10 @@ from trainer import storage
 from trainer.config import UserError
 
 STATE = "state.json"
-_NAME = re.compile(r"ckpt-(\d+)$")
-_STATE_FILE = re.compile(r"ckpt-(\d+)/" + re.escape(STATE))
+# [0-9], not \d: int() reads non-ASCII digits too, so "ckpt-٣" would pass for ckpt-3. ".new": the
+# second copy of a step saved again (Checkpoints._publish).
+_NAME = re.compile(r"ckpt-([0-9]+)(\.new)?")
+_STATE_FILE = re.compile(r"(ckpt-[0-9]+(?:\.new)?)/" + re.escape(STATE))
 
 
 class Checkpoints:
@@ -37,6 +42,7 @@ class Checkpoints:
   def __init__(self, directory, model, optimizer, keep=3, publish=True, info=None):
     """info: saved in every state.json beside the loop's state (the trainer puts its config there)."""
     self.directory, self.keep, self.publish, self.info = directory, keep, publish, info or {}
+    self.restored = None  # the folder restore_latest read
     # Dropout's random state lives outside model.weights and tf.train.Checkpoint skips it; without
     # it a resumed job would draw other dropout masks than the run it continues.
     weights = {id(w) for w in model.weights}
@@ -46,42 +52,65 @@ class Checkpoints:
   def complete(self):
     """Global steps of the complete checkpoints, oldest first. Raises StorageError when the
     folder cannot be read: an unreachable bucket must never look like a fresh start."""
+    return sorted(self._complete_folders())
+
+  def _complete_folders(self):
+    """{step: names of its complete folders, the one to read first first}: ckpt-G.new, when
+    complete, is as new as ckpt-G or newer (_publish)."""
+    found = {}
     # One listing of every file, not one per checkpoint folder: on gs:// each is a request.
-    return sorted(int(match.group(1)) for match in map(_STATE_FILE.fullmatch, storage.list_files(self.directory))
-                  if match)
+    for match in map(_STATE_FILE.fullmatch, storage.list_files(self.directory)):
+      if match:
+        found.setdefault(int(_NAME.fullmatch(match.group(1)).group(1)), []).append(match.group(1))
+    return {step: sorted(names, reverse=True) for step, names in found.items()}
 
   def path(self, step):
     return storage.join(self.directory, f"ckpt-{step}")
 
-  def restore_latest(self):
+  def restore_latest(self, check=None):
     """Restores the newest checkpoint that reads back whole, falling back to older ones with a
-    warning. Returns (global step, state dict, best weights), or None when there is none."""
-    steps = self.complete()
-    for step in reversed(steps):
-      try:
-        return step, *self._restore(self.path(step))
-      except storage.StorageError:
-        raise  # unreachable is not corrupt: never fall back to an older checkpoint, or to none, for that
-      except Exception as e:  # noqa: BLE001 -- a damaged file fails in TF, NumPy or JSON in many ways
-        reason = str(e).strip().splitlines()[0][:200]
-        logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", self.path(step),
-                        type(e).__name__, reason)
-    if steps:
-      raise UserError(f"none of the {len(steps)} checkpoints in {self.directory} can be read; "
+    warning. Returns (global step, state dict, best weights), or None when there is none; the
+    folder read is self.restored. check(state dict): called with each checkpoint's state.json
+    before its variables are read; it raises (config.UserError) to refuse a checkpoint of another
+    job, which variables of another shape would only report as unreadable."""
+    folders = self._complete_folders()
+    for step in sorted(folders, reverse=True):
+      for name in folders[step]:
+        folder = storage.join(self.directory, name)
+        try:
+          state, best_weights = self._restore(folder, check)
+        except (storage.StorageError, UserError):
+          raise  # unreachable or refused is not corrupt: never fall back to an older checkpoint, or to none
+        except Exception as e:  # noqa: BLE001 -- a damaged file fails in TF, NumPy or JSON in many ways
+          reason = str(e).strip().splitlines()[0][:200]
+          logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", folder,
+                          type(e).__name__, reason)
+          continue
+        self.restored = folder
+        return step, state, best_weights
+    if folders:
+      raise UserError(f"none of the {len(folders)} checkpoints in {self.directory} can be read; "
                       "use --restart to train from scratch, or another --job_dir")
     return None
 
-  def _restore(self, folder):
+  def _restore(self, folder, check=None):
     # A fresh download every time (not storage.local_path's cache): after --restart a checkpoint
     # of the same name holds other weights.
     local = folder if not storage.is_remote(folder) else tempfile.mkdtemp(prefix="trainer-restore-")
     try:
       if local != folder:
         storage.download_dir(folder, local)
-      with open(os.path.join(local, STATE)) as f:
-        state = json.load(f)
-      self._checkpoint.read(os.path.join(local, "ckpt")).assert_existing_objects_matched()
-      with np.load(os.path.join(local, "best.npz")) as best:
+      # Read through storage: an OSError that is not about the contents (EIO on NFS, no
+      # permission) is a StorageError, never a reason to fall back to an older checkpoint.
+      state = json.loads(storage.read_bytes(os.path.join(local, STATE)))
+      if check:
+        check(state)
+      try:
+        self._checkpoint.read(os.path.join(local, "ckpt")).assert_existing_objects_matched()
+      except Exception:
+        _read_every_file(local)  # TF's errors do not say which: a file we cannot read is the storage's fault
+        raise
+      with np.load(io.BytesIO(storage.read_bytes(os.path.join(local, "best.npz")))) as best:
         best_weights = [best[f"arr_{i}"] for i in range(len(best.files))] or None
       return state, best_weights
     finally:
@@ -97,24 +126,115 @@ class Checkpoints:
       with open(f"{staging}/{STATE}", "w") as f:
         json.dump({**self.info, **state}, f, indent=1)
       if self.publish:
-        storage.publish_dir(staging, self.path(step), last=(STATE,))
-        self._prune(step)
+        folders = self._complete_folders()  # one listing for both: on gs:// each is a request
+        self._publish(step, staging, folders.get(step, []))
+        folders[step] = [f"ckpt-{step}"]
+        self._prune(step, folders)  # only now: publish_dir returns once the new checkpoint is on disk
     finally:
       shutil.rmtree(staging, ignore_errors=True)
+
+  def _publish(self, step, staging, complete):
+    """Publishes staging as ckpt-<step>; complete: the names of that step's complete folders. The
+    same step saved again (the end of training right after an every-N-steps save, a signal at an
+    epoch's end) must never leave that step without a complete copy, which with
+    --keep_checkpoints=1 is the only checkpoint: the new copy goes beside the old as
+    ckpt-<step>.new first, then replaces the old, then the .new copy goes."""
+    main, aside = f"ckpt-{step}", f"ckpt-{step}.new"
+    if main in complete:
+      if aside not in complete:
+        storage.publish_dir(staging, storage.join(self.directory, aside), last=(STATE,))
+      self._remove(main)
+    storage.publish_dir(staging, storage.join(self.directory, main), last=(STATE,))
+    if complete:
+      self._remove(aside)
+
+  def _remove(self, name):
+    # The marker first: a removal killed half way must not leave a folder that looks complete.
+    storage.remove(storage.join(self.directory, name), first=(STATE,))
 
   def remove_all(self):
     """Deletes every checkpoint (--restart): left in place, older ones with higher step numbers
     would be taken for the newest at the next resume."""
     for name in storage.list_dir(self.directory):
-      if _NAME.match(name) or name.startswith(".tmp-"):
-        storage.remove(storage.join(self.directory, name))
+      if _NAME.fullmatch(name) or name.startswith(".tmp-"):
+        self._remove(name)
 
-  def _prune(self, newest):
-    kept = set(self.complete()[-self.keep:])
+  def _prune(self, newest, folders):
+    """Removes what is not among the newest `keep` checkpoints; folders: _complete_folders()."""
+    kept = set(sorted(folders)[-self.keep:])
+    complete = {name for names in folders.values() for name in names}
     for name in storage.list_dir(self.directory):
-      match = _NAME.match(name)
+      match = _NAME.fullmatch(name)
       # Below `newest` (just published), anything but the kept checkpoints goes: older complete
       # ones and incomplete leftovers of a killed upload; a hidden .tmp- folder is a killed local copy.
-      old = match and int(match.group(1)) < newest and int(match.group(1)) not in kept
+      old = match and int(match.group(1)) < newest and (int(match.group(1)) not in kept or name not in complete)
       if old or name.startswith(".tmp-"):
-        storage.remove(storage.join(self.directory, name))
+        self._remove(name)
+
+
+def _read_every_file(folder):
+  """Reads every file below a local folder; StorageError for one that cannot be read."""
+  for name in storage.list_files(folder):
+    storage.read_bytes(os.path.join(folder, *name.split("/")))
+
+
+def data_fingerprint(config, summary):
+  """{flag: fingerprint} of --data and --test_data, kept in every state.json: a checkpoint is
+  bound to the data it was trained on, not only to its path. A file: its storage.stat (size,
+  checksum, time); a folder or glob of files: a hash of its listing (names and sizes); with the
+  rows and date range prepare() read (summary), which the message of a change shows. None for
+  built-in data or tfds:NAME (a versioned dataset)."""
+  found = {}
+  for flag in ("data", "test_data"):
+    location = getattr(config, flag)
+    if location and not location.startswith("tfds:"):
+      found[flag] = {"path": location, **_fingerprint(location), **_extent(summary, flag)}
+  return found
+
+
+def data_change(saved, now):
+  """What changed in the data since a checkpoint's fingerprints (`saved`) were taken, as one
+  clause naming the flag and file; None when nothing did or the checkpoint has none (older)."""
+  for flag, before in (saved or {}).items():
+    after = now.get(flag)
+    key = "checksum" if "checksum" in before else "listing"
+    if after is None or key not in before or (before[key], before.get("size")) == (after.get(key), after.get("size")):
+      continue
+    differences = [f"{name} {before[name]} -> {after.get(name)}" for name in _SHOWN
+                   if name in before and before[name] != after.get(name)]
+    return (f"--{flag}={after['path']} changed since the checkpoint was written "
+            f"({', '.join(differences) or 'same size and time, other contents'})")
+  return None
+
+
+# What a data change message shows, when it differs; the checksum or listing hash decides.
+_SHOWN = ("rows", "first", "last", "files", "bytes", "size", "modified", "generation")
+_WILDCARDS = re.compile(r"[*?[]")
+
+
+def _fingerprint(location):
+  if _WILDCARDS.search(location):
+    if storage.is_remote(location):
+      folder, pattern = location.rsplit("/", 1)
+      sizes = {n: s for n, s in storage.list_sizes(folder).items() if "/" not in n and fnmatch.fnmatch(n, pattern)}
+    else:
+      sizes = {path: os.path.getsize(path) for path in storage.glob(location)}
+  elif storage.is_dir(location):
+    sizes = storage.list_sizes(location)
+  else:
+    return storage.stat(location)
+  listing = "".join(f"{name}\t{size}\n" for name, size in sorted(sizes.items()))
+  return {"files": len(sizes), "bytes": sum(sizes.values()), "listing": hashlib.sha256(listing.encode()).hexdigest()}
+
+
+def _extent(summary, flag):
+  """Rows and date range of --data (or rows of --test_data) as the data module read them."""
+  split = summary.get("split", {})
+  if flag == "test_data":
+    rows = split.get("test", {}).get("rows", summary.get("test_images"))
+    return {"rows": rows} if rows is not None else {}
+  extent = {"rows": summary["rows"]} if "rows" in summary else {}
+  dates = [(part["first"], part["last"]) for part in split.values() if "first" in part]
+  if dates:
+    extent.update(first=min(first for first, _ in dates), last=max(last for _, last in dates))
+  return extent

@@ -38,9 +38,10 @@ def output_folders(environ, job_dir, model, **flags):
 
 
 # Flags that must keep their value for a job to resume from its checkpoints (Config.resume_mismatch).
+# --mixed_precision: its optimizer (a LossScaleOptimizer on GPUs) holds other variables.
 RESUME_FIELDS = ("model", "data", "test_data", "target_column", "date_column", "feature_columns", "test_start",
                  "test_days", "window", "batch_size", "seed", "bidirectional", "validation_split", "test_split",
-                 "image_size", "augment")
+                 "image_size", "augment", "mixed_precision")
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -178,10 +179,11 @@ class Config:
     """The first flag whose value differs from `saved` (a checkpoint's config) in a way that makes
     its checkpoints useless or misleading for this job, as (flag, saved value, value), or None.
     --epochs, --patience and --learning_rate may change: going on for longer, or going on with a
-    smaller step after a divergence, is what resuming is for."""
+    smaller step after a divergence, is what resuming is for. A flag that `saved` lacks (a
+    checkpoint written before the flag was part of the identity) is not compared."""
     for name, value in self.resume_identity().items():
-      if value != saved.get(name):
-        return name, saved.get(name), value
+      if name in saved and value != saved[name]:
+        return name, saved[name], value
     return None
 
   @property

@@ -14,12 +14,15 @@ import errno
 import fnmatch
 import functools
 import glob as globbing
+import hashlib
 import os
 import posixpath
 import secrets
 import shutil
 import tempfile
 import threading
+
+from trainer.config import UserError
 
 GS = "gs://"
 _DEFAULT_TIMEOUT = 60
@@ -133,11 +136,52 @@ def list_files(path):
   return sorted(n for n in names if n and not n.endswith("/"))
 
 
-def remove(path):
-  """Removes a file or a folder with everything in it; a missing path is not an error."""
+def list_sizes(path):
+  """{relative posix path: size in bytes} of every file below a folder, from one listing on
+  gs://; {} when there is no such folder."""
+  if not is_remote(path):
+    with _translated(path, "list"):
+      return {name: os.path.getsize(os.path.join(path, *name.split("/"))) for name in list_files(path)}
+  bucket, prefix = _split(_as_folder(path))
+  with _translated(path, "list"):
+    return {blob.name[len(prefix):]: blob.size for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())
+            if blob.name[len(prefix):] and not blob.name.endswith("/")}
+
+
+def stat(path):
+  """What identifies one version of a file: {"size", "modified" (UTC, ISO), "checksum"} and on
+  gs:// "generation". The checksum is the object's crc32c on gs:// (kept by the storage) and a
+  sha256 of the contents locally (which reads the whole file). FileNotFoundError when missing."""
+  import datetime
+  if not is_remote(path):
+    with _translated(path, "read"):
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+        info = os.fstat(f.fileno())
+    modified = datetime.datetime.fromtimestamp(info.st_mtime, datetime.timezone.utc)
+    return {"size": info.st_size, "modified": modified.isoformat(timespec="seconds"),
+            "checksum": "sha256:" + digest.hexdigest()}
+  bucket, key = _split(path)
+  with _translated(path, "read"):
+    blob = _bucket(bucket).get_blob(key, **_call())
+  if blob is None:
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+  return {"size": blob.size, "modified": blob.updated.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "checksum": f"crc32c:{blob.crc32c}", "generation": blob.generation}
+
+
+def remove(path, first=()):
+  """Removes a file or a folder with everything in it; a missing path is not an error. first:
+  files of the folder (relative paths) removed before the rest, in that order: a completion
+  marker, so that a removal killed half way never leaves a marker beside part of the data."""
   if not is_remote(path):
     with _translated(path, "remove"):
       if os.path.isdir(path) and not os.path.islink(path):
+        for name in first:
+          with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, *name.split("/")))
         shutil.rmtree(path)
       elif os.path.lexists(path):
         os.remove(path)
@@ -149,7 +193,8 @@ def remove(path):
   with _translated(path, "remove"):
     # A folder's objects, or else the object itself: no request for a name that is neither.
     names = [blob.name for blob in _bucket(bucket).list_blobs(prefix=key + "/", **_call())] or [key]
-    for name in names:
+    markers = [f"{key}/{name}" for name in first if f"{key}/{name}" in names]
+    for name in markers + [n for n in names if n not in markers]:
       with contextlib.suppress(exceptions.NotFound):
         _bucket(bucket).blob(name).delete(**_call())
 
@@ -262,18 +307,20 @@ def _locked(path):
 def publish_dir(local_dir, dest, last=()):
   """Copies a complete local folder to dest so that a reader never sees part of it.
 
-  Locally the copy is made in a hidden sibling folder and renamed onto dest in one step. On
-  gs:// there is no rename: every file is uploaded and the files named in `last` (relative
-  paths) go at the end in that order, so a reader that waits for them (a completion marker
-  such as state.json) sees everything else already there. An existing dest is removed first:
-  callers publish fresh names, so it can only be the leftover of an interrupted publish.
+  Locally the copy is made in a hidden sibling folder, fsynced (every file and folder), renamed
+  onto dest in one step, and the parent fsynced: once this returns, a power loss leaves the
+  whole folder, so a caller may delete older copies then. On gs:// there is no rename: every
+  file is uploaded and the files named in `last` (relative paths) go at the end in that order,
+  so a reader that waits for them (a completion marker such as state.json) sees everything else
+  already there. An existing dest is removed first (its `last` files first): callers publish
+  fresh names, so it can only be the leftover of an interrupted publish.
   """
   files = _files_below(local_dir)
   missing = [name for name in last if name not in files]
   if missing:
     raise ValueError(f"publish_dir: {missing[0]} (in last) is not a file of {local_dir}")
   if is_remote(dest):
-    remove(dest)
+    remove(dest, first=tuple(reversed(last)))
     for name in [f for f in files if f not in last] + list(last):
       _upload(os.path.join(local_dir, name), join(dest, name))
     return
@@ -281,11 +328,13 @@ def publish_dir(local_dir, dest, last=()):
     temp = _temp_sibling(dest)
     try:
       shutil.copytree(local_dir, temp)
-      remove(dest)
+      _fsync_tree(temp)
+      remove(dest, first=tuple(reversed(last)))
       os.rename(temp, dest)
     except BaseException:
       shutil.rmtree(temp, ignore_errors=True)
       raise
+    _fsync(os.path.dirname(os.path.abspath(dest)))  # the rename itself
 
 
 def download_dir(path, local_dir):
@@ -294,6 +343,7 @@ def download_dir(path, local_dir):
     with _translated(path, "read"):
       shutil.copytree(path, local_dir, dirs_exist_ok=True)
     return
+  from google.api_core import exceptions
   bucket, prefix = _split(_as_folder(path))
   with _translated(path, "read"):
     names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
@@ -305,10 +355,16 @@ def download_dir(path, local_dir):
   for name in names:
     target = os.path.normpath(os.path.join(root, *name.split("/")))
     if not target.startswith(root + os.sep):  # an object named "../x" must not land outside
-      raise StorageError(f"{path}{name}: object name leaves the folder; refusing to download it")
+      raise StorageError(f"{join(path, name)}: object name leaves the folder; refusing to download it")
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    with _translated(path + name, "read"):
-      _bucket(bucket).blob(prefix + name).download_to_filename(target, **_call())
+    with _translated(join(path, name), "read"):
+      try:
+        _bucket(bucket).blob(prefix + name).download_to_filename(target, **_call())
+      except exceptions.NotFound:
+        # Listed a moment ago: removed since (a prune by another process, a lifecycle rule). What
+        # was downloaded is a mix; a retry lists again and sees what is there now.
+        raise StorageError(f"{join(path, name)} vanished while {path} was downloaded (removed by another process "
+                           "or a lifecycle rule?); run again to read what is there now") from None
 
 
 # (local_dir, dest) -> {relative path: (size, mtime_ns)} as of the last sync_dir of that pair.
@@ -382,8 +438,10 @@ def timeout():
     seconds = float(value)
   except ValueError:
     seconds = -1
-  if not seconds > 0:
-    raise StorageError(f"TRAINER_STORAGE_TIMEOUT={value!r} is not a positive number of seconds")
+  if not seconds > 0:  # also NaN
+    # The environment's mistake, not the storage's: retrying (exit 170) would fail the same way.
+    raise UserError(f"TRAINER_STORAGE_TIMEOUT={value!r} is not a positive number of seconds; set it to one "
+                    f"(e.g. {_DEFAULT_TIMEOUT}, the default) or unset it")
   return seconds
 
 
@@ -437,6 +495,23 @@ def _temp_sibling(path):
   folder, name = os.path.split(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   return os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
+
+
+def _fsync_tree(folder):
+  """fsyncs every file and folder below folder (itself included), deepest first."""
+  for root, _, files in os.walk(folder, topdown=False):
+    for name in files:
+      _fsync(os.path.join(root, name))
+    _fsync(root)
+
+
+def _fsync(path):
+  """Flushes a file's data, or a folder's entries, to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _upload(source, dest):

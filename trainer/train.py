@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import distribution, export, hptuning, loop, report, storage
-from trainer.checkpoints import Checkpoints
+from trainer.checkpoints import Checkpoints, data_change, data_fingerprint
 from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
@@ -112,7 +112,8 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
 
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
-                            info={"config": config.resume_identity()})
+                            info={"config": config.resume_identity(),
+                                  "data": data_fingerprint(config, prepared.summary)})
   state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
   warm_started = _warm_start(config, strategy, model, saved, warm_start)
   checkpoints.info["warm_start"] = warm_started
@@ -199,19 +200,15 @@ def _resume(config, checkpoints, model, optimizer, strategy):
       logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
       checkpoints.remove_all()
     return None, None, None, None
-  restored = checkpoints.restore_latest()
+  restored = checkpoints.restore_latest(check=lambda saved: _check_same_job(config, checkpoints, saved))
   step = restored[0] if restored else 0
   _check_same_step(strategy, config.cluster, step)
   if restored is None:
     logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
     return None, None, None, None
-  step, saved, best_weights = restored
-  mismatch = config.resume_mismatch(saved.get("config", {}))
-  if mismatch:
-    name, before, now = mismatch
-    raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "
-                    f"{now!r}; use another --job_dir, or --restart to discard them")
-  state = loop.State(**{f.name: saved[f.name] for f in dataclasses.fields(loop.State)})
+  _, saved, best_weights = restored
+  folder = checkpoints.restored
+  state = _loop_state(saved, folder)
   replicas = strategy.num_replicas_in_sync
   if state.step and state.num_replicas != replicas:
     logging.warning("checkpoint written by %d replicas, resumed on %d in the middle of epoch %d: the rest of "
@@ -223,9 +220,38 @@ def _resume(config, checkpoints, model, optimizer, strategy):
                  config.learning_rate)
     optimizer.learning_rate = config.learning_rate
   logging.info("resuming from %s: %d epochs done, %d steps into epoch %d (global step %d)",
-               checkpoints.path(step), state.epoch, state.step, state.epoch + 1, state.global_step)
-  return state, best_weights, {"checkpoint": checkpoints.path(step), "epoch": state.epoch, "step": state.step,
+               folder, state.epoch, state.step, state.epoch + 1, state.global_step)
+  return state, best_weights, {"checkpoint": folder, "epoch": state.epoch, "step": state.step,
                                "global_step": state.global_step}, saved
+
+
+def _check_same_job(config, checkpoints, saved):
+  """Refuses a checkpoint (its state.json, read before its variables, which would only fail to
+  load as if corrupt) written with other flags or on other data: a file rewritten since (a
+  nightly ETL between a preemption and the retry) would resume on other rows and statistics."""
+  mismatch = config.resume_mismatch(saved.get("config", {}))
+  if mismatch:
+    name, before, now = mismatch
+    raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "
+                    f"{now!r}; use another --job_dir, or --restart to discard them")
+  change = data_change(saved.get("data"), checkpoints.info["data"])  # checkpoints before fingerprints: none
+  if change:
+    raise UserError(f"{change}; use --restart to train from scratch on the new data, or another --job_dir")
+
+
+def _loop_state(saved, folder):
+  """loop.State from a checkpoint's state.json. One of an older layout lacks later fields: they
+  take their defaults (partial: that epoch's loss counts the steps after the resume only)."""
+  fields = [f.name for f in dataclasses.fields(loop.State)]
+  essential = [name for name in ("epoch", "step", "global_step") if name not in saved]
+  if essential:
+    raise UserError(f"{folder}/state.json has no {', '.join(essential)}: a checkpoint layout this version cannot "
+                    "resume; use --restart to train from scratch, or another --job_dir")
+  missing = [name for name in fields if name not in saved]
+  if missing:
+    logging.warning("checkpoint %s is of an older layout without %s: taking their defaults", folder,
+                    ", ".join(missing))
+  return loop.State(**{name: saved[name] for name in fields if name in saved})
 
 
 def _check_same_step(strategy, cluster, step):
