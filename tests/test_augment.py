@@ -92,6 +92,7 @@ def test_pure_flips_equal_tf_image_flips(interpolation):
   np.testing.assert_array_equal(both(flipped(True, True), image), image[::-1, ::-1])
 
 
+@pytest.mark.slow
 def test_flips_alone_give_each_of_the_four_flips():
   image = an_image()
   candidates = {"none": image, "left_right": image[:, ::-1], "up_down": image[::-1], "both": image[::-1, ::-1]}

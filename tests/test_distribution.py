@@ -9,6 +9,8 @@ from trainer import distribution, preemption, train
 from trainer.cluster import Cluster
 from trainer.config import Config, UserError
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 ALONE = Cluster(spec={}, task_type="worker", task_index=0, source="none")
 TWO_WORKERS = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
 

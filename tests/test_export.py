@@ -17,6 +17,8 @@ from trainer import export, preemption, storage
 from trainer.models import MODELS
 from trainer.config import UserError
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 INPUTS = {"dense": "features", "gru": "window", "cnn": "image"}
 
 

@@ -1,11 +1,14 @@
 """A Vertex AI tuning trial reports its metric through cloudml-hypertune, as Vertex AI reads it."""
 
+import pytest
 import json
 import os
 import subprocess
 import sys
 
 from trainer import hptuning
+
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
 
 def test_a_trial_reports_the_kept_epochs_validation_loss(tmp_path):

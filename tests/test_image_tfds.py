@@ -120,6 +120,7 @@ def test_a_failed_download_is_a_storage_error_and_tfds_is_left_as_it_was(tmp_pat
   assert downloader.MAX_RETRIES == retries  # bounded for this download only
 
 
+@pytest.mark.slow
 def test_a_download_without_network_is_one_line_and_exit_170_in_time(tmp_path):
   # Unbounded, TFDS retries for 3.5 minutes, then exits 1 with a chained traceback.
   env = offline(os.environ)

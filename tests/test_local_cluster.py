@@ -183,6 +183,7 @@ def start_and_wait_until_ready(env, count, *args):
   return launcher, [report["pid"] for report in reports(seen).values()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_every_task(cluster_env, signum, code):
   launcher, pids = start_and_wait_until_ready(cluster_env, 3, "--workers=3", "--", "--sleep=60")
@@ -196,6 +197,7 @@ def test_a_signal_stops_every_task(cluster_env, signum, code):
   assert_gone(pids)
 
 
+@pytest.mark.slow
 def test_a_task_that_ignores_sigterm_is_killed_after_the_grace_period(cluster_env):
   launcher, pids = start_and_wait_until_ready(
       cluster_env, 2, "--workers=2", "--grace_seconds=1", "--", "--sleep=60", "--ignore_term=worker_1")
@@ -228,6 +230,7 @@ def readme_command(prefix):
   return shlex.split(line.split("#", 1)[0])
 
 
+@pytest.mark.slow  # three trainer processes
 def test_the_readmes_rehearsal_with_a_chief_trains(tmp_path):
   """The README's three-task rehearsal, exactly, in a fresh folder: its global batch must split
   evenly across the three replicas, or every task exits 2."""

@@ -87,6 +87,7 @@ def odd_batches(model_name):
   return make_dataset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", sorted(SHAPES))
 def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
   # Two replicas of 16: 40 examples are 3 per-replica batches, so the second step gives replica 1 nothing.
@@ -96,6 +97,6 @@ def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
     optimizer = OPTIMIZERS[model_name](1e-3)
     optimizer.build(model.trainable_variables)  # as the trainer does: no variable is created inside a step
   loss = loop.cross_entropy if model_name == "cnn" else loop.squared_error
-  history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 2, 2)
-  assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"] + history["val_loss"]))
-  assert history["global_step"] == 4  # 2 steps an epoch: 32 examples, then 8 on replica 0 alone
+  history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 1, 1)
+  assert np.isfinite(history["loss"] + history["val_loss"]).all()
+  assert history["global_step"] == 2  # 32 examples, then 8 on replica 0 alone

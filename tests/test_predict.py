@@ -16,6 +16,8 @@ from trained_jobs import IMAGE_SIZE, trained
 from trainer import export, storage
 from trainer.data import image_folder, images, tabular, timeseries
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 
 def run_predict(*flags):
   done = subprocess.run([sys.executable, "-m", "trainer.predict", *flags], capture_output=True, text=True,

@@ -16,6 +16,8 @@ from trainer import export, preemption, retraining, serving, storage
 from trainer.config import Config
 from trainer.retraining import PROMOTED, REJECTED
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 # Every test here runs the dense model on conftest's table: seconds per run.
 FLAGS = ["--model=dense", "--target_column=y", "--batch_size=64"]
 

@@ -17,6 +17,8 @@ from trainer.config import Config
 from trainer.data import timeseries
 from trainer.retraining import PROMOTED, REJECTED, decide
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 RMSE = ("rmse", True)
 ACCURACY = ("accuracy", False)
 

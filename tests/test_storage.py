@@ -187,6 +187,7 @@ def test_a_missing_bucket_is_an_error_not_an_empty_folder(gcs_emulator):
       operation("gs://no-such-bucket-x/a/b")
 
 
+@pytest.mark.slow
 def test_a_stopped_emulator_fails_in_time_and_keeps_its_objects(gcs_emulator, gcs_bucket):
   path = storage.join(gcs_bucket, "run", "state.json")
   storage.write_text(path, '{"step": 3}')
@@ -295,6 +296,7 @@ def test_a_bad_storage_timeout_is_a_user_mistake(gcs_bucket, monkeypatch, value)
     storage.read_bytes(storage.join(gcs_bucket, "x"))
 
 
+@pytest.mark.slow
 def test_a_bad_storage_timeout_exits_2(gcs_bucket, tmp_path):
   import subprocess
   import sys

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from processes import wait_for_line
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 
 def run_cli(*flags, cwd, env=None):
   done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=cwd, capture_output=True, text=True,

@@ -15,6 +15,8 @@ from trainer import report, train
 from trainer.config import Config
 from trainer.data import builtin, tabular, timeseries
 
+pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"model", "config", "data", "epochs_run", "best_epoch", "test", "baseline", "history", "weights",
                "parameters", "plots", "wall_time_s"}
