@@ -158,7 +158,8 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(stora
   assert storage.list_dir(folder) == ["ckpt-200", "ckpt-400", "ckpt-600"]  # the half-written one replaced
 
 
-@pytest.mark.parametrize("storage_root", ["local"], indirect=True)  # one kind only: the storage plays no part in where a NaN stops
+# One kind of storage only: the storage plays no part in where a NaN stops.
+@pytest.mark.parametrize("storage_root", ["local"], indirect=True)
 def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(storage_root):
   job_dir = f"{storage_root}/nan"
   code, first = run(dense_flags(job_dir, "--epochs=1"))
@@ -181,7 +182,8 @@ def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(sto
   assert report(job_dir)["resumed_from"] == {"checkpoint": folder, "epoch": 1, "step": 0, "global_step": 200}
 
 
-@pytest.mark.parametrize("storage_root", ["gcs"], indirect=True)  # one kind only: removing checkpoints is what differs on gs://
+# One kind of storage only: removing checkpoints is what differs on gs://.
+@pytest.mark.parametrize("storage_root", ["gcs"], indirect=True)
 def test_restart_discards_the_checkpoints(storage_root):
   job_dir = f"{storage_root}/restart"
   assert run(dense_flags(job_dir, "--epochs=2"))[0] == 0
@@ -239,7 +241,8 @@ def workers(flags):
           for i in range(2)]
 
 
-@pytest.mark.parametrize("storage_root", ["gcs"], indirect=True)  # one kind only: on gs:// as on a cluster: the workers share no disk
+# One kind of storage only: gs://, as on a cluster, where the workers share no disk.
+@pytest.mark.parametrize("storage_root", ["gcs"], indirect=True)
 def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(storage_root):
   job_dir = f"{storage_root}/pair"
   flags = dense_flags(job_dir, "--batch_size=64")
@@ -326,7 +329,8 @@ def test_a_checkpoint_of_an_older_layout_resumes(tmp_path):
   assert report(job_dir)["resumed_from"]["global_step"] == 200
 
 
-@pytest.mark.parametrize("storage_root", ["local"], indirect=True)  # one kind only: gs:// fingerprints: test_checkpoints.py
+# One kind of storage only: the gs:// fingerprint is tested in test_checkpoints.py.
+@pytest.mark.parametrize("storage_root", ["local"], indirect=True)
 def test_data_rewritten_since_the_checkpoint_is_refused(prices, storage_root):
   data = f"{storage_root}/prices.csv"
   storage.write_bytes(data, storage.read_bytes(prices))

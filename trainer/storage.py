@@ -221,24 +221,8 @@ def create_exclusive(path, data):
 def read_with_token(path):
   """(contents, token) of one version of a file, for replace_if_unchanged and
   remove_if_unchanged; FileNotFoundError when it is missing."""
-  if not is_remote(path):
-    data = read_bytes(path)
-    return data, data
-  from google.api_core import exceptions
-  bucket, key = _split(path)
-  for _ in range(5):
-    with _translated(path, "read"):
-      blob = _bucket(bucket).get_blob(key, **_call())
-      if blob is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-      generation = blob.generation  # before the download, which resets it from a response header
-      if not generation:
-        raise StorageError(f"{path}: the storage did not say the object's generation; cannot update it safely")
-      try:
-        return blob.download_as_bytes(if_generation_match=generation, **_call()), generation
-      except (exceptions.PreconditionFailed, exceptions.NotFound):
-        continue  # replaced or removed between the two requests: look again
-  raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
+  data, token, _ = read_stamped(path)
+  return data, token
 
 
 def replace_if_unchanged(path, data, token):
@@ -577,10 +561,10 @@ def _message(error, path, action):
   if isinstance(error, (exceptions.Forbidden, exceptions.Unauthorized)):
     return (f"cannot {action} {path}: permission denied ({_first_line(error)}); give the job's service "
             "account access to the bucket")
-  return f"cannot {action} {path}: {_root_cause(error)} (is the bucket reachable and are credentials set?)"
+  return f"cannot {action} {path}: {root_cause(error)} (is the bucket reachable and are credentials set?)"
 
 
-def _root_cause(error):
+def root_cause(error):
   """The innermost reason (e.g. "Connection refused") of an error wrapped by retries and HTTP."""
   seen, reason = set(), _first_line(error)
   while error is not None and id(error) not in seen:
@@ -588,7 +572,9 @@ def _root_cause(error):
     if isinstance(error, OSError) and error.strerror:
       return error.strerror
     nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
-    error = getattr(error, "cause", None) or error.__cause__ or (nested[0] if nested else None) or error.__context__
+    # google.api_core's `cause`, urllib3's `reason`, then Python's own chain.
+    error = (getattr(error, "cause", None) or getattr(error, "reason", None) or error.__cause__
+             or (nested[0] if nested else None) or error.__context__)
     if error is not None and str(error).strip():
       reason = _first_line(error)
   return reason

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
 
 from trainer.config import UserError
+from trainer import storage
 from trainer.storage import StorageError
 
 USUAL_SPLITS = ("train", "test")
@@ -38,8 +39,8 @@ def load(name, data_dir=None, download=False):
       splits, info = tfds.load(name, data_dir=data_dir, download=download, as_supervised=True, with_info=True)
   except (requests.RequestException, tfds.download.DownloadError) as e:
     # Files already downloaded stay in <data_dir>/downloads: a retry of the job goes on from them.
-    raise StorageError(f"{source}: cannot download it ({_reason(e)}); retry, or prepare it on a machine with "
-                       "internet and point --tfds_data_dir at a copy of its TFDS data folder") from None
+    raise StorageError(f"{source}: cannot download it ({storage.root_cause(e)}); retry, or prepare it on a machine "
+                       "with internet and point --tfds_data_dir at a copy of its TFDS data folder") from None
   except tfds.core.DatasetNotFoundError:
     raise UserError(f"{source}: TFDS has no data set called {name!r}; "
                     "see https://www.tensorflow.org/datasets/catalog for the names") from None
@@ -100,14 +101,3 @@ def _bounded_requests():
   finally:
     downloader.MAX_RETRIES, downloader._open_with_requests = retries, open_with_requests  # noqa: SLF001
 
-
-def _reason(error):
-  """The innermost reason ("Connection refused", "Read timed out") of an error wrapped by retries."""
-  reason, seen = str(error).strip().splitlines()[0][:160], set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.strerror:
-      return error.strerror
-    nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
-    error = getattr(error, "reason", None) or error.__cause__ or (nested[0] if nested else None) or error.__context__
-  return reason
