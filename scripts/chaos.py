@@ -41,6 +41,7 @@ DEFAULT_FLAGS = ["--model=dense", "--epochs=4", "--checkpoint_every_steps=40", "
 STARTED = re.compile(r"model \w+: \d+ parameters")
 RESUMED = re.compile(r"resuming from (\S+): \d+ epochs done")
 SAVED = re.compile(r"checkpoint \S+ saved")
+FRESH = re.compile(r"no checkpoint in \S+: training from the start")
 
 
 def run(flags, job_dir, log_path, kill_after=None, timeout=900):
@@ -92,8 +93,9 @@ def chaos(where, base, flags, kills, rng, scratch):
     kill_after = round(rng.uniform(0, training), 2) if attempt < kills else None
     log_path = os.path.join(scratch, f"{where}-run{attempt}.log")
     code, elapsed, stderr = run(flags, job_dir, log_path, kill_after)
-    resumed = RESUMED.search(stderr)
-    start = f"resumed from {storage.join('...', *resumed.group(1).split('/')[-2:])}" if resumed else "from scratch"
+    resumed, fresh = RESUMED.search(stderr), FRESH.search(stderr)
+    start = (f"resumed from {storage.join('...', *resumed.group(1).split('/')[-2:])}" if resumed else
+             "from scratch" if fresh else "killed before it looked for a checkpoint")
     if kill_after is None:
       what = f"ran to the end (exit {code})"
     elif code == -signal.SIGKILL:
@@ -103,7 +105,7 @@ def chaos(where, base, flags, kills, rng, scratch):
     problems = []
     if "Traceback" in stderr:
       problems.append("printed a traceback")
-    if saved and not resumed:
+    if saved and fresh:
       problems.append("started from scratch although an earlier run had saved a checkpoint")
     saved = saved or bool(SAVED.search(stderr))
     if code not in (0, -signal.SIGKILL):
