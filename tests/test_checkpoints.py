@@ -271,3 +271,26 @@ def test_storage_stat_tells_versions_apart(storage_root):
   assert storage.stat(path)["checksum"] != first["checksum"]
   with pytest.raises(FileNotFoundError):
     storage.stat(storage.join(storage_root, "missing.csv"))
+
+
+def test_the_fingerprint_is_of_the_data_as_it_was_read(table_csv, tmp_path, monkeypatch):
+  """A file rewritten while the job reads it (a nightly ETL landing mid-read) must not be recorded
+  as the data the job trained on: the fingerprint is taken before the read."""
+  import json
+  import types
+  from trainer import train
+  from trainer.config import Config
+  path = table_csv(rows=300)
+  config = Config(model="dense", data=path, target_column="y", epochs=1)
+  read = data_fingerprint(config)["data"]["checksum"]
+  real = train.DATA["dense"]
+
+  def prepare_then_rewritten(config):
+    prepared = real.prepare(config)
+    table_csv(rows=301)  # the same file, rewritten with one row more, after this job read it
+    return prepared
+
+  monkeypatch.setitem(train.DATA, "dense", types.SimpleNamespace(prepare=prepare_then_rewritten))
+  train.train_and_evaluate(config, str(tmp_path / "job"))
+  (state,) = (tmp_path / "job" / "checkpoints").glob("ckpt-*/state.json")
+  assert json.loads(state.read_text())["data"]["data"]["checksum"] == read

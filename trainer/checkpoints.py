@@ -178,7 +178,7 @@ def _read_every_file(folder):
     storage.read_bytes(os.path.join(folder, *name.split("/")))
 
 
-def data_fingerprint(config, summary):
+def data_fingerprint(config, summary=None):
   """{flag: fingerprint} of --data and --test_data, kept in every state.json: a checkpoint is
   bound to the data it was trained on, not only to its path. A file: its storage.stat (size,
   checksum, time); a folder or glob of files: a hash of its listing (names and sizes); with the
@@ -188,8 +188,14 @@ def data_fingerprint(config, summary):
   for flag in ("data", "test_data"):
     location = getattr(config, flag)
     if location and not location.startswith("tfds:"):
-      found[flag] = {"path": location, **_fingerprint(location), **_extent(summary, flag)}
+      found[flag] = {"path": location, **_fingerprint(location), **_extent(summary or {}, flag)}
   return found
+
+
+def with_extent(fingerprint, summary):
+  """A data_fingerprint taken before the data was read, with the rows and date range that
+  prepare() then read (summary)."""
+  return {flag: {**found, **_extent(summary, flag)} for flag, found in fingerprint.items()}
 
 
 def data_change(saved, now):

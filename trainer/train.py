@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import distribution, export, hptuning, loop, report, storage
-from trainer.checkpoints import Checkpoints, data_change, data_fingerprint
+from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
 from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
@@ -92,6 +92,9 @@ def train_and_evaluate(config, job_dir, warm_start=None):
 
 def _train_and_evaluate(config, folders, strategy, distributed, stop, started, warm_start):
   keras.utils.set_random_seed(config.seed)
+  # Before the data is read: a file rewritten while prepare() reads it must not be recorded as the
+  # data this job trained on (a resume would then accept the new file).
+  fingerprint = data_fingerprint(config)
   prepared = DATA[config.model].prepare(config)
   os.makedirs(folders.local, exist_ok=True)
   is_chief = config.cluster.is_chief
@@ -113,7 +116,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
 
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
                             info={"config": config.resume_identity(),
-                                  "data": data_fingerprint(config, prepared.summary)})
+                                  "data": with_extent(fingerprint, prepared.summary)})
   state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
   warm_started = _warm_start(config, strategy, model, saved, warm_start)
   checkpoints.info["warm_start"] = warm_started
