@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import storage
-from trainer.checkpoints import Checkpoints, data_change, data_fingerprint
+from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
@@ -240,7 +240,8 @@ def test_data_fingerprints_of_files_folders_and_globs(storage_root):
   storage.write_text(at("test.csv"), "a,y\n1,2\n")
 
   def fingerprints(data, test_data=None):
-    return data_fingerprint(types.SimpleNamespace(data=data, test_data=test_data), {"split": {"test": {"rows": 1}}})
+    return with_extent(data_fingerprint(types.SimpleNamespace(data=data, test_data=test_data)),
+                       {"split": {"test": {"rows": 1}}})
 
   before = fingerprints(at("images"), at("test.csv"))
   assert before["data"]["files"] == 2 and before["test_data"]["rows"] == 1

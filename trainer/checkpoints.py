@@ -178,23 +178,23 @@ def _read_every_file(folder):
     storage.read_bytes(os.path.join(folder, *name.split("/")))
 
 
-def data_fingerprint(config, summary=None):
+def data_fingerprint(config):
   """{flag: fingerprint} of --data and --test_data, kept in every state.json: a checkpoint is
   bound to the data it was trained on, not only to its path. A file: its storage.stat (size,
-  checksum, time); a folder or glob of files: a hash of its listing (names and sizes); with the
-  rows and date range prepare() read (summary), which the message of a change shows. None for
-  built-in data or tfds:NAME (a versioned dataset)."""
+  checksum, time); a folder or glob of files: a hash of its listing (names and sizes). Taken
+  before the data is read; with_extent adds what was read. None for built-in data or tfds:NAME
+  (a versioned dataset)."""
   found = {}
   for flag in ("data", "test_data"):
     location = getattr(config, flag)
     if location and not location.startswith("tfds:"):
-      found[flag] = {"path": location, **_fingerprint(location), **_extent(summary or {}, flag)}
+      found[flag] = {"path": location, **_fingerprint(location)}
   return found
 
 
 def with_extent(fingerprint, summary):
-  """A data_fingerprint taken before the data was read, with the rows and date range that
-  prepare() then read (summary)."""
+  """A data_fingerprint with the rows and date range that prepare() read (summary), which the
+  message of a change shows."""
   return {flag: {**found, **_extent(summary, flag)} for flag, found in fingerprint.items()}
 
 

@@ -86,10 +86,15 @@ def latest_version(export_dir):
   return None
 
 
+def is_version(name):
+  """A version folder's name: ASCII digits only ("٣" and "²" pass str.isdigit(), but are no
+  version to TF Serving, and "²" none to int())."""
+  return name.isascii() and name.isdigit()
+
+
 def _versions(export_dir):
-  """Integer-named children of export_dir, ascending: 10 after 9, not after 1. ASCII digits only:
-  "٣" and "²" pass str.isdigit(), but are no version to TF Serving (and "²" none to int())."""
-  return sorted(int(name) for name in storage.list_dir(export_dir) if name.isascii() and name.isdigit())
+  """Integer-named children of export_dir, ascending: 10 after 9, not after 1."""
+  return sorted(int(name) for name in storage.list_dir(export_dir) if is_version(name))
 
 
 def read_metadata(version_dir):

@@ -89,7 +89,7 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
   logging.info("promoted %s to %s", version_dir, folder)
   names, complete = _scan(serving_dir)
   for name in names:
-    if _is_version(name) and int(name) not in complete:
+    if export.is_version(name) and int(name) not in complete:
       logging.warning("removing %s: an incomplete version (no %s), left by an interrupted promotion",
                       storage.join(serving_dir, name), export.METADATA)
       _withdraw(storage.join(serving_dir, name), lease)
@@ -175,13 +175,8 @@ def _remove_own(staging):
     logging.warning("could not remove %s (%s); the next promotion will", staging, e)
 
 
-def _is_version(name):
-  """A version folder's name: ASCII digits only ("٣" and "²" pass str.isdigit, not TF Serving)."""
-  return name.isascii() and name.isdigit()
-
-
 def _versions(names):
-  return [int(name) for name in names if _is_version(name)]
+  return [int(name) for name in names if export.is_version(name)]
 
 
 def _scan(serving_dir):
@@ -189,7 +184,7 @@ def _scan(serving_dir):
   names = storage.list_dir(serving_dir)
   marked = {path.split("/")[0] for path in storage.list_files(serving_dir) if path.count("/") == 1
             and path.endswith("/" + export.METADATA)}
-  return names, sorted(int(n) for n in names if _is_version(n) and n in marked)
+  return names, sorted(int(n) for n in names if export.is_version(n) and n in marked)
 
 
 def _withdraw(folder, lease=None):
