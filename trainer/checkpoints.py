@@ -22,14 +22,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import storage
+from trainer import numbered, storage
 from trainer.config import UserError
 
 STATE = "state.json"
-# [0-9], not \d: int() reads non-ASCII digits too, so "ckpt-٣" would pass for ckpt-3. ".new": the
-# second copy of a step saved again (Checkpoints._publish).
-_NAME = re.compile(r"ckpt-([0-9]+)(\.new)?")
-_STATE_FILE = re.compile(r"(ckpt-[0-9]+(?:\.new)?)/" + re.escape(STATE))
+# ".new": the second copy of a step saved again (Checkpoints._publish).
+_FOLDERS = numbered.Folders(STATE, prefix="ckpt-", suffixes=(".new",))
 
 
 class Checkpoints:
@@ -57,12 +55,7 @@ class Checkpoints:
   def _complete_folders(self):
     """{step: names of its complete folders, the one to read first first}: ckpt-G.new, when
     complete, is as new as ckpt-G or newer (_publish)."""
-    found = {}
-    # One listing of every file, not one per checkpoint folder: on gs:// each is a request.
-    for match in map(_STATE_FILE.fullmatch, storage.list_files(self.directory)):
-      if match:
-        found.setdefault(int(_NAME.fullmatch(match.group(1)).group(1)), []).append(match.group(1))
-    return {step: sorted(names, reverse=True) for step, names in found.items()}
+    return {step: names[::-1] for step, names in _FOLDERS.complete(self.directory).items()}
 
   def path(self, step):
     return storage.join(self.directory, f"ckpt-{step}")
@@ -156,7 +149,7 @@ class Checkpoints:
     """Deletes every checkpoint (--restart): left in place, older ones with higher step numbers
     would be taken for the newest at the next resume."""
     for name in storage.list_dir(self.directory):
-      if _NAME.fullmatch(name) or name.startswith(".tmp-"):
+      if _FOLDERS.number(name) is not None or _FOLDERS.is_leftover(name):
         self._remove(name)
 
   def _prune(self, newest, folders):
@@ -164,11 +157,11 @@ class Checkpoints:
     kept = set(sorted(folders)[-self.keep:])
     complete = {name for names in folders.values() for name in names}
     for name in storage.list_dir(self.directory):
-      match = _NAME.fullmatch(name)
+      step = _FOLDERS.number(name)
       # Below `newest` (just published), anything but the kept checkpoints goes: older complete
-      # ones and incomplete leftovers of a killed upload; a hidden .tmp- folder is a killed local copy.
-      old = match and int(match.group(1)) < newest and (int(match.group(1)) not in kept or name not in complete)
-      if old or name.startswith(".tmp-"):
+      # ones and incomplete leftovers of a killed upload; a hidden copy is a killed local one.
+      old = step is not None and step < newest and (step not in kept or name not in complete)
+      if old or _FOLDERS.is_leftover(name):
         self._remove(name)
 
 

@@ -17,7 +17,7 @@ import tempfile
 
 from absl import logging
 
-from trainer import storage
+from trainer import numbered, storage
 from trainer.config import UserError
 
 METADATA = "trainer_export.json"
@@ -25,6 +25,8 @@ KERAS_MODEL = "model.keras"
 SIGNATURE = "serving_default"
 # Bumped when the metadata changes in a way older readers would misread.
 FORMAT = 1
+# `<n>/`, complete once its metadata is there (published last).
+VERSIONS = numbered.Folders(METADATA)
 
 
 def write_export(model, prepared, result, export_dir):
@@ -65,36 +67,21 @@ def _signature_keys(saved_model_dir):
 
 
 def next_version(export_dir):
-  """1 + the highest complete version; first removes incomplete version folders."""
-  complete = []
-  for version in _versions(export_dir):
-    folder = storage.join(export_dir, str(version))
-    if storage.exists(storage.join(folder, METADATA)):
-      complete.append(version)
-    else:
+  """1 + the highest complete version; first removes incomplete version folders. Two listings
+  however many versions there are."""
+  complete = VERSIONS.complete(export_dir)
+  for version in VERSIONS.numbers(storage.list_dir(export_dir)):
+    if version not in complete:
+      folder = storage.join(export_dir, str(version))
       logging.warning("removing %s: an incomplete export (no %s), left by an interrupted one", folder, METADATA)
       storage.remove(folder)
   return max(complete, default=0) + 1
 
 
 def latest_version(export_dir):
-  """The folder of the highest complete version under export_dir, or None."""
-  for version in reversed(_versions(export_dir)):
-    folder = storage.join(export_dir, str(version))
-    if storage.exists(storage.join(folder, METADATA)):
-      return folder
-  return None
-
-
-def is_version(name):
-  """A version folder's name: ASCII digits only ("٣" and "²" pass str.isdigit(), but are no
-  version to TF Serving, and "²" none to int())."""
-  return name.isascii() and name.isdigit()
-
-
-def _versions(export_dir):
-  """Integer-named children of export_dir, ascending: 10 after 9, not after 1."""
-  return sorted(int(name) for name in storage.list_dir(export_dir) if is_version(name))
+  """The folder of the highest complete version under export_dir, or None; one listing."""
+  complete = VERSIONS.complete(export_dir)
+  return storage.join(export_dir, complete[max(complete)][-1]) if complete else None
 
 
 def read_metadata(version_dir):

@@ -21,7 +21,6 @@ No TensorFlow here, and matplotlib only for the plot: the history is shown in a 
 import datetime
 import json
 import os
-import re
 import secrets
 import tempfile
 import threading
@@ -29,16 +28,13 @@ import time
 
 from absl import logging
 
-from trainer import export, preemption, storage
+from trainer import export, numbered, preemption, storage
 from trainer.config import UserError
 
 LEASE = ".lease.json"
 HISTORY = "history.jsonl"
 HISTORY_PLOT = "history.png"
 DEFAULT_TTL_SECONDS = 3600
-# Hidden folders a promotion stages its copy in (`.tmp-<n>-` locally, and publish_dir's temporary
-# copy of that; `.staging-` on gs://): never polled, removed by the next promotion.
-_HIDDEN = re.compile(r"\.(staging-|tmp-\d+-|tmp-\.tmp-\d+-)")
 
 
 def production(serving_dir):
@@ -48,7 +44,7 @@ def production(serving_dir):
 
 def complete_versions(serving_dir):
   """The complete versions (with trainer_export.json), ascending."""
-  return _scan(serving_dir)[1]
+  return sorted(export.VERSIONS.complete(serving_dir))
 
 
 def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
@@ -87,9 +83,11 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
       _check(lease)  # whoever took the lease over removed our staged copy: say that, not what it broke
       raise
   logging.info("promoted %s to %s", version_dir, folder)
-  names, complete = _scan(serving_dir)
+  # Two listings however many versions there are.
+  names, complete = storage.list_dir(serving_dir), sorted(export.VERSIONS.complete(serving_dir))
   for name in names:
-    if export.is_version(name) and int(name) not in complete:
+    version = export.VERSIONS.number(name)
+    if version is not None and version not in complete:
       logging.warning("removing %s: an incomplete version (no %s), left by an interrupted promotion",
                       storage.join(serving_dir, name), export.METADATA)
       _withdraw(storage.join(serving_dir, name), lease)
@@ -106,7 +104,7 @@ _MARKERS = ("saved_model.pb", export.METADATA)
 def _publish_local(local, serving_dir, metadata, lease):
   """Copies local into `<serving_dir>/.tmp-<n>-<random>` and renames that to n; returns n's folder."""
   folder = _number(local, serving_dir, metadata)
-  staging = storage.join(serving_dir, f".tmp-{metadata['version']}-{secrets.token_hex(4)}")
+  staging = storage.temp_sibling(folder)
   try:
     storage.publish_dir(local, staging)
     _check(lease)
@@ -126,7 +124,7 @@ def _publish_remote(local, serving_dir, metadata, lease):
   os.makedirs(markers)
   for name in _MARKERS:  # uploaded straight into the version, last: staging them is one more step
     os.replace(os.path.join(local, name), os.path.join(markers, name))
-  staging = storage.join(serving_dir, f".staging-{secrets.token_hex(6)}")
+  staging = storage.join(serving_dir, f"{numbered.STAGING}{secrets.token_hex(6)}")
   try:
     storage.publish_dir(local, staging)  # the slow part, where no poller looks
     _check(lease)
@@ -147,7 +145,7 @@ def _publish_remote(local, serving_dir, metadata, lease):
 
 def _number(local, serving_dir, metadata):
   """The next version's folder; its number goes into the metadata written to local."""
-  metadata["version"] = max(_versions(storage.list_dir(serving_dir)), default=0) + 1
+  metadata["version"] = max(export.VERSIONS.numbers(storage.list_dir(serving_dir)), default=0) + 1
   with open(os.path.join(local, export.METADATA), "w") as f:
     json.dump(metadata, f, indent=2)
   return storage.join(serving_dir, str(metadata["version"]))
@@ -161,7 +159,7 @@ def _check(lease):
 def _remove_hidden_leftovers(serving_dir, lease):
   """Removes the staged copies other promotions left: theirs, abandoned, since we hold the lease."""
   for name in storage.list_dir(serving_dir):
-    if _HIDDEN.match(name):
+    if export.VERSIONS.is_leftover(name):
       _check(lease)
       logging.warning("removing %s: left by a promotion that was interrupted", storage.join(serving_dir, name))
       storage.remove(storage.join(serving_dir, name))
@@ -173,18 +171,6 @@ def _remove_own(staging):
     storage.remove(staging)
   except storage.StorageError as e:
     logging.warning("could not remove %s (%s); the next promotion will", staging, e)
-
-
-def _versions(names):
-  return [int(name) for name in names if export.is_version(name)]
-
-
-def _scan(serving_dir):
-  """(names in serving_dir, complete versions ascending), in two listings however many versions."""
-  names = storage.list_dir(serving_dir)
-  marked = {path.split("/")[0] for path in storage.list_files(serving_dir) if path.count("/") == 1
-            and path.endswith("/" + export.METADATA)}
-  return names, sorted(int(n) for n in names if export.is_version(n) and n in marked)
 
 
 def _withdraw(folder, lease=None):

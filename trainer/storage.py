@@ -26,6 +26,9 @@ from trainer.config import UserError
 
 GS = "gs://"
 _DEFAULT_TIMEOUT = 60
+# The prefix of a hidden sibling that a write goes to before it is renamed into place (trainer.numbered
+# tells such leftovers of a killed write from everything else).
+TEMPORARY = ".tmp-"
 
 
 class StorageError(Exception):
@@ -94,7 +97,7 @@ def write_bytes(path, data):
       _bucket(bucket).blob(key).upload_from_string(data, **_call())
     return
   with _translated(path, "write"):
-    temp = _temp_sibling(path)
+    temp = temp_sibling(path)
     try:
       with open(temp, "xb") as f:
         f.write(data)
@@ -309,7 +312,7 @@ def publish_dir(local_dir, dest, last=()):
       _upload(os.path.join(local_dir, name), join(dest, name))
     return
   with _translated(dest, "write"):
-    temp = _temp_sibling(dest)
+    temp = temp_sibling(dest)
     try:
       shutil.copytree(local_dir, temp)
       _fsync_tree(temp)
@@ -473,12 +476,12 @@ def _has_children(path):
     return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix, max_results=1, **_call()))
 
 
-def _temp_sibling(path):
+def temp_sibling(path):
   """A fresh hidden name beside path (its folder created), for a write renamed onto path.
   Not mkstemp/mkdtemp: what they make is private (0600/0700); the umask should decide."""
   folder, name = os.path.split(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  return os.path.join(folder, f".tmp-{name}-{secrets.token_hex(4)}")
+  return os.path.join(folder, f"{TEMPORARY}{name}-{secrets.token_hex(4)}")
 
 
 def _fsync_tree(folder):
