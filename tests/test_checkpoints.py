@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import storage
+from trainer import storage, transfer
 from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
@@ -176,7 +176,7 @@ def test_the_same_step_saved_again_replaces_it(root):
   assert storage.list_dir(root) == ["ckpt-5"]
   assert make(root)[2].restore_latest()[1]["n"] == 2
   # As a save killed after its first copy leaves it: the .new copy is the newer one, and read first.
-  storage.publish_dir(storage.local_path(storage.join(root, "ckpt-5")), storage.join(root, "ckpt-5.new"),
+  transfer.publish_dir(transfer.local_path(storage.join(root, "ckpt-5")), storage.join(root, "ckpt-5.new"),
                       last=("state.json",))
   storage.write_text(storage.join(root, "ckpt-5.new", "state.json"), '{"config": {"model": "gru"}, "n": 3}')
   again = make(root)[2]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from image_files import rgb, write_image
-from trainer import storage
+from trainer import storage, transfer
 from trainer.config import UserError
 from trainer.data import image_folder
 
@@ -141,7 +141,7 @@ def test_stratified_split_keeps_class_proportions():
 def test_a_folder_on_gcs_scans_and_reads_like_the_local_copy(messy_folder, gcs_bucket):
   root, _, broken = messy_folder
   remote = storage.join(gcs_bucket, "images", "messy")
-  storage.publish_dir(root, remote)
+  transfer.publish_dir(root, remote)
   local, copy = image_folder.scan(root), image_folder.scan(remote, flag="--test_data")
   assert (copy.class_names, copy.labels, copy.counts) == (local.class_names, local.labels, local.counts)
   assert (copy.directory, copy.flag) == (remote, "--test_data")

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from image_files import rgb, write_image
-from trainer import storage
+from trainer import storage, transfer
 from trainer.config import UserError
 from trainer.data import image_folder, image_tfrecords
 
@@ -135,7 +135,7 @@ def test_shards_on_gcs_read_like_the_local_copy(tmp_path, gcs_bucket):
   out = str(tmp_path / "shards")
   metadata = image_tfrecords.write_shards(scan, out, 4)
   remote = storage.join(gcs_bucket, "shards")
-  storage.publish_dir(out, remote, last=(image_tfrecords.METADATA,))
+  transfer.publish_dir(out, remote, last=(image_tfrecords.METADATA,))
   dataset, read_metadata = image_tfrecords.read(remote)
   assert examples(dataset) == examples(image_tfrecords.read(out)[0])
   assert read_metadata["files"] == [storage.join(remote, name) for name in metadata["shards"]]
@@ -152,7 +152,7 @@ def test_missing_shards_on_gcs_are_one_line(tmp_path, gcs_bucket):
   image_tfrecords.write_shards(class_folder(str(tmp_path / "src")), out, 2)
   os.remove(os.path.join(out, "metadata.json"))
   remote = storage.join(gcs_bucket, "unfinished")
-  storage.publish_dir(out, remote)
+  transfer.publish_dir(out, remote)
   with pytest.raises(UserError, match="metadata.json is missing") as error:
     image_tfrecords.read(remote)
   assert "\n" not in str(error.value) and str(error.value).startswith(f"--data={remote}: {remote}/metadata.json")

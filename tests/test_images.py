@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from trainer import storage, train
+from trainer import storage, train, transfer
 from trainer.config import Config, UserError
 from trainer.data import builtin, image_folder, image_tfrecords, images
 from trainer.models import MODELS
@@ -109,7 +109,7 @@ def test_folders_and_shards_on_gcs_give_what_the_local_copies_give(make_image_fo
   shards = str(tmp_path / "shards")
   image_tfrecords.write_shards(image_folder.scan(folder), shards, 2)
   for local, remote in [(folder, storage.join(gcs_bucket, "images")), (shards, storage.join(gcs_bucket, "shards"))]:
-    storage.publish_dir(local, remote)
+    transfer.publish_dir(local, remote)
     expected, got = (images.prepare(Config(model="cnn", data=data, image_size=24)) for data in (local, remote))
     assert got.summary["counts"] == expected.summary["counts"]
     np.testing.assert_array_equal(got.test_targets, expected.test_targets)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from trainer import export, retraining, serving, storage, train
+from trainer import export, retraining, serving, storage, train, transfer
 from trainer.config import Config
 from trainer.data import timeseries
 from trainer.retraining import PROMOTED, REJECTED, decide
@@ -87,7 +87,7 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert storage.read_bytes(storage.join(serving_dir, serving.HISTORY_PLOT))[:4] == b"\x89PNG"
 
   # What a server does with the folder: TF Serving's loader, and trainer.predict from the export alone.
-  loaded = tf.saved_model.load(storage.local_path(storage.join(serving_dir, "2")))
+  loaded = tf.saved_model.load(transfer.local_path(storage.join(serving_dir, "2")))
   features = pd.read_csv(data)[["a", "b", "c", "d"]].head(5).to_numpy(np.float32)
   prediction = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}",
                                f"--data={data}"], capture_output=True, text=True, timeout=120)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from processes import kill_when, stalled, wait_for_line
 
-from trainer import export, preemption, serving, storage
+from trainer import conditional, export, preemption, serving, storage
 from trainer.config import UserError
 
 
@@ -33,37 +33,6 @@ def fake_export(folder, metric=1.0, marker=True):
 
 def version_files(folder):
   return storage.list_files(folder)
-
-
-def test_conditional_writes(root):
-  path = storage.join(root, "lock.json")
-  with pytest.raises(FileNotFoundError):
-    storage.read_with_token(path)
-  assert storage.create_exclusive(path, b"first")
-  assert not storage.create_exclusive(path, b"second")
-  data, token = storage.read_with_token(path)
-  assert data == b"first"
-  assert storage.replace_if_unchanged(path, b"third", token)
-  assert not storage.replace_if_unchanged(path, b"fourth", token)  # changed since token was read
-  assert not storage.remove_if_unchanged(path, token)
-  data, token = storage.read_with_token(path)
-  assert data == b"third"
-  assert storage.remove_if_unchanged(path, token)
-  assert not storage.exists(path)
-  assert not storage.replace_if_unchanged(path, b"fifth", token)  # gone: nothing to replace
-  assert not storage.remove_if_unchanged(path, token)
-  assert not storage.exists(path)
-
-
-def test_the_emulator_ignores_preconditions(gcs_bucket, proxy, monkeypatch):
-  """Why the proxy: straight to the emulator, create-if-absent overwrites. If this fails, the
-  emulator has learnt preconditions and the proxy can go."""
-  path = storage.join(gcs_bucket, "lock.json")
-  assert storage.create_exclusive(path, b"first")
-  assert storage.create_exclusive(path, b"second")
-  monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.host)
-  assert not storage.create_exclusive(path, b"third")
-  assert storage.read_bytes(path) == b"second"
 
 
 def test_promote_counts_up_and_rewrites_the_version(root, tmp_path):
@@ -431,20 +400,20 @@ def test_a_failing_release_does_not_mask_the_error_that_ended_the_block(root, mo
 
   with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="the real failure"):
     with serving.Lease(root, "holder"):
-      monkeypatch.setattr(storage, "remove_if_unchanged", unreachable)
+      monkeypatch.setattr(conditional, "remove_if_unchanged", unreachable)
       raise ValueError("the real failure")
   assert "could not release" in caplog.text and "Connection refused" in caplog.text
   # With nothing else failing, a failed release is the failure.
   monkeypatch.undo()
   with pytest.raises(storage.StorageError, match="Connection refused"):
     with serving.Lease(storage.join(root, "other"), "holder"):
-      monkeypatch.setattr(storage, "remove_if_unchanged", unreachable)
+      monkeypatch.setattr(conditional, "remove_if_unchanged", unreachable)
 
 
 def test_append_history_loses_no_line_to_a_concurrent_writer_and_records_a_run_once(root, monkeypatch):
   path = storage.join(root, serving.HISTORY)
   serving.append_history(root, {"decision": "promoted", "run": "night-1"})
-  reads = {"read_text": storage.read_text, "read_with_token": storage.read_with_token}
+  reads = {"read_text": storage.read_text, "read_with_token": conditional.read_with_token}
 
   def then_another_writer(name):
     def read(p, *args):
@@ -455,8 +424,8 @@ def test_append_history_loses_no_line_to_a_concurrent_writer_and_records_a_run_o
       return got
     return read
 
-  for name in ("read_text", "read_with_token"):
-    monkeypatch.setattr(storage, name, then_another_writer(name))
+  for module, name in ((storage, "read_text"), (conditional, "read_with_token")):
+    monkeypatch.setattr(module, name, then_another_writer(name))
   serving.append_history(root, {"decision": "rejected", "run": "night-2"})
   monkeypatch.undo()
   assert [e["decision"] for e in serving.read_history(root)] == ["promoted", "other", "rejected"]

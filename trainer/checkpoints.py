@@ -4,9 +4,9 @@ A checkpoint is a folder `<checkpoint_dir>/ckpt-<global step>/` holding the mode
 (a TF checkpoint, `ckpt.*`), the best weights so far (`best.npz`, for early stopping) and
 `state.json` (epoch, step, history: trainer.loop.State). TF's checkpoint writers go through
 tf.io.gfile, which cannot reach a storage emulator and whose `latest_checkpoint` turns an
-unreachable bucket into "no checkpoint" (GUIDE section 4), so every checkpoint is written to a
-local folder first and published through trainer.storage: renamed into place locally, uploaded
-with `state.json` last on gs://. A folder without `state.json` is not a checkpoint.
+unreachable bucket into "no checkpoint" (it logs "Checkpoint ignored"), so every checkpoint is
+written to a local folder first and published through trainer.transfer: renamed into place
+locally, uploaded with `state.json` last on gs://. A folder without `state.json` is not a checkpoint.
 """
 
 import fnmatch
@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import numbered, storage
+from trainer import numbered, storage, transfer
 from trainer.config import UserError
 
 STATE = "state.json"
@@ -87,12 +87,12 @@ class Checkpoints:
     return None
 
   def _restore(self, folder, check=None):
-    # A fresh download every time (not storage.local_path's cache): after --restart a checkpoint
+    # A fresh download every time (not transfer.local_path's cache): after --restart a checkpoint
     # of the same name holds other weights.
     local = folder if not storage.is_remote(folder) else tempfile.mkdtemp(prefix="trainer-restore-")
     try:
       if local != folder:
-        storage.download_dir(folder, local)
+        transfer.download_dir(folder, local)
       # Read through storage: an OSError that is not about the contents (EIO on NFS, no
       # permission) is a StorageError, never a reason to fall back to an older checkpoint.
       state = json.loads(storage.read_bytes(os.path.join(local, STATE)))
@@ -135,9 +135,9 @@ class Checkpoints:
     main, aside = f"ckpt-{step}", f"ckpt-{step}.new"
     if main in complete:
       if aside not in complete:
-        storage.publish_dir(staging, storage.join(self.directory, aside), last=(STATE,))
+        transfer.publish_dir(staging, storage.join(self.directory, aside), last=(STATE,))
       self._remove(main)
-    storage.publish_dir(staging, storage.join(self.directory, main), last=(STATE,))
+    transfer.publish_dir(staging, storage.join(self.directory, main), last=(STATE,))
     if complete:
       self._remove(aside)
 

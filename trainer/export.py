@@ -17,7 +17,7 @@ import tempfile
 
 from absl import logging
 
-from trainer import numbered, storage
+from trainer import numbered, storage, transfer
 from trainer.config import UserError
 
 METADATA = "trainer_export.json"
@@ -51,7 +51,7 @@ def write_export(model, prepared, result, export_dir):
       json.dump(metadata, f, indent=2)
     folder = storage.join(export_dir, str(version))
     # TF Serving loads a version once saved_model.pb is there, our readers once the metadata is.
-    storage.publish_dir(local, folder, last=("saved_model.pb", METADATA))
+    transfer.publish_dir(local, folder, last=("saved_model.pb", METADATA))
   logging.info("exported version %d of the %s model to %s", version, result["model"], folder)
   return folder
 
@@ -128,7 +128,7 @@ def warm_start(model, version_dir, model_name):
   said = {"used": False, "from": version_dir, "version": metadata.get("version")}
   if metadata["model"] != model_name:
     return {**said, "reason": f"it is a {metadata['model']} model, this job trains {model_name}"}
-  source = keras.models.load_model(storage.local_path(storage.join(version_dir, KERAS_MODEL)), compile=False)
+  source = keras.models.load_model(transfer.local_path(storage.join(version_dir, KERAS_MODEL)), compile=False)
   theirs, ours = [w.shape for w in source.get_weights()], [w.shape for w in model.get_weights()]
   if theirs != ours:
     return {**said, "reason": "its weights have other shapes (other columns, classes, image size or layers)"}
@@ -141,7 +141,7 @@ def load(version_dir, metadata):
   the functions that feed a trained model (timeseries.forecast, tabular.predict_table) feed it."""
   import tensorflow as tf
 
-  loaded = tf.saved_model.load(storage.local_path(version_dir))
+  loaded = tf.saved_model.load(transfer.local_path(version_dir))
   signature = loaded.signatures[metadata["signature"]]
 
   def model(x, training=False):
@@ -150,6 +150,8 @@ def load(version_dir, metadata):
     # Mixed-precision models answer in (b)float16; the data's functions compute in float32 or more.
     return tf.cast(outputs[metadata["output"]], tf.float32)
 
-  model.saved_model = loaded  # the signature needs its object alive (GUIDE section 4)
+  # A signature holds only weak references to the loaded object's variables: once that is garbage
+  # collected, calling it fails ("Error while reading resource variable", tensorflow/tensorflow#46708).
+  model.saved_model = loaded
   return model
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from trainer import storage
+from trainer import transfer
 from trainer.config import UserError
 from trainer.data import csv_file
 
@@ -151,6 +151,6 @@ def _read_csv(path, columns, date_column=None, fill_gaps=False):
 def _local_copy(path, wanted):
   """--data itself, or a downloaded copy of a gs:// file or folder."""
   try:
-    return storage.local_path(path)
+    return transfer.local_path(path)
   except FileNotFoundError:
     raise UserError(f"--data={path}: no such file or folder; give {wanted}") from None

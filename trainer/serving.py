@@ -28,7 +28,7 @@ import time
 
 from absl import logging
 
-from trainer import export, numbered, preemption, storage
+from trainer import conditional, export, numbered, preemption, storage, transfer
 from trainer.config import UserError
 
 LEASE = ".lease.json"
@@ -70,7 +70,7 @@ def promote(version_dir, serving_dir, keep_versions=5, lease=None, run=None):
   metadata = export.read_metadata(version_dir)  # UserError unless it is a complete export
   with tempfile.TemporaryDirectory() as scratch:
     local = os.path.join(scratch, "version")
-    storage.download_dir(version_dir, local)
+    transfer.download_dir(version_dir, local)
     if not os.path.exists(os.path.join(local, "saved_model.pb")):
       raise UserError(f"{version_dir}: no saved_model.pb; not a SavedModel export, cannot serve it")
     metadata.update(promoted_from=version_dir, **({"run": run} if run is not None else {}))
@@ -106,7 +106,7 @@ def _publish_local(local, serving_dir, metadata, lease):
   folder = _number(local, serving_dir, metadata)
   staging = storage.temp_sibling(folder)
   try:
-    storage.publish_dir(local, staging)
+    transfer.publish_dir(local, staging)
     _check(lease)
     try:
       os.rename(staging, folder)  # fails rather than merge into a folder someone else made meanwhile
@@ -126,7 +126,7 @@ def _publish_remote(local, serving_dir, metadata, lease):
     os.replace(os.path.join(local, name), os.path.join(markers, name))
   staging = storage.join(serving_dir, f"{numbered.STAGING}{secrets.token_hex(6)}")
   try:
-    storage.publish_dir(local, staging)  # the slow part, where no poller looks
+    transfer.publish_dir(local, staging)  # the slow part, where no poller looks
     _check(lease)
     folder = _number(markers, serving_dir, metadata)  # numbered only now: the highest still
     staged = storage.list_files(staging)
@@ -241,22 +241,22 @@ class Lease:
     held = {}
     for _ in range(5):
       record = self._record(acquired=time.time())
-      if storage.create_exclusive(self.path, record):
+      if conditional.create_exclusive(self.path, record):
         self._lost = None
         return self
       try:
-        data, token, written = storage.read_stamped(self.path)
+        data, token, written = conditional.read_stamped(self.path)
       except FileNotFoundError:
         continue  # released since: create it again
       held = _parse_lease(data)
       if held.get("token") == self._token:  # ours already: extend it
         record = self._record(acquired=held.get("acquired", time.time()))
       else:
-        left = _left(held, written, storage.store_time(self.path + ".lock"))
+        left = _left(held, written, conditional.store_time(self.path + ".lock"))
         if left > 0:
           owner, expires = held.get("owner", "an unknown owner"), held.get("expires", time.time() + left)
           raise LeaseHeld(self.path, owner, expires, left)
-      if storage.replace_if_unchanged(self.path, record, token):
+      if conditional.replace_if_unchanged(self.path, record, token):
         if held.get("token") != self._token:
           logging.warning("took over %s from %s, whose lease expired at %s", self.path,
                           held.get("owner", "nobody"), _utc(held.get("expires", 0)))
@@ -269,7 +269,7 @@ class Lease:
     """Extends the lease to ttl_seconds from now; LeaseLost when it is no longer ours."""
     with self._lock:
       try:
-        data, token = storage.read_with_token(self.path)
+        data, token = conditional.read_with_token(self.path)
       except FileNotFoundError:
         raise self._losing(f"{self.path}: the lease of {self.owner} is gone (released or removed)") from None
       held = _parse_lease(data)
@@ -277,7 +277,7 @@ class Lease:
         raise self._losing(f"{self.path}: the lease of {self.owner} expired and is now held by "
                            f"{held.get('owner', 'an unknown owner')}")
       record = self._record(acquired=held.get("acquired", time.time()))
-      if not storage.replace_if_unchanged(self.path, record, token):
+      if not conditional.replace_if_unchanged(self.path, record, token):
         raise self._losing(f"{self.path}: the lease of {self.owner} changed while it was being renewed")
     return self
 
@@ -297,14 +297,14 @@ class Lease:
     """Removes the lease if it is still ours; True if it was."""
     with self._lock:
       try:
-        data, token = storage.read_with_token(self.path)
+        data, token = conditional.read_with_token(self.path)
       except FileNotFoundError:
         return False
       held = _parse_lease(data)
       if held.get("token") != self._token:
         logging.warning("not releasing %s: held by %s now, not by %s", self.path, held.get("owner"), self.owner)
         return False
-      return storage.remove_if_unchanged(self.path, token)
+      return conditional.remove_if_unchanged(self.path, token)
 
   def _record(self, acquired):
     now = time.time()
@@ -375,7 +375,7 @@ def append_history(serving_dir, entry):
   path = storage.join(serving_dir, HISTORY)
   for _ in range(5):
     try:
-      data, token = storage.read_with_token(path)
+      data, token = conditional.read_with_token(path)
       text = data.decode("utf-8")
     except FileNotFoundError:
       text, token = "", None
@@ -385,7 +385,9 @@ def append_history(serving_dir, entry):
     if text and not text.endswith("\n"):
       text += "\n"
     data = (text + json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
-    if storage.create_exclusive(path, data) if token is None else storage.replace_if_unchanged(path, data, token):
+    written = (conditional.create_exclusive(path, data) if token is None
+               else conditional.replace_if_unchanged(path, data, token))
+    if written:
       return True
   raise storage.StorageError(f"{path}: changed during each of 5 attempts to add a line; is something rewriting it?")
 

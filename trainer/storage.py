@@ -1,14 +1,15 @@
-"""One file-system layer for local paths and gs://, so every caller treats both the same.
+"""One file-system layer for local paths and gs://, so every caller treats both the same: files
+and listings here; conditional writes in trainer.conditional, whole folders in trainer.transfer.
 
 Why not tf.io.gfile: its gs:// endpoint is hard-coded, so tests cannot point it at an emulator,
-and tf.train.latest_checkpoint swallows its network errors and returns None, which would
-restart a job from scratch (GUIDE section 4). Here a failure is one of two things: the file is
-not there (FileNotFoundError, as for a local file) or the storage could not be used
-(StorageError: one line naming the path and what to do). A dead endpoint fails within
-TRAINER_STORAGE_TIMEOUT seconds (default 60) instead of retrying for minutes.
+and tf.train.latest_checkpoint turns a read error into None ("Checkpoint ignored": a warning in
+get_checkpoint_state, tensorflow/python/checkpoint/checkpoint_management.py), which would
+restart a job from scratch. Here a failure is one of two things: the file is not there
+(FileNotFoundError, as for a local file) or the storage could not be used (StorageError: one line
+naming the path and what to do). A dead endpoint fails within TRAINER_STORAGE_TIMEOUT seconds
+(default 60) instead of retrying for minutes.
 """
 
-import atexit
 import contextlib
 import errno
 import fnmatch
@@ -19,8 +20,6 @@ import os
 import posixpath
 import secrets
 import shutil
-import tempfile
-import threading
 
 from trainer.config import UserError
 
@@ -49,18 +48,18 @@ def exists(path):
   """True for a file, or for a folder (on gs://: any object below the prefix)."""
   if not is_remote(path):
     return os.path.exists(path)
-  bucket, key = _split(path)
-  with _translated(path, "check"):
+  bucket, key = bucket_and_key(path)
+  with translated(path, "check"):
     if not key:
-      return _bucket(bucket).exists(**_call())
-    return _bucket(bucket).blob(key).exists(**_call()) or _has_children(path)
+      return gcs_bucket(bucket).exists(**bounded())
+    return gcs_bucket(bucket).blob(key).exists(**bounded()) or _has_children(path)
 
 
 def is_dir(path):
   """True for a folder (on gs://: any object below the prefix, or a bucket that exists)."""
   if not is_remote(path):
     return os.path.isdir(path)
-  bucket, key = _split(path)
+  bucket, key = bucket_and_key(path)
   if not key:
     return exists(path)
   return _has_children(path)
@@ -69,14 +68,14 @@ def is_dir(path):
 def read_bytes(path):
   """The file's contents; FileNotFoundError when it is missing, IsADirectoryError for a folder."""
   if not is_remote(path):
-    with _translated(path, "read"):
+    with translated(path, "read"):
       with open(path, "rb") as f:
         return f.read()
   from google.api_core import exceptions
-  bucket, key = _split(path)
-  with _translated(path, "read"):
+  bucket, key = bucket_and_key(path)
+  with translated(path, "read"):
     try:
-      return _bucket(bucket).blob(key).download_as_bytes(**_call())
+      return gcs_bucket(bucket).blob(key).download_as_bytes(**bounded())
     except exceptions.NotFound:
       pass
   # Missing object, missing bucket or a folder: the listing tells which (and raises for the bucket).
@@ -92,11 +91,11 @@ def read_text(path):
 def write_bytes(path, data):
   """Writes the whole file so that a reader sees the old contents or the new, never a part."""
   if is_remote(path):
-    bucket, key = _split(path)
-    with _translated(path, "write"):
-      _bucket(bucket).blob(key).upload_from_string(data, **_call())
+    bucket, key = bucket_and_key(path)
+    with translated(path, "write"):
+      gcs_bucket(bucket).blob(key).upload_from_string(data, **bounded())
     return
-  with _translated(path, "write"):
+  with translated(path, "write"):
     temp = temp_sibling(path)
     try:
       with open(temp, "xb") as f:
@@ -117,11 +116,11 @@ def write_text(path, text):
 def list_dir(path):
   """Sorted names of a folder's files and sub-folders; [] when there is no such folder."""
   if not is_remote(path):
-    with _translated(path, "list"):
+    with translated(path, "list"):
       return sorted(os.listdir(path)) if os.path.isdir(path) else []
-  bucket, prefix = _split(_as_folder(path))
-  with _translated(path, "list"):
-    blobs = _bucket(bucket).list_blobs(prefix=prefix, delimiter="/", **_call())
+  bucket, prefix = bucket_and_key(as_folder(path))
+  with translated(path, "list"):
+    blobs = gcs_bucket(bucket).list_blobs(prefix=prefix, delimiter="/", **bounded())
     names = [blob.name[len(prefix):] for blob in blobs]
     names += [p[len(prefix):].rstrip("/") for p in blobs.prefixes]
   return sorted(n for n in set(names) if n)  # "" is a folder-marker object, not a child
@@ -131,11 +130,11 @@ def list_files(path):
   """Relative posix paths of every file below a folder, sorted; [] when there is no such folder.
   One listing on gs://, where a list_dir per sub-folder costs a request each."""
   if not is_remote(path):
-    with _translated(path, "list"):
-      return sorted(_files_below(path)) if os.path.isdir(path) else []
-  bucket, prefix = _split(_as_folder(path))
-  with _translated(path, "list"):
-    names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
+    with translated(path, "list"):
+      return sorted(local_files(path)) if os.path.isdir(path) else []
+  bucket, prefix = bucket_and_key(as_folder(path))
+  with translated(path, "list"):
+    names = [blob.name[len(prefix):] for blob in gcs_bucket(bucket).list_blobs(prefix=prefix, **bounded())]
   return sorted(n for n in names if n and not n.endswith("/"))
 
 
@@ -143,11 +142,11 @@ def list_sizes(path):
   """{relative posix path: size in bytes} of every file below a folder, from one listing on
   gs://; {} when there is no such folder."""
   if not is_remote(path):
-    with _translated(path, "list"):
+    with translated(path, "list"):
       return {name: os.path.getsize(os.path.join(path, *name.split("/"))) for name in list_files(path)}
-  bucket, prefix = _split(_as_folder(path))
-  with _translated(path, "list"):
-    return {blob.name[len(prefix):]: blob.size for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())
+  bucket, prefix = bucket_and_key(as_folder(path))
+  with translated(path, "list"):
+    return {blob.name[len(prefix):]: blob.size for blob in gcs_bucket(bucket).list_blobs(prefix=prefix, **bounded())
             if blob.name[len(prefix):] and not blob.name.endswith("/")}
 
 
@@ -157,7 +156,7 @@ def stat(path):
   sha256 of the contents locally (which reads the whole file). FileNotFoundError when missing."""
   import datetime
   if not is_remote(path):
-    with _translated(path, "read"):
+    with translated(path, "read"):
       digest = hashlib.sha256()
       with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -166,9 +165,9 @@ def stat(path):
     modified = datetime.datetime.fromtimestamp(info.st_mtime, datetime.timezone.utc)
     return {"size": info.st_size, "modified": modified.isoformat(timespec="seconds"),
             "checksum": "sha256:" + digest.hexdigest()}
-  bucket, key = _split(path)
-  with _translated(path, "read"):
-    blob = _bucket(bucket).get_blob(key, **_call())
+  bucket, key = bucket_and_key(path)
+  with translated(path, "read"):
+    blob = gcs_bucket(bucket).get_blob(key, **bounded())
   if blob is None:
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
   return {"size": blob.size, "modified": blob.updated.astimezone(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -180,7 +179,7 @@ def remove(path, first=()):
   files of the folder (relative paths) removed before the rest, in that order: a completion
   marker, so that a removal killed half way never leaves a marker beside part of the data."""
   if not is_remote(path):
-    with _translated(path, "remove"):
+    with translated(path, "remove"):
       if os.path.isdir(path) and not os.path.islink(path):
         for name in first:
           with contextlib.suppress(FileNotFoundError):
@@ -190,224 +189,16 @@ def remove(path, first=()):
         os.remove(path)
     return
   from google.api_core import exceptions
-  bucket, key = _split(path)
+  bucket, key = bucket_and_key(path)
   if not key:
     raise StorageError(f"{path}: refusing to remove a whole bucket; name a folder in it")
-  with _translated(path, "remove"):
+  with translated(path, "remove"):
     # A folder's objects, or else the object itself: no request for a name that is neither.
-    names = [blob.name for blob in _bucket(bucket).list_blobs(prefix=key + "/", **_call())] or [key]
+    names = [blob.name for blob in gcs_bucket(bucket).list_blobs(prefix=key + "/", **bounded())] or [key]
     markers = [f"{key}/{name}" for name in first if f"{key}/{name}" in names]
     for name in markers + [n for n in names if n not in markers]:
       with contextlib.suppress(exceptions.NotFound):
-        _bucket(bucket).blob(name).delete(**_call())
-
-
-# Conditional writes of one small file, for a lock that two processes may race for (a lease): on
-# gs:// Cloud Storage's generation preconditions decide on the server; locally an flock on a
-# sibling `<path>.lock` (created once, never removed) serialises the check and the write. The
-# token of a version is its generation on gs:// and its bytes locally.
-
-
-def create_exclusive(path, data):
-  """Writes data to path only if there is no file there; True if this call created it. The
-  file appears whole. Give data unique to the caller (a lease holds a random token): a retried
-  request of ours that already created it is recognised by its contents."""
-  if not is_remote(path):
-    with _locked(path):
-      if os.path.lexists(path):
-        return False
-      write_bytes(path, data)
-    return True
-  return _upload_if_generation(path, data, 0)
-
-
-def read_with_token(path):
-  """(contents, token) of one version of a file, for replace_if_unchanged and
-  remove_if_unchanged; FileNotFoundError when it is missing."""
-  data, token, _ = read_stamped(path)
-  return data, token
-
-
-def replace_if_unchanged(path, data, token):
-  """Writes data to path only if it still holds the version read_with_token gave token for;
-  True if it did, False if the file has changed or gone since (nothing is written then)."""
-  if not is_remote(path):
-    with _locked(path):
-      if not os.path.lexists(path) or read_bytes(path) != token:
-        return False
-      write_bytes(path, data)
-    return True
-  return _upload_if_generation(path, data, token)
-
-
-def remove_if_unchanged(path, token):
-  """Removes path only if it still holds the version of token; True if this call removed it."""
-  if not is_remote(path):
-    with _locked(path):
-      if not os.path.lexists(path) or read_bytes(path) != token:
-        return False
-      with _translated(path, "remove"):
-        os.remove(path)
-    return True
-  from google.api_core import exceptions
-  bucket, key = _split(path)
-  with _translated(path, "remove"):
-    try:
-      _bucket(bucket).blob(key).delete(if_generation_match=token, **_call())
-    except (exceptions.PreconditionFailed, exceptions.NotFound):
-      return False
-  return True
-
-
-def _upload_if_generation(path, data, generation):
-  """Uploads data only if the object's generation is `generation` (0: there is none)."""
-  from google.api_core import exceptions
-  bucket, key = _split(path)
-  with _translated(path, "write"):
-    try:
-      _bucket(bucket).blob(key).upload_from_string(data, if_generation_match=generation, **_call())
-      return True
-    except exceptions.PreconditionFailed:
-      pass
-  # A retry of our own request that had already succeeded fails its precondition too.
-  try:
-    return read_bytes(path) == data
-  except FileNotFoundError:
-    return False
-
-
-@contextlib.contextmanager
-def _locked(path):
-  """An exclusive flock on `<path>.lock` (a file: directories cannot be locked over NFS)."""
-  import fcntl
-  with _translated(path, "lock"):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-  try:
-    with _translated(path, "lock"):
-      fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)  # releases the lock
-
-
-def publish_dir(local_dir, dest, last=()):
-  """Copies a complete local folder to dest so that a reader never sees part of it.
-
-  Locally the copy is made in a hidden sibling folder, fsynced (every file and folder), renamed
-  onto dest in one step, and the parent fsynced: once this returns, a power loss leaves the
-  whole folder, so a caller may delete older copies then. On gs:// there is no rename: every
-  file is uploaded and the files named in `last` (relative paths) go at the end in that order,
-  so a reader that waits for them (a completion marker such as state.json) sees everything else
-  already there. An existing dest is removed first (its `last` files first): callers publish
-  fresh names, so it can only be the leftover of an interrupted publish.
-  """
-  files = _files_below(local_dir)
-  missing = [name for name in last if name not in files]
-  if missing:
-    raise ValueError(f"publish_dir: {missing[0]} (in last) is not a file of {local_dir}")
-  if is_remote(dest):
-    remove(dest, first=tuple(reversed(last)))
-    for name in [f for f in files if f not in last] + list(last):
-      _upload(os.path.join(local_dir, name), join(dest, name))
-    return
-  with _translated(dest, "write"):
-    temp = temp_sibling(dest)
-    try:
-      shutil.copytree(local_dir, temp)
-      _fsync_tree(temp)
-      remove(dest, first=tuple(reversed(last)))
-      os.rename(temp, dest)
-    except BaseException:
-      shutil.rmtree(temp, ignore_errors=True)
-      raise
-    _fsync(os.path.dirname(os.path.abspath(dest)))  # the rename itself
-
-
-def download_dir(path, local_dir):
-  """Copies a folder (local or gs://) into local_dir; FileNotFoundError when it is missing."""
-  if not is_remote(path):
-    with _translated(path, "read"):
-      shutil.copytree(path, local_dir, dirs_exist_ok=True)
-    return
-  from google.api_core import exceptions
-  bucket, prefix = _split(_as_folder(path))
-  with _translated(path, "read"):
-    names = [blob.name[len(prefix):] for blob in _bucket(bucket).list_blobs(prefix=prefix, **_call())]
-  names = [n for n in names if n and not n.endswith("/")]  # folder markers hold nothing
-  if not names:
-    raise FileNotFoundError(errno.ENOENT, "no such folder", path)
-  root = os.path.abspath(local_dir)
-  os.makedirs(root, exist_ok=True)
-  for name in names:
-    target = os.path.normpath(os.path.join(root, *name.split("/")))
-    if not target.startswith(root + os.sep):  # an object named "../x" must not land outside
-      raise StorageError(f"{join(path, name)}: object name leaves the folder; refusing to download it")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with _translated(join(path, name), "read"):
-      try:
-        _bucket(bucket).blob(prefix + name).download_to_filename(target, **_call())
-      except exceptions.NotFound:
-        # Listed a moment ago: removed since (a prune by another process, a lifecycle rule). What
-        # was downloaded is a mix; a retry lists again and sees what is there now.
-        raise StorageError(f"{join(path, name)} vanished while {path} was downloaded (removed by another process "
-                           "or a lifecycle rule?); run again to read what is there now") from None
-
-
-# (local_dir, dest) -> {relative path: (size, mtime_ns)} as of the last sync_dir of that pair.
-_synced = {}
-_synced_lock = threading.Lock()
-
-
-def sync_dir(local_dir, dest):
-  """Copies the files of local_dir that are new or changed (size or mtime) since the last sync
-  of the same pair; returns their relative paths. For logs written while a job runs (TensorBoard
-  event files): not atomic, a reader may see a file of the last sync."""
-  if not is_remote(dest) and os.path.realpath(dest) == os.path.realpath(local_dir):
-    return []
-  key = (os.path.abspath(local_dir), dest)
-  with _synced_lock:
-    seen = _synced.setdefault(key, {})
-    changed = []
-    for name in _files_below(local_dir):
-      source = os.path.join(local_dir, name)
-      stat = os.stat(source)
-      if seen.get(name) == (stat.st_size, stat.st_mtime_ns):
-        continue
-      _upload(source, join(dest, *name.split("/")))
-      seen[name] = (stat.st_size, stat.st_mtime_ns)
-      changed.append(name)
-  return changed
-
-
-# Remote path -> its local copy, for this process; removed at exit.
-_cache = {}
-_cache_lock = threading.Lock()
-_cache_dir = None
-
-
-def local_path(path):
-  """A local path holding the file or folder: the path itself, or a copy of a gs:// one
-  downloaded once per process (the same remote path gives the same copy). FileNotFoundError
-  when there is nothing at path, for both kinds alike."""
-  if not is_remote(path):
-    if not os.path.lexists(path):
-      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-    return path
-  path = path.rstrip("/")
-  with _cache_lock:
-    if path in _cache:
-      return _cache[path]
-    target = os.path.join(tempfile.mkdtemp(dir=_cache_root()), posixpath.basename(path) or "bucket")
-    try:
-      data = read_bytes(path)
-    except IsADirectoryError:
-      download_dir(path, target)
-    else:
-      with open(target, "wb") as f:
-        f.write(data)
-    _cache[path] = target
-    return target
+        gcs_bucket(bucket).blob(name).delete(**bounded())
 
 
 def glob(pattern):
@@ -432,7 +223,10 @@ def timeout():
   return seconds
 
 
-def _call():
+# The gs:// plumbing below is shared with trainer.conditional and trainer.transfer.
+
+
+def bounded():
   """Keyword arguments for every google-cloud-storage call: its default retry runs for minutes
   against a dead endpoint; bounding the whole retry and each request fails it in time."""
   from google.cloud.storage.retry import DEFAULT_RETRY
@@ -455,25 +249,25 @@ def _client_for(emulator_host):
   return storage.Client()
 
 
-def _bucket(name):
+def gcs_bucket(name):
   return _client().bucket(name)
 
 
-def _split(path):
+def bucket_and_key(path):
   bucket, _, key = path[len(GS):].partition("/")
   if not bucket:
     raise StorageError(f"{path}: no bucket name; write gs://BUCKET/PATH")
   return bucket, key
 
 
-def _as_folder(path):
+def as_folder(path):
   return path if path.endswith("/") else path + "/"
 
 
 def _has_children(path):
-  bucket, prefix = _split(_as_folder(path))
-  with _translated(path, "list"):
-    return any(True for _ in _bucket(bucket).list_blobs(prefix=prefix, max_results=1, **_call()))
+  bucket, prefix = bucket_and_key(as_folder(path))
+  with translated(path, "list"):
+    return any(True for _ in gcs_bucket(bucket).list_blobs(prefix=prefix, max_results=1, **bounded()))
 
 
 def temp_sibling(path):
@@ -484,35 +278,19 @@ def temp_sibling(path):
   return os.path.join(folder, f"{TEMPORARY}{name}-{secrets.token_hex(4)}")
 
 
-def _fsync_tree(folder):
-  """fsyncs every file and folder below folder (itself included), deepest first."""
-  for root, _, files in os.walk(folder, topdown=False):
-    for name in files:
-      _fsync(os.path.join(root, name))
-    _fsync(root)
-
-
-def _fsync(path):
-  """Flushes a file's data, or a folder's entries, to the disk."""
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _upload(source, dest):
+def upload_file(source, dest):
+  """Copies the local file source to dest (local or gs://), as one upload on gs://."""
   if not is_remote(dest):
-    with _translated(dest, "write"):
+    with translated(dest, "write"):
       os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
       shutil.copy2(source, dest)
     return
-  bucket, key = _split(dest)
-  with _translated(dest, "write"):
-    _bucket(bucket).blob(key).upload_from_filename(source, **_call())
+  bucket, key = bucket_and_key(dest)
+  with translated(dest, "write"):
+    gcs_bucket(bucket).blob(key).upload_from_filename(source, **bounded())
 
 
-def _files_below(folder):
+def local_files(folder):
   """Relative posix paths of every file below folder, sorted."""
   if not os.path.isdir(folder):
     raise FileNotFoundError(errno.ENOENT, "no such folder", folder)
@@ -524,16 +302,8 @@ def _files_below(folder):
   return found
 
 
-def _cache_root():
-  global _cache_dir
-  if _cache_dir is None:
-    _cache_dir = tempfile.mkdtemp(prefix="trainer-storage-")
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-  return _cache_dir
-
-
 @contextlib.contextmanager
-def _translated(path, action):
+def translated(path, action):
   """Turns what google-cloud-storage, requests, google-auth and the OS raise into StorageError;
   FileNotFoundError and IsADirectoryError pass, as they say what the caller can act on."""
   try:
@@ -588,78 +358,18 @@ def _first_line(error):
   return text.splitlines()[0] if text else type(error).__name__
 
 
-# The storage's own clock, for a lease whose expiry must not depend on which host judges it: a
-# file's modification time is set by the storage (the file server, Cloud Storage), not the writer.
-
-
-def read_stamped(path):
-  """(contents, token, modification time in epoch seconds by the storage's clock) of one version of
-  a file, as read_with_token's; FileNotFoundError when it is missing."""
-  if not is_remote(path):
-    for _ in range(5):
-      with _translated(path, "read"):
-        before = os.stat(path).st_mtime_ns
-        data = read_bytes(path)
-        if os.stat(path).st_mtime_ns == before:  # not replaced while it was read
-          return data, data, before / 1e9
-    raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
-  from google.api_core import exceptions
-  bucket, key = _split(path)
-  for _ in range(5):
-    with _translated(path, "read"):
-      blob = _bucket(bucket).get_blob(key, **_call())
-      if blob is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-      generation, updated = blob.generation, blob.updated  # before the download resets them
-      if not generation or updated is None:
-        raise StorageError(f"{path}: the storage did not say the object's generation and time; cannot judge it")
-      try:
-        return blob.download_as_bytes(if_generation_match=generation, **_call()), generation, updated.timestamp()
-      except (exceptions.PreconditionFailed, exceptions.NotFound):
-        continue
-  raise StorageError(f"{path}: changed during each of 5 reads; is something rewriting it in a loop?")
-
-
-def store_time(probe):
-  """The storage's current time (epoch seconds): the modification time of probe, written now.
-  Locally probe is touched and left (give a file that stays anyway, such as a lock); on gs:// it
-  is uploaded empty and removed."""
-  if not is_remote(probe):
-    with _translated(probe, "write"):
-      os.makedirs(os.path.dirname(os.path.abspath(probe)), exist_ok=True)
-      os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
-      os.utime(probe)  # the file server's now, also over NFS
-      return os.stat(probe).st_mtime_ns / 1e9
-  from google.api_core import exceptions
-  bucket, key = _split(probe)
-  with _translated(probe, "write"):
-    blob = _bucket(bucket).blob(key)
-    blob.upload_from_string(b"", **_call())
-    updated = blob.updated
-    with contextlib.suppress(exceptions.NotFound):
-      blob.delete(**_call())
-  if updated is None:
-    raise StorageError(f"{probe}: the storage did not say when the object was written; cannot read its clock")
-  return updated.timestamp()
-
-
 def copy_file(source, dest):
   """Copies one file within the storage: a server-side copy on gs:// (nothing goes through this
   host), a plain copy locally. FileNotFoundError when source is missing."""
   if not is_remote(source):
-    with _translated(dest, "write"):
+    with translated(dest, "write"):
       os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
       shutil.copy2(source, dest)
     return
   from google.api_core import exceptions
-  (bucket, key), (dest_bucket, dest_key) = _split(source), _split(dest)
-  with _translated(dest, "write"):
+  (bucket, key), (dest_bucket, dest_key) = bucket_and_key(source), bucket_and_key(dest)
+  with translated(dest, "write"):
     try:
-      _bucket(bucket).copy_blob(_bucket(bucket).blob(key), _bucket(dest_bucket), dest_key, **_call())
+      gcs_bucket(bucket).copy_blob(gcs_bucket(bucket).blob(key), gcs_bucket(dest_bucket), dest_key, **bounded())
     except exceptions.NotFound:
       raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source) from None
-
-
-def upload_file(source, dest):
-  """Copies the local file source to dest (local or gs://), as one upload on gs://."""
-  _upload(source, dest)

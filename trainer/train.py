@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, hptuning, loop, report, storage
+from trainer import distribution, export, hptuning, loop, report, storage, transfer
 from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
 from trainer.config import UserError
 from trainer.data import images, tabular, timeseries
@@ -123,7 +123,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
 
   def sync_logs():
     if is_chief and folders.local_logs != folders.tensorboard:
-      storage.sync_dir(folders.local_logs, folders.tensorboard)
+      transfer.sync_dir(folders.local_logs, folders.tensorboard)
 
   loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
   checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs,
@@ -168,7 +168,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   # The report last: whoever sees it can rely on everything it names being there.
   if folders.local != folders.job and is_chief:
     # The plots; the logs went to --tensorboard_dir already, the model to --export_dir.
-    storage.sync_dir(os.path.join(folders.local, "plots"), storage.join(folders.job, "plots"))
+    transfer.sync_dir(os.path.join(folders.local, "plots"), storage.join(folders.job, "plots"))
   report.write_report(folders.local if not is_chief else folders.job, result)
   return result
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import storage
+from trainer import storage, transfer
 from trainer.config import UserError
 
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
@@ -138,7 +138,7 @@ def dataset(paths, labels, input_context=None):
 
 def _local_folder(directory, flag):
   try:
-    return storage.local_path(directory)
+    return transfer.local_path(directory)
   except FileNotFoundError:
     raise UserError(f"{flag}={directory}: no such folder; give a folder with one subfolder of images per class")
 

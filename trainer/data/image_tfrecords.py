@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import storage
+from trainer import storage, transfer
 from trainer.config import UserError
 from trainer.data import image_folder
 
@@ -102,7 +102,7 @@ def read(location, input_context=None, flag="--data"):
       mine = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
     else:
       by_data = True
-  records = tf.data.Dataset.from_tensor_slices([storage.local_path(f) for f in mine])
+  records = tf.data.Dataset.from_tensor_slices([transfer.local_path(f) for f in mine])
   # Sharding by data needs every worker to see the records in the same order, whatever
   # options.deterministic says; otherwise the order is left to the dataset's options.
   records = records.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE,

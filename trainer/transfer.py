@@ -1,0 +1,161 @@
+"""Whole folders between a local disk and the storage (local or gs://): a folder published so that
+a reader never sees part of it, a folder downloaded, log folders synced while a job runs, and a
+local copy of a remote file or folder for libraries that read only local paths.
+"""
+
+import atexit
+import errno
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+
+from trainer import storage
+
+
+def publish_dir(local_dir, dest, last=()):
+  """Copies a complete local folder to dest so that a reader never sees part of it.
+
+  Locally the copy is made in a hidden sibling folder, fsynced (every file and folder), renamed
+  onto dest in one step, and the parent fsynced: once this returns, a power loss leaves the
+  whole folder, so a caller may delete older copies then. On gs:// there is no rename: every
+  file is uploaded and the files named in `last` (relative paths) go at the end in that order,
+  so a reader that waits for them (a completion marker such as state.json) sees everything else
+  already there. An existing dest is removed first (its `last` files first): callers publish
+  fresh names, so it can only be the leftover of an interrupted publish.
+  """
+  files = storage.local_files(local_dir)
+  missing = [name for name in last if name not in files]
+  if missing:
+    raise ValueError(f"publish_dir: {missing[0]} (in last) is not a file of {local_dir}")
+  if storage.is_remote(dest):
+    storage.remove(dest, first=tuple(reversed(last)))
+    for name in [f for f in files if f not in last] + list(last):
+      storage.upload_file(os.path.join(local_dir, name), storage.join(dest, name))
+    return
+  with storage.translated(dest, "write"):
+    temp = storage.temp_sibling(dest)
+    try:
+      shutil.copytree(local_dir, temp)
+      _fsync_tree(temp)
+      storage.remove(dest, first=tuple(reversed(last)))
+      os.rename(temp, dest)
+    except BaseException:
+      shutil.rmtree(temp, ignore_errors=True)
+      raise
+    _fsync(os.path.dirname(os.path.abspath(dest)))  # the rename itself
+
+
+def download_dir(path, local_dir):
+  """Copies a folder (local or gs://) into local_dir; FileNotFoundError when it is missing."""
+  if not storage.is_remote(path):
+    with storage.translated(path, "read"):
+      shutil.copytree(path, local_dir, dirs_exist_ok=True)
+    return
+  from google.api_core import exceptions
+  bucket, prefix = storage.bucket_and_key(storage.as_folder(path))
+  with storage.translated(path, "read"):
+    blobs = storage.gcs_bucket(bucket).list_blobs(prefix=prefix, **storage.bounded())
+    names = [blob.name[len(prefix):] for blob in blobs]
+  names = [n for n in names if n and not n.endswith("/")]  # folder markers hold nothing
+  if not names:
+    raise FileNotFoundError(errno.ENOENT, "no such folder", path)
+  root = os.path.abspath(local_dir)
+  os.makedirs(root, exist_ok=True)
+  for name in names:
+    target = os.path.normpath(os.path.join(root, *name.split("/")))
+    if not target.startswith(root + os.sep):  # an object named "../x" must not land outside
+      raise storage.StorageError(f"{storage.join(path, name)}: object name leaves the folder; refusing to download it")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with storage.translated(storage.join(path, name), "read"):
+      try:
+        storage.gcs_bucket(bucket).blob(prefix + name).download_to_filename(target, **storage.bounded())
+      except exceptions.NotFound:
+        # Listed a moment ago: removed since (a prune by another process, a lifecycle rule). What
+        # was downloaded is a mix; a retry lists again and sees what is there now.
+        raise storage.StorageError(f"{storage.join(path, name)} vanished while {path} was downloaded (removed "
+                                   "by another process or a lifecycle rule?); run again to read what is there "
+                                   "now") from None
+
+
+# (local_dir, dest) -> {relative path: (size, mtime_ns)} as of the last sync_dir of that pair.
+_synced = {}
+_synced_lock = threading.Lock()
+
+
+def sync_dir(local_dir, dest):
+  """Copies the files of local_dir that are new or changed (size or mtime) since the last sync
+  of the same pair; returns their relative paths. For logs written while a job runs (TensorBoard
+  event files): not atomic, a reader may see a file of the last sync."""
+  if not storage.is_remote(dest) and os.path.realpath(dest) == os.path.realpath(local_dir):
+    return []
+  key = (os.path.abspath(local_dir), dest)
+  with _synced_lock:
+    seen = _synced.setdefault(key, {})
+    changed = []
+    for name in storage.local_files(local_dir):
+      source = os.path.join(local_dir, name)
+      stat = os.stat(source)
+      if seen.get(name) == (stat.st_size, stat.st_mtime_ns):
+        continue
+      storage.upload_file(source, storage.join(dest, *name.split("/")))
+      seen[name] = (stat.st_size, stat.st_mtime_ns)
+      changed.append(name)
+  return changed
+
+
+# Remote path -> its local copy, for this process; removed at exit.
+_cache = {}
+_cache_lock = threading.Lock()
+_cache_dir = None
+
+
+def local_path(path):
+  """A local path holding the file or folder: the path itself, or a copy of a gs:// one
+  downloaded once per process (the same remote path gives the same copy). FileNotFoundError
+  when there is nothing at path, for both kinds alike."""
+  if not storage.is_remote(path):
+    if not os.path.lexists(path):
+      raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    return path
+  path = path.rstrip("/")
+  with _cache_lock:
+    if path in _cache:
+      return _cache[path]
+    target = os.path.join(tempfile.mkdtemp(dir=_cache_root()), posixpath.basename(path) or "bucket")
+    try:
+      data = storage.read_bytes(path)
+    except IsADirectoryError:
+      download_dir(path, target)
+    else:
+      with open(target, "wb") as f:
+        f.write(data)
+    _cache[path] = target
+    return target
+
+
+def _fsync_tree(folder):
+  """fsyncs every file and folder below folder (itself included), deepest first."""
+  for root, _, files in os.walk(folder, topdown=False):
+    for name in files:
+      _fsync(os.path.join(root, name))
+    _fsync(root)
+
+
+def _fsync(path):
+  """Flushes a file's data, or a folder's entries, to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _cache_root():
+  global _cache_dir
+  if _cache_dir is None:
+    _cache_dir = tempfile.mkdtemp(prefix="trainer-storage-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  return _cache_dir
+
