@@ -12,7 +12,7 @@ import time
 import pytest
 from processes import kill_when, stalled
 
-from trainer import export, preemption, retraining, serving, storage
+from trainer import export, preemption, promotion, retrain_history, retraining, serving_lease, storage
 from trainer.config import Config
 from trainer.retraining import PROMOTED, REJECTED
 
@@ -54,8 +54,8 @@ def test_a_diverged_candidate_is_rejected_production_untouched_exit_0(root, tabl
   assert re.search(r"^rejected: training diverged: the loss is (nan|inf) at step \d+", night.stdout, re.M), night.stdout
   assert f"production: {storage.join(serving_dir, '1')}" in night.stdout
   assert snapshot(serving_dir) == before
-  assert not storage.exists(storage.join(serving_dir, serving.LEASE))  # released
-  last = serving.read_history(serving_dir)[-1]
+  assert not storage.exists(storage.join(serving_dir, serving_lease.LEASE))  # released
+  last = retrain_history.read(serving_dir)[-1]
   assert (last["decision"], last["version"], last["candidate"]) == (REJECTED, 1, None)
   assert last["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
   assert last["production"]["rmse"] < last["baseline"]["rmse"]  # production and baseline still scored
@@ -79,30 +79,30 @@ def test_a_retrain_killed_while_promoting_leaves_production_and_the_next_run_pro
                     rename="^" + re.escape(serving_dir) + r"/\d+$",
                     upload=r"(^|/)serving/(.*/)?trainer_export\.json$"))
 
-  assert serving.production(serving_dir) == storage.join(serving_dir, "1")
-  assert serving.complete_versions(serving_dir) == [1]
-  left = [n for n in storage.list_dir(serving_dir) if n not in ("1", serving.HISTORY, serving.HISTORY_PLOT)]
-  assert serving.LEASE in left  # the killed run's, expiring
+  assert promotion.production(serving_dir) == storage.join(serving_dir, "1")
+  assert promotion.complete_versions(serving_dir) == [1]
+  left = [n for n in storage.list_dir(serving_dir) if n not in ("1", retrain_history.FILE, retrain_history.PLOT)]
+  assert serving_lease.LEASE in left  # the killed run's, expiring
   if storage.is_remote(root):
-    assert sorted(left) == [serving.LEASE, "2"]  # visible, but without its marker: nobody's production
+    assert sorted(left) == [serving_lease.LEASE, "2"]  # visible, but without its marker: nobody's production
     assert export.METADATA not in storage.list_files(storage.join(serving_dir, "2"))
     expected = 3
   else:
     assert any(n.startswith(".tmp-2-") for n in left)  # hidden: no poller saw a 2
     expected = 2
-  assert len(serving.read_history(serving_dir)) == 1  # the killed run decided, but wrote nothing
+  assert len(retrain_history.read(serving_dir)) == 1  # the killed run decided, but wrote nothing
 
   # The same command again (the Job's next pod): resumes the trained candidate, outwaits the
   # lease, removes the leftovers and promotes.
   again = run(*night)
   assert again.returncode == 0, again.stderr
   assert "resuming from" in again.stderr and "took over" in again.stderr
-  assert serving.complete_versions(serving_dir) == [1, expected]
+  assert promotion.complete_versions(serving_dir) == [1, expected]
   # No leftover copy or version; locally the lock files (flock) of the lease and the history stay, empty.
-  locks = (serving.LEASE + ".lock", serving.HISTORY + ".lock")
+  locks = (serving_lease.LEASE + ".lock", retrain_history.FILE + ".lock")
   assert [n for n in storage.list_dir(serving_dir) if n not in locks] == \
-      sorted(["1", str(expected), serving.HISTORY, serving.HISTORY_PLOT])
-  history = serving.read_history(serving_dir)
+      sorted(["1", str(expected), retrain_history.FILE, retrain_history.PLOT])
+  history = retrain_history.read(serving_dir)
   assert [e["decision"] for e in history] == [PROMOTED, PROMOTED]
   # Resumed from the killed attempt's checkpoint, which says where that attempt started from.
   assert history[-1]["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
@@ -113,16 +113,16 @@ def test_a_retrain_killed_after_promoting_is_recorded_once_by_its_retry(table_cs
   production_v1(serving_dir, data, str(tmp_path / "night1"))
   night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=15"]
   # After the promotion, before the history says so.
-  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.serving.append_history"))
-  assert serving.complete_versions(serving_dir) == [1, 2]  # promoted, unrecorded
-  assert len(serving.read_history(serving_dir)) == 1
+  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.retrain_history.append"))
+  assert promotion.complete_versions(serving_dir) == [1, 2]  # promoted, unrecorded
+  assert len(retrain_history.read(serving_dir)) == 1
 
   for attempt in range(2):  # the Job's next pod; then once more, as if killed after the history too
     again = run(*night)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("promoted: promoted as version 2 by an earlier attempt of this job")
-    assert serving.complete_versions(serving_dir) == [1, 2]  # not promoted twice
-    history = serving.read_history(serving_dir)
+    assert promotion.complete_versions(serving_dir) == [1, 2]  # not promoted twice
+    history = retrain_history.read(serving_dir)
     assert [(e["decision"], e["version"]) for e in history] == [(PROMOTED, 1), (PROMOTED, 2)]
     assert history[-1]["job_dir"] == str(tmp_path / "night2")
 
@@ -133,14 +133,14 @@ def test_a_rejected_night_killed_after_recording_it_is_recorded_once_by_its_retr
   night = [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
            "--learning_rate=1e12", "--epochs=5"]
   # After its history line, before the plot.
-  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.serving.history_plot"))
-  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, REJECTED]
+  kill_when(stalled("trainer.retrain", *FLAGS, *night, "--lease_ttl_seconds=3", call="trainer.retrain_history.plot"))
+  assert [e["decision"] for e in retrain_history.read(serving_dir)] == [PROMOTED, REJECTED]
 
   again = run(*night)
   assert again.returncode == 0, again.stderr
   assert again.stdout.startswith("rejected: training diverged")
-  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, REJECTED]
-  assert storage.read_bytes(storage.join(serving_dir, serving.HISTORY_PLOT)).startswith(b"\x89PNG")
+  assert [e["decision"] for e in retrain_history.read(serving_dir)] == [PROMOTED, REJECTED]
+  assert storage.read_bytes(storage.join(serving_dir, retrain_history.PLOT)).startswith(b"\x89PNG")
 
 
 def test_nights_sharing_an_export_dir_each_decide_for_themselves(table_csv, tmp_path):
@@ -151,11 +151,11 @@ def test_nights_sharing_an_export_dir_each_decide_for_themselves(table_csv, tmp_
     night = run(f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / name}",
                 f"--export_dir={shared}", "--epochs=3")
     assert night.returncode == 0, night.stderr
-  first, second = serving.read_history(serving_dir)
+  first, second = retrain_history.read(serving_dir)
   assert (first["decision"], first["version"]) == (PROMOTED, 1)
   assert "earlier attempt" not in second["reason"], second["reason"]
   assert second["production_version"] == 1 and second["improvement"] is not None  # compared with production
-  assert serving.complete_versions(serving_dir) == ([1, 2] if second["decision"] == PROMOTED else [1])
+  assert promotion.complete_versions(serving_dir) == ([1, 2] if second["decision"] == PROMOTED else [1])
   assert storage.list_dir(shared) == ["1", "2"]
 
 
@@ -168,9 +168,9 @@ def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_pa
   outputs = [p.communicate(timeout=300) for p in processes]
   assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
   # The second to hold the lease finds the first's candidate in production: the same model, no better.
-  history = serving.read_history(serving_dir)
+  history = retrain_history.read(serving_dir)
   assert sorted(e["decision"] for e in history) == [PROMOTED, REJECTED]
-  assert serving.complete_versions(serving_dir) == [1]
+  assert promotion.complete_versions(serving_dir) == [1]
   rejected = next(e for e in history if e["decision"] == REJECTED)
   assert rejected["production_version"] == 1 and "than production's" in rejected["reason"]
   assert rejected["warnings"] == [f"the hold-out is a random split of {data}, which production was trained on too: "
@@ -192,20 +192,20 @@ def test_two_workers_train_the_same_warm_started_candidate_and_the_chief_alone_p
   assert len(checksums) == 2 and checksums[0][1] == checksums[1][1], checksums
   assert "[worker 1] worker done: the chief decides" in done.stdout
   assert re.search(r"^\[worker 0\] promoted: the candidate's rmse", done.stdout, re.M), done.stdout
-  assert serving.complete_versions(serving_dir) == [1, 2]
-  assert [e["decision"] for e in serving.read_history(serving_dir)] == [PROMOTED, PROMOTED]
+  assert promotion.complete_versions(serving_dir) == [1, 2]
+  assert [e["decision"] for e in retrain_history.read(serving_dir)] == [PROMOTED, PROMOTED]
 
 
 def test_a_held_lease_exits_clearly_when_waiting_is_not_asked_for(table_csv, tmp_path):
   serving_dir = str(tmp_path / "serving")
-  storage.write_text(storage.join(serving_dir, serving.LEASE), json.dumps(
+  storage.write_text(storage.join(serving_dir, serving_lease.LEASE), json.dumps(
       {"owner": "a retrain started by hand", "token": "t", "acquired": time.time(), "expires": time.time() + 600}))
   held = run(f"--data={table_csv()}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'job'}",
              "--epochs=1", "--lease_wait_seconds=0")
   assert held.returncode == preemption.SERVING_BUSY
   assert held.stderr.strip().splitlines()[-1].startswith(
-      f"retrain: {storage.join(serving_dir, serving.LEASE)} is held by a retrain started by hand until ")
-  assert storage.list_dir(serving_dir) == [serving.LEASE, serving.LEASE + ".lock"]  # nothing promoted
+      f"retrain: {storage.join(serving_dir, serving_lease.LEASE)} is held by a retrain started by hand until ")
+  assert storage.list_dir(serving_dir) == [serving_lease.LEASE, serving_lease.LEASE + ".lock"]  # nothing promoted
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from trainer import export, retraining, serving, storage, train, transfer
+from trainer import export, promotion, retrain_history, retraining, storage, train, transfer
 from trainer.config import Config
 from trainer.data import timeseries
 from trainer.retraining import PROMOTED, REJECTED, decide
@@ -67,8 +67,8 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert second["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
   assert second["improvement"] >= options.min_improvement
   assert second["warnings"] == []  # version 1 trained on first.csv, not on this table
-  assert serving.complete_versions(serving_dir) == [1, 2]  # version 1 kept
-  assert serving.production(serving_dir) == storage.join(serving_dir, "2")
+  assert promotion.complete_versions(serving_dir) == [1, 2]  # version 1 kept
+  assert promotion.production(serving_dir) == storage.join(serving_dir, "2")
 
   # Same footing: the candidate scored through its SavedModel is what training reported, and
   # version 1 is scored on night 2's hold-out, not on its own.
@@ -82,9 +82,9 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert second["production"]["rmse"] == pytest.approx(expected, rel=1e-6)
   assert second["production"]["rmse"] != pytest.approx(first["candidate"]["rmse"], rel=1e-3)
 
-  history = serving.read_history(serving_dir)
+  history = retrain_history.read(serving_dir)
   assert [(e["decision"], e["version"]) for e in history] == [(PROMOTED, 1), (PROMOTED, 2)]
-  assert storage.read_bytes(storage.join(serving_dir, serving.HISTORY_PLOT))[:4] == b"\x89PNG"
+  assert storage.read_bytes(storage.join(serving_dir, retrain_history.PLOT))[:4] == b"\x89PNG"
 
   # What a server does with the folder: TF Serving's loader, and trainer.predict from the export alone.
   loaded = tf.saved_model.load(transfer.local_path(storage.join(serving_dir, "2")))
@@ -115,7 +115,7 @@ def test_forecast_production_is_scored_with_its_own_window_on_the_newest_days(tm
   # Production: a window of 8, trained (and validated) on rows up to 2021-10-14.
   old = Config(model="gru", data=data, target_column="Close", date_column="Date", window=8, epochs=2,
                test_start="2021-10-15", batch_size=64)
-  serving.promote(train.train_and_evaluate(old, str(tmp_path / "old"))["export"], serving_dir)
+  promotion.promote(train.train_and_evaluate(old, str(tmp_path / "old"))["export"], serving_dir)
 
   candidate = Config(model="gru", data=data, target_column="Close", date_column="Date", window=12, epochs=2,
                      test_days=90, batch_size=64)

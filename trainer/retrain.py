@@ -9,7 +9,7 @@ candidate too: production stays, nobody needs waking); non-zero only when the jo
 from absl import app, flags
 
 from trainer import config as config_lib
-from trainer import serving, storage, task
+from trainer import retrain_history, storage, task
 
 FLAGS = flags.FLAGS
 PREFIX = "retrain: error: "
@@ -41,10 +41,10 @@ def main(argv):
       raise config_lib.UserError("--serving_dir is required: the folder (local or gs://) production models "
                                  "are served from")
     if FLAGS.show_history:
-      history = serving.read_history(FLAGS.serving_dir)
-      print(serving.history_table(history))
+      history = retrain_history.read(FLAGS.serving_dir)
+      print(retrain_history.table(history))
       if history:
-        print(f"plot: {storage.join(FLAGS.serving_dir, serving.HISTORY_PLOT)}")
+        print(f"plot: {storage.join(FLAGS.serving_dir, retrain_history.PLOT)}")
       return
     job_dir, config = task.config_from_flags(**_hold_out())
     options = _options()
@@ -60,7 +60,7 @@ def main(argv):
   print(f"{entry['decision']}: {entry['reason']}")
   if entry["version"] is not None:
     print(f"production: {storage.join(FLAGS.serving_dir, str(entry['version']))}")
-  print(f"history: {storage.join(FLAGS.serving_dir, serving.HISTORY)}")
+  print(f"history: {storage.join(FLAGS.serving_dir, retrain_history.FILE)}")
 
 
 def _hold_out():

@@ -10,7 +10,7 @@ TFX splits this into a Trainer, an Evaluator that "blesses" the candidate and a 
      promoted meanwhile), and candidate and production are each loaded from their exports and
      scored on the candidate's test rows, each with its own saved preprocessing, so both answer
      exactly as a server loading that folder would;
-  3. decide() blesses or rejects; serving.promote publishes a blessed candidate as the next
+  3. decide() blesses or rejects; promotion.promote publishes a blessed candidate as the next
      version; every run, either way, appends one line to the history and redraws its plot.
 
 A candidate whose training diverges is a rejection, not a failure: the night's answer is "keep
@@ -27,7 +27,7 @@ import socket
 
 from absl import logging
 
-from trainer import export, loop, report, serving, storage, train
+from trainer import export, loop, promotion, report, retrain_history, serving_lease, storage, train
 from trainer.config import UserError
 
 # What each kind of model is judged on: (metric, True when lower is better).
@@ -55,7 +55,7 @@ def retrain(config, job_dir, options):
   """Trains, judges and maybe promotes; returns the history entry written (None on a worker
   that is not the chief: the chief alone decides)."""
   serving_dir = options.serving_dir
-  warm_from = serving.production(serving_dir) if options.warm_start else None
+  warm_from = promotion.production(serving_dir) if options.warm_start else None
   if options.warm_start and warm_from is None:
     logging.info("warm start: no production model in %s yet; from random weights", serving_dir)
   try:
@@ -71,16 +71,16 @@ def retrain(config, job_dir, options):
   metric, lower_is_better = METRICS[prepared.kind]
   run = run_identity(job_dir)
   owner = f"{socket.gethostname()} pid {os.getpid()} ({job_dir})"
-  with serving.Lease(serving_dir, owner, options.lease_ttl_seconds, options.lease_wait_seconds,
-                     keep_alive=True) as lease:
-    history = serving.read_history(serving_dir)
+  with serving_lease.Lease(serving_dir, owner, options.lease_ttl_seconds, options.lease_wait_seconds,
+                           keep_alive=True) as lease:
+    history = retrain_history.read(serving_dir)
     recorded = next((e for e in history if e.get("run") == run), None)
     if recorded:  # a retry of a run killed after its history line: decided and recorded once
       logging.info("%s (recorded already by an earlier attempt of this job): %s", recorded.get("decision"),
                    recorded.get("reason"))
-      serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
+      retrain_history.plot(history, storage.join(serving_dir, retrain_history.PLOT))
       return recorded
-    production = serving.production(serving_dir)
+    production = promotion.production(serving_dir)
     production_metadata = export.read_metadata(production) if production else None
     baseline = report.evaluate(prepared, prepared.baseline_predictions)["baseline"]
     candidate = score(prepared, result["export"]) if result else None
@@ -100,7 +100,7 @@ def retrain(config, job_dir, options):
       decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
                                              options.min_improvement)
     if decision == PROMOTED and not promoted_before:
-      folder = serving.promote(result["export"], serving_dir, options.keep_versions, lease, run=run)
+      folder = promotion.promote(result["export"], serving_dir, options.keep_versions, lease, run=run)
       version = int(os.path.basename(folder))
     entry = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -112,9 +112,9 @@ def retrain(config, job_dir, options):
         "run": run,
     }
     lease.check()  # the history, too, is only written by the lease's holder
-    if serving.append_history(serving_dir, entry):
+    if retrain_history.append(serving_dir, entry):
       history.append(entry)
-    serving.history_plot(history, storage.join(serving_dir, serving.HISTORY_PLOT))
+    retrain_history.plot(history, storage.join(serving_dir, retrain_history.PLOT))
   logging.info("%s: %s", decision, reason)
   return entry
 
