@@ -56,26 +56,79 @@ def test_a_held_lease_blocks_until_released_or_expired(root):
     third.renew()
 
 
-def test_lease_context_keep_alive_and_wait(root):
+@pytest.fixture
+def store_clock(monkeypatch):
+  """The storage's clock as a lease judges expiry by it (conditional.store_time), set by the test:
+  clock["since"] seconds after the lease file was last written, however long it really was."""
+  clock = {"since": 0.0}
+
+  def store_time(probe):
+    lease = probe[:-len(".lock")]  # Lease asks for the time with its lock file as the probe
+    return conditional.read_stamped(lease)[2] + clock["since"]
+  monkeypatch.setattr(conditional, "store_time", store_time)
+  return clock
+
+
+class Clock:
+  """time as serving_lease sees it: monotonic() and sleep() advance a number, instantly; then()
+  runs a callback at the first sleep (what another process does meanwhile)."""
+
+  def __init__(self):
+    self.now, self.slept, self.then = 0.0, [], None
+
+  def monotonic(self):
+    return self.now
+
+  def sleep(self, seconds):
+    self.slept.append(seconds)
+    self.now += seconds
+    if self.then:
+      self.then, then = None, self.then
+      then()
+
+  time = staticmethod(time.time)
+
+
+def test_the_keep_alive_thread_renews_the_lease(root, store_clock, monkeypatch):
+  renewed = threading.Event()
+  replace = conditional.replace_if_unchanged
+
+  def observed(path, data, token):
+    done = replace(path, data, token)
+    if done and threading.current_thread().name == "lease-renewer":
+      renewed.set()
+    return done
+  monkeypatch.setattr(conditional, "replace_if_unchanged", observed)
   with serving_lease.Lease(root, "long", ttl_seconds=1, keep_alive=True) as lease:
-    time.sleep(1.5)  # longer than the lease's life: renewed meanwhile
+    first = lease_record(root)
+    assert renewed.wait(timeout=120), "the keep-alive thread never renewed the lease"
+    assert lease_record(root)["expires"] > first["expires"] and lease_record(root)["token"] == first["token"]
     lease.renew()  # by the caller too, beside the renewing thread
+    store_clock["since"] = 0.5  # within the ttl of the last renewal
     with pytest.raises(serving_lease.LeaseHeld, match="held by long"):
       serving_lease.Lease(root, "short").acquire()
   assert not storage.exists(storage.join(root, serving_lease.LEASE))
 
+
+def test_waiting_for_a_lease_tries_until_wait_seconds_then_gives_up(root, store_clock, monkeypatch):
+  clock = Clock()
+  monkeypatch.setattr(serving_lease, "time", clock)
   holder = serving_lease.Lease(root, "holder").acquire()
-  started = time.monotonic()
   with pytest.raises(serving_lease.LeaseHeld):
-    serving_lease.Lease(root, "impatient", wait_seconds=0.5).acquire()
-  assert 0.5 <= time.monotonic() - started < 3
-  threading.Timer(0.5, holder.release).start()
+    serving_lease.Lease(root, "impatient", wait_seconds=2.5).acquire()
+  assert clock.slept == [1, 1, 0.5]  # polled each second, the last try at the deadline
+  clock.slept, clock.then = [], holder.release  # released while the next one waits
   with serving_lease.Lease(root, "patient", wait_seconds=10):
     assert lease_record(root)["owner"] == "patient"
+  assert clock.slept == [1]
   # Expired without a renewal: anyone may take it.
   serving_lease.Lease(root, "brief", ttl_seconds=0.3).acquire()
-  time.sleep(0.4)
+  store_clock["since"] = 0.2
+  with pytest.raises(serving_lease.LeaseHeld, match="held by brief"):
+    serving_lease.Lease(root, "early").acquire()
+  store_clock["since"] = 0.4
   serving_lease.Lease(root, "next").acquire()
+  assert lease_record(root)["owner"] == "next"
 
 
 # Run as `python race.py <root> <name> <rounds> <go file>`: says READY; then for each round waits
