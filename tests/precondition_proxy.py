@@ -1,5 +1,5 @@
 """Cloud Storage's generation preconditions in front of the emulator, which ignores them: the
-lease (trainer.serving.Lease) depends on them, so its gs:// tests run through this proxy."""
+lease (trainer.serving_lease.Lease) depends on them, so its gs:// tests run through this proxy."""
 
 import http.client
 import http.server
