@@ -22,14 +22,10 @@ import shutil
 import tempfile
 import threading
 
-from trainer.config import UserError
+from trainer.errors import StorageError, UserError  # noqa: F401 -- storage.StorageError is what callers catch
 
 GS = "gs://"
 _DEFAULT_TIMEOUT = 60
-
-
-class StorageError(Exception):
-  """Storage that could not be reached or refused an operation; the message is one line."""
 
 
 def is_remote(path):
