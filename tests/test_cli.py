@@ -81,3 +81,31 @@ def test_a_csv_mistake_is_reported_before_tensorflow_starts(bad_csvs, command, e
   imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
   assert "pandas" in imported  # the listing is there, so an absent name means not imported
   assert not [name for name in imported if re.match(r"(tensorflow|keras)(\.|$)", name)], "TensorFlow was imported"
+
+
+def readme_flag_tables():
+  """The flag names of the README's "Flags" section: its first table (trainer.task), then the
+  rest (trainer.retrain's own)."""
+  import pathlib
+  text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = text.split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+  tables, current = [], None
+  for line in section.splitlines():
+    if line.startswith("| flag |"):
+      current = set()
+      tables.append(current)
+    elif line.startswith("| `--") and current is not None:
+      current.add(re.match(r"\| `--([a-z0-9_]+)`", line).group(1))
+  return tables
+
+
+def test_the_readme_lists_every_flag_and_only_those():
+  import importlib
+  tables = readme_flag_tables()
+  assert len(tables) == 2
+  owned = {}
+  for module in ("trainer.task", "trainer.retrain"):
+    importlib.import_module(module)
+    owned[module] = {flag.name for flag in flags.FLAGS.get_key_flags_for_module(module)}
+  assert tables[0] == owned["trainer.task"]
+  assert tables[1] == owned["trainer.retrain"] - owned["trainer.task"]

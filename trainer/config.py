@@ -10,8 +10,9 @@ import dataclasses
 import datetime
 import glob
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
+from trainer import cluster as cluster_lib
 from trainer import families
 from trainer.errors import UserError  # noqa: F401 -- raised here, and read from here by many modules
 
@@ -100,7 +101,7 @@ class Config:
   jit_compile: bool = option(False, "XLA-compile each replica's training step.")
   # This process's place in the cluster (trainer.cluster.resolve, from the environment and trainer.cli's
   # --indexed_job_hosts and --num_workers); None: alone.
-  cluster: Any = option(None, "This process's place in the cluster.", flag=False)
+  cluster: Optional[cluster_lib.Cluster] = option(None, "This process's place in the cluster.", flag=False)
   # None: the job folder's checkpoints/, logs/ and export/ (trainer.cli fills them from AIP_* on Vertex AI).
   checkpoint_dir: Optional[str] = option(None, "Checkpoints; default: AIP_CHECKPOINT_DIR, else "
                                          "<job_dir>/checkpoints.")
@@ -116,7 +117,6 @@ class Config:
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
     if self.cluster is None:
-      from trainer import cluster as cluster_lib  # no TensorFlow there: safe before any server starts
       self.cluster = cluster_lib.alone()
     if self.strategy not in STRATEGIES:
       raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
