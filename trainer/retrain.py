@@ -6,6 +6,8 @@ candidate too: production stays, nobody needs waking); non-zero only when the jo
 2 a mistake in its input, 170 storage, 172 another retrain holds the serving folder, 128 + a signal.
 """
 
+import dataclasses
+
 from absl import app, flags
 
 from trainer import cli, errors, families, serving, storage
@@ -48,14 +50,17 @@ def main(argv):
         print(f"plot: {storage.join(FLAGS.serving_dir, serving.HISTORY_PLOT)}")
       return
     job_dir, config = cli.config_from_flags(**_hold_out())
-    options = _options()
+    _check_options()
     if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
       raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
                       "served from (it is created if missing)")
     csv_file.check(config)  # a mistake in the file in a second, not after TensorFlow's start
     from trainer import retraining  # imports TensorFlow: only once the flags and the data are known to be sound
+    # Each field of retraining.Options is the flag of its name.
+    options = retraining.Options(**{field.name: FLAGS[field.name].value
+                                    for field in dataclasses.fields(retraining.Options)})
     with cli.saying_how_to_resume(job_dir):
-      entry = retraining.retrain(config, job_dir, retraining.Options(**options))
+      entry = retraining.retrain(config, job_dir, options)
   if entry is None:
     print("worker done: the chief decides whether the candidate is promoted")
     return
@@ -81,8 +86,8 @@ def _hold_out():
   return {"test_data": FLAGS.eval_data}
 
 
-def _options():
-  """retraining.Options' fields from the flags, checked."""
+def _check_options():
+  """retraining.Options' flags, checked before TensorFlow starts."""
   if FLAGS.min_improvement < 0:
     raise UserError(f"--min_improvement={FLAGS.min_improvement}: a candidate worse than production "
                     "would be promoted; give 0 or more")
@@ -90,9 +95,6 @@ def _options():
     raise UserError(f"--keep_versions={FLAGS.keep_versions}: keep at least the version in production")
   if not FLAGS.lease_ttl_seconds > 0 or FLAGS.lease_wait_seconds < 0:
     raise UserError("--lease_ttl_seconds must be positive and --lease_wait_seconds 0 or more")
-  return dict(serving_dir=FLAGS.serving_dir, warm_start=FLAGS.warm_start, min_improvement=FLAGS.min_improvement,
-              keep_versions=FLAGS.keep_versions, lease_ttl_seconds=FLAGS.lease_ttl_seconds,
-              lease_wait_seconds=FLAGS.lease_wait_seconds)
 
 
 def run():
