@@ -109,3 +109,16 @@ def test_the_readme_lists_every_flag_and_only_those():
     owned[module] = {flag.name for flag in flags.FLAGS.get_key_flags_for_module(module)}
   assert tables[0] == owned["trainer.task"]
   assert tables[1] == owned["trainer.retrain"] - owned["trainer.task"]
+
+
+def test_the_early_check_leaves_saying_what_is_done_to_prepare(tmp_path, prices_csv, caplog):
+  """csv_file.check reads the file before prepare() reads it again: gaps and the date order are said
+  once, by prepare, not twice."""
+  from trainer.data import csv_file
+  frame = pd.read_csv(prices_csv(rows=200))
+  frame.loc[[20, 21], "Close"] = None
+  frame.iloc[::-1].to_csv(tmp_path / "gaps.csv", index=False)
+  with caplog.at_level("INFO"):
+    csv_file.check(config.Config(model="gru", data=str(tmp_path / "gaps.csv"), target_column="Close",
+                                 date_column="Date", window=8))
+  assert not [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]

@@ -16,13 +16,15 @@ from trainer import storage
 from trainer.errors import UserError
 
 
-def read_columns(path, target_column, feature_columns=None, date_column=None, fill_gaps=False, flag="--data"):
+def read_columns(path, target_column, feature_columns=None, date_column=None, fill_gaps=False, flag="--data",
+                 warn=True):
   """Returns (frame, gaps): the date column (if any), the target and the features, all numeric.
 
   With feature_columns None every other numeric column is a feature. Rows with missing values
   are dropped, or, with fill_gaps (a price series: a missing day keeps the last known price),
   filled forward from the previous row. `gaps` says how many rows and what was done. flag is the
-  one errors name (a test set comes from --test_data).
+  one errors name (a test set comes from --test_data). warn=False keeps what is done quiet (`check`
+  reads the file before prepare() reads it again and says it).
   """
   try:
     # Bytes through the storage layer, so gs:// works and a missing file is FileNotFoundError
@@ -39,7 +41,7 @@ def read_columns(path, target_column, feature_columns=None, date_column=None, fi
     if column is not None and column not in names:
       raise UserError(f"--{flag}={column!r} is not a column of {path}; its columns are: {', '.join(map(str, names))}")
   if date_column is not None:
-    frame = _sorted_by_date(frame, date_column, path)
+    frame = _sorted_by_date(frame, date_column, path, warn)
   if feature_columns is None:
     others = [c for c in names if c not in (target_column, date_column)]
     feature_columns = [c for c in others if pd.api.types.is_numeric_dtype(frame[c])]
@@ -47,7 +49,7 @@ def read_columns(path, target_column, feature_columns=None, date_column=None, fi
   for column in columns:
     frame[column] = _numeric(frame[column], column, path)
   frame = frame[([date_column] if date_column else []) + columns]
-  return _without_gaps(frame, columns, fill_gaps, path, flag)
+  return _without_gaps(frame, columns, fill_gaps, path, flag, warn)
 
 
 def _numeric(series, column, path):
@@ -60,7 +62,7 @@ def _numeric(series, column, path):
   return numbers.astype("float64")
 
 
-def _sorted_by_date(frame, date_column, path):
+def _sorted_by_date(frame, date_column, path, warn):
   dates = pd.to_datetime(frame[date_column], errors="coerce")
   bad = dates.isna()
   if bad.any():
@@ -69,12 +71,13 @@ def _sorted_by_date(frame, date_column, path):
                     f"(first at line {row + 2}: {frame[date_column].iloc[row]!r}); fix the file")
   frame = frame.assign(**{date_column: dates})
   if not dates.is_monotonic_increasing:
-    logging.warning("%s: rows are not in date order; sorting them by %r", path, date_column)
+    if warn:
+      logging.warning("%s: rows are not in date order; sorting them by %r", path, date_column)
     frame = frame.sort_values(date_column, kind="stable")
   return frame.reset_index(drop=True)
 
 
-def _without_gaps(frame, columns, fill_gaps, path, flag):
+def _without_gaps(frame, columns, fill_gaps, path, flag, warn):
   missing = frame[columns].isna().any(axis=1)
   count = int(missing.sum())
   if not count:
@@ -87,7 +90,8 @@ def _without_gaps(frame, columns, fill_gaps, path, flag):
   else:
     frame = frame[~missing].reset_index(drop=True)
     action = "dropped"
-  logging.warning("%s: %d rows have missing values in %s; %s", path, count, ", ".join(columns), action)
+  if warn:
+    logging.warning("%s: %d rows have missing values in %s; %s", path, count, ", ".join(columns), action)
   if len(frame) == 0:
     raise UserError(f"{flag}={path}: no row has values in every column used ({', '.join(columns)}); fix the file")
   return frame, {"missing_rows": count, "missing_action": action}
@@ -100,13 +104,15 @@ def check(config):
   if config.kind == "images" or config.data is None:
     return
   if not config.is_forecast:
-    frame, _ = read_columns(config.data, config.target_column, config.feature_columns or None, config.date_column)
+    frame, _ = read_columns(config.data, config.target_column, config.feature_columns or None, config.date_column,
+                            warn=False)
     if config.test_data:
       features = [c for c in frame.columns if c not in (config.target_column, config.date_column)]
-      read_columns(config.test_data, config.target_column, features, config.date_column, flag="--test_data")
+      read_columns(config.test_data, config.target_column, features, config.date_column, flag="--test_data",
+                   warn=False)
     return
   frame, _ = read_columns(config.data, config.target_column, config.feature_columns, config.date_column,
-                          fill_gaps=True)
+                          fill_gaps=True, warn=False)
   dates = frame[config.date_column] if config.date_column else pd.Series(range(len(frame)))
   check_series_rows(config.window, test_start_row(config, dates, config.data), len(frame), config.data)
 
