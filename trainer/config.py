@@ -54,7 +54,7 @@ class Config:
                       identity=True, choices=families.NAMES)
   # None trains on built-in generated data: no download needed.
   data: Optional[str] = option(None, "CSV file; for cnn a folder of class subfolders, TFRecord shards (their folder "
-                               "or a glob) or tfds:NAME; none: built-in generated data.", identity=True)
+                               "or a glob) or tfds:NAME; not given: built-in generated data.", identity=True)
   test_data: Optional[str] = option(None, "cnn and dense: a separate test set of the same kind as --data.",
                                     identity=True)
   # None: "y" for the built-in table, "Close" for the built-in series.
