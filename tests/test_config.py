@@ -1,5 +1,6 @@
 import pytest
 
+from trainer import config
 from trainer.config import Config, UserError, output_folders
 
 
@@ -52,3 +53,12 @@ def test_checkpoint_flags_are_checked(flags, message):
 def test_hold_out_flags_are_checked(flags, message):
   with pytest.raises(UserError, match=message):
     Config(**flags)
+
+
+def test_the_identity_is_the_fields_marked_so_in_field_order():
+  """The flags a checkpoint's config is compared on, as they were listed before they moved beside
+  their fields: adding a field to the identity is a decision, not an accident of order."""
+  assert config.IDENTITY == ("model", "data", "test_data", "target_column", "date_column", "feature_columns",
+                             "test_start", "test_days", "window", "batch_size", "seed", "bidirectional",
+                             "validation_split", "test_split", "image_size", "augment", "mixed_precision")
+  assert list(Config(model="gru").resume_identity()) == list(config.IDENTITY)

@@ -29,7 +29,7 @@ import os
 import re
 from typing import Mapping, Optional
 
-from trainer.config import UserError
+from trainer.errors import UserError
 
 # Task types MultiWorkerMirroredStrategy trains with; anything else in TF_CONFIG is refused.
 TASK_TYPES = ("chief", "worker")

@@ -1,23 +1,21 @@
 """The typed job configuration: defaults, and validation that fails before any work starts.
 
-Library code takes a `Config`; only `trainer/task.py` knows about flags. Field names match
-the flag names so that an error can name the flag the user has to change.
+Library code takes a `Config`; only trainer.cli knows about flags, and defines one for each field
+from the field's `option`: its help, and whether it is part of the job's identity, are written
+once, beside the field. Field names match the flag names so that an error can name the flag the
+user has to change.
 """
 
 import dataclasses
 import datetime
 import glob
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
+from trainer import cluster as cluster_lib
+from trainer import families
+from trainer.errors import UserError  # noqa: F401 -- raised here, and read from here by many modules
 
-class UserError(Exception):
-  """A mistake in the job's input: reported as one line and a non-zero exit, never a traceback."""
-
-
-MODEL_NAMES = ("dense", "gru", "lstm", "cnn")
-FORECAST_MODELS = ("gru", "lstm")
-IMAGE_MODELS = ("cnn",)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
 # Vertex AI custom training says where a job should write through these variables; a flag given
 # on the command line wins.
@@ -37,89 +35,95 @@ def output_folders(environ, job_dir, model, **flags):
   return job_dir, folders
 
 
-# Flags that must keep their value for a job to resume from its checkpoints (Config.resume_mismatch).
-# --mixed_precision: its optimizer (a LossScaleOptimizer on GPUs) holds other variables.
-RESUME_FIELDS = ("model", "data", "test_data", "target_column", "date_column", "feature_columns", "test_start",
-                 "test_days", "window", "batch_size", "seed", "bidirectional", "validation_split", "test_split",
-                 "image_size", "augment", "mixed_precision")
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
 
+def option(default, help, identity=False, flag=True, choices=None, blank_is_none=False):  # noqa: A002
+  """A Config field and everything about its option, in one place: `help` (the flag's --help text),
+  `identity` (the value must stay the same for a job to resume from its checkpoints:
+  Config.resume_mismatch), `flag` (trainer.cli defines --<name> from it; False for a field set
+  otherwise), `choices` (an enum flag), `blank_is_none` (--name= given empty means not given)."""
+  return dataclasses.field(default=default, metadata={"help": help, "identity": identity, "flag": flag,
+                                                      "choices": choices, "blank_is_none": blank_is_none})
+
+
 @dataclasses.dataclass
 class Config:
-  model: str = "lstm"
-  # A CSV file (dense, gru, lstm); for cnn a folder of class subfolders, TFRecord shards (their
-  # folder or a glob) or tfds:NAME. None trains on built-in generated data: no download needed.
-  data: Optional[str] = None
-  # cnn: a separate test set, of the same kind as --data; None splits --data.
-  test_data: Optional[str] = None
-  # None: "y" for the built-in table, "Close" for the built-in series; required with --data.
-  target_column: Optional[str] = None
-  # Rows are sorted by this column; needed for --test_start.
-  date_column: Optional[str] = None
-  # Inputs besides the target; for tables, None means every numeric column but the target.
-  feature_columns: Tuple[str, ...] = ()
-  # First date of the test period; None: the last 20% of the rows (forecasts only).
-  test_start: Optional[str] = None
-  # Forecasts: the test period is the newest test_days days instead (trainer.retrain's
-  # --eval_days: a hold-out that moves with the data as rows are added).
-  test_days: Optional[int] = None
+  model: str = option("lstm", "Network to train: dense (tables), gru or lstm (forecasts), cnn (images).",
+                      identity=True, choices=families.NAMES)
+  # None trains on built-in generated data: no download needed.
+  data: Optional[str] = option(None, "CSV file; for cnn a folder of class subfolders, TFRecord shards (their folder "
+                               "or a glob) or tfds:NAME; not given: built-in generated data.", identity=True)
+  test_data: Optional[str] = option(None, "cnn and dense: a separate test set of the same kind as --data.",
+                                    identity=True)
+  # None: "y" for the built-in table, "Close" for the built-in series.
+  target_column: Optional[str] = option(None, "Column to predict (required with --data).", identity=True)
+  date_column: Optional[str] = option(None, "Column of dates: rows are sorted by it, --test_start refers to it.",
+                                      identity=True)
+  feature_columns: Tuple[str, ...] = option((), "Input columns besides the target; tables default to every numeric "
+                                            "column.", identity=True)
+  # Forecasts only. Blank is None: a shared flags file clears it (k8s/overlays/cronjob/retrain.flags).
+  test_start: Optional[str] = option(None, "First date of the test period (YYYY-MM-DD); default (or empty): the "
+                                     "last 20% of rows.", identity=True, blank_is_none=True)
+  # Set by trainer.retrain's --eval_days: a hold-out that moves with the data as rows are added.
+  test_days: Optional[int] = option(None, "Forecasts: the test period is the newest this many days.",
+                                    identity=True, flag=False)
   # 60 trading days, the tutorial's window.
-  window: int = 60
-  epochs: int = 60
-  # Global batch: split across replicas by the distribution strategy.
-  batch_size: int = 32
-  learning_rate: float = 1e-3
-  # Epochs without a better validation loss before training stops (best weights are kept).
-  patience: int = 10
-  seed: int = 42
-  bidirectional: bool = False
-  # Fraction of the training rows (their tail, for series) held out for early stopping.
-  validation_split: float = 0.2
-  # cnn: images are resized to image_size x image_size (the tutorial's 150).
-  image_size: int = 150
-  # cnn: random rotation, shear, zoom and flips on training images, as the tutorial's generator.
-  augment: bool = True
-  # cnn with tfds:NAME: where TFDS keeps prepared datasets; downloading only when asked.
-  tfds_data_dir: Optional[str] = None
-  tfds_download: bool = False
-  # tf.distribute strategy: auto picks multi-worker when the cluster names several tasks,
-  # mirrored when several GPUs (or --cpu_devices) are visible, the default strategy otherwise.
-  strategy: str = "auto"
-  # Split the CPU into this many logical devices (mirrored without GPUs: rehearsals and tests).
-  cpu_devices: int = 0
-  # Mixed precision: float16 compute with loss scaling on GPUs, bfloat16 on CPUs.
-  mixed_precision: bool = False
-  # XLA-compile each replica's training step.
-  jit_compile: bool = False
-  # This process's place in the cluster (trainer.cluster.resolve); None: alone.
-  cluster: Any = None
-  # Fraction of the rows held out for testing: at random for tables, as the tutorial did;
-  # the last rows for forecasts without --test_start.
-  test_split: float = 0.2
-  # Where checkpoints, TensorBoard logs and versioned SavedModels go (local or gs://); None: the
-  # job folder's checkpoints/, logs/ and export/ (trainer.task fills them from AIP_* on Vertex AI).
-  checkpoint_dir: Optional[str] = None
-  tensorboard_dir: Optional[str] = None
-  export_dir: Optional[str] = None
-  # 0: a checkpoint at the end of every epoch; N: every N training steps instead (and at the end).
-  checkpoint_every_steps: int = 0
-  keep_checkpoints: int = 3
-  # Ignore the checkpoints of an earlier run of this job and train from scratch.
-  restart: bool = False
+  window: int = option(60, "Time steps in each forecast window.", identity=True)
+  epochs: int = option(60, "Maximum training epochs.")
+  # Split across replicas by the distribution strategy.
+  batch_size: int = option(32, "Global batch size.", identity=True)
+  learning_rate: float = option(1e-3, "Optimizer learning rate.")
+  # The best weights are kept.
+  patience: int = option(10, "Epochs without a better validation loss before stopping.")
+  seed: int = option(42, "Seed for the split, shuffling and initial weights.", identity=True)
+  bidirectional: bool = option(False, "Wrap each recurrent layer in Bidirectional.", identity=True)
+  # Their tail, for series.
+  validation_split: float = option(0.2, "Fraction of the training rows held out for early stopping.",
+                                   identity=True)
+  # At random for tables, as the tutorial did; the last rows for forecasts without --test_start.
+  test_split: float = option(0.2, "Fraction of rows held out for testing.", identity=True)
+  # The tutorial's 150.
+  image_size: int = option(150, "cnn: images are resized to this square size.", identity=True)
+  # As the tutorial's generator.
+  augment: bool = option(True, "cnn: random rotation, shear, zoom and flips of training images.", identity=True)
+  tfds_data_dir: Optional[str] = option(None, "cnn with tfds:NAME: the TFDS data folder.")
+  tfds_download: bool = option(False, "cnn with tfds:NAME: allow downloading the dataset.")
+  strategy: str = option("auto", "tf.distribute strategy; auto: multi_worker_mirrored when the cluster environment "
+                         "names several tasks, mirrored with several GPUs (or --cpu_devices), else default.",
+                         choices=STRATEGIES)
+  # Rehearsals and tests of mirrored training.
+  cpu_devices: int = option(0, "Split the CPU into this many logical devices (mirrored without GPUs).")
+  # Identity: its optimizer (a LossScaleOptimizer on GPUs) holds other variables.
+  mixed_precision: bool = option(False, "Mixed precision: float16 with loss scaling on GPUs, bfloat16 on CPUs.",
+                                 identity=True)
+  jit_compile: bool = option(False, "XLA-compile each replica's training step.")
+  # This process's place in the cluster (trainer.cluster.resolve, from the environment and trainer.cli's
+  # --indexed_job_hosts and --num_workers); None: alone.
+  cluster: Optional[cluster_lib.Cluster] = option(None, "This process's place in the cluster.", flag=False)
+  # None: the job folder's checkpoints/, logs/ and export/ (trainer.cli fills them from AIP_* on Vertex AI).
+  checkpoint_dir: Optional[str] = option(None, "Checkpoints; default: AIP_CHECKPOINT_DIR, else "
+                                         "<job_dir>/checkpoints.")
+  tensorboard_dir: Optional[str] = option(None, "TensorBoard logs; default: AIP_TENSORBOARD_LOG_DIR, else "
+                                          "<job_dir>/logs.")
+  export_dir: Optional[str] = option(None, "Versioned SavedModels (<export_dir>/<version>/); default: "
+                                     "AIP_MODEL_DIR, else <job_dir>/export.")
+  checkpoint_every_steps: int = option(0, "Checkpoint every N training steps (and at the end) instead of at the "
+                                       "end of every epoch (0).")
+  keep_checkpoints: int = option(3, "Newest checkpoints to keep.")
+  restart: bool = option(False, "Delete this job's checkpoints and train from scratch instead of resuming.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
     if self.cluster is None:
-      from trainer import cluster as cluster_lib  # no TensorFlow there: safe before any server starts
       self.cluster = cluster_lib.alone()
     if self.strategy not in STRATEGIES:
       raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
     if self.cpu_devices < 0:
       raise UserError(f"--cpu_devices must be 0 (no split) or more (got {self.cpu_devices})")
-    if self.model not in MODEL_NAMES:
-      raise UserError(f"--model={self.model!r} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
+    if self.model not in families.NAMES:
+      raise UserError(f"--model={self.model!r} is unknown; choose one of: {', '.join(families.NAMES)}")
     for name in ("window", "epochs", "batch_size", "patience", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
@@ -130,7 +134,7 @@ class Config:
     for name in ("validation_split", "test_split"):
       if not 0 < getattr(self, name) < 1:
         raise UserError(f"--{name} must be between 0 and 1 (got {getattr(self, name)})")
-    if self.model in IMAGE_MODELS:
+    if self.kind == "images":
       if self.image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} (got {self.image_size})")
       for flag in ("data", "test_data"):
@@ -147,7 +151,7 @@ class Config:
     if self.test_data and self.is_forecast:
       raise UserError("--test_data applies to --model=cnn and dense; forecasts are tested on their newest rows "
                       "(--test_start)")
-    if self.test_data and self.model not in IMAGE_MODELS and not self.test_data.startswith("gs://") \
+    if self.test_data and self.kind != "images" and not self.test_data.startswith("gs://") \
         and not os.path.isfile(self.test_data):
       raise UserError(f"--test_data={self.test_data}: no such file; give a CSV file with the columns of --data")
     if self.test_days is not None:
@@ -170,10 +174,10 @@ class Config:
         raise UserError(f"--test_start={self.test_start!r} is not a date; write it as YYYY-MM-DD") from None
 
   def resume_identity(self):
-    """The flags that make this job this job (RESUME_FIELDS), as JSON saves them: a checkpoint
-    keeps them, and resume_mismatch compares against them."""
+    """The flags that make this job this job (the fields marked identity), as JSON saves them: a
+    checkpoint keeps them, and resume_mismatch compares against them."""
     return {name: list(value) if isinstance(value, tuple) else value
-            for name, value in ((name, getattr(self, name)) for name in RESUME_FIELDS)}
+            for name, value in ((name, getattr(self, name)) for name in IDENTITY)}
 
   def resume_mismatch(self, saved):
     """The first flag whose value differs from `saved` (a checkpoint's config) in a way that makes
@@ -187,5 +191,14 @@ class Config:
     return None
 
   @property
+  def kind(self) -> str:
+    """The model's kind (trainer.families): "table", "forecast" or "images"."""
+    return families.FAMILIES[self.model].kind
+
+  @property
   def is_forecast(self) -> bool:
-    return self.model in FORECAST_MODELS
+    return self.kind == "forecast"
+
+
+# The flags that must keep their value for a job to resume from its checkpoints, in field order.
+IDENTITY = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["identity"])

@@ -1,8 +1,11 @@
-"""The tutorial's networks, each built by one function with the same signature, picked by name
-from the plain MODELS dict. Inputs are named so exported signatures keep stable input keys."""
+"""The tutorial's networks, each built by one function with the same signature, build_<name> for
+each family of trainer.families, picked by name from the plain MODELS dict. Inputs are named so
+exported signatures keep stable input keys."""
 
 import keras
 from keras import layers
+
+from trainer import families
 
 
 def build_dense(input_shape, num_outputs=1, bidirectional=False):
@@ -52,8 +55,7 @@ def _output(units, activation=None):
   return layers.Dense(units, activation=activation, dtype="float32")
 
 
-MODELS = {"dense": build_dense, "gru": build_gru, "lstm": build_lstm, "cnn": build_cnn}
+MODELS = {name: globals()[f"build_{name}"] for name in families.NAMES}
 
 # The optimizer the tutorial trained each model with.
-OPTIMIZERS = {"dense": keras.optimizers.RMSprop, "gru": keras.optimizers.Adam, "lstm": keras.optimizers.Adam,
-              "cnn": keras.optimizers.Adam}
+OPTIMIZERS = {name: getattr(keras.optimizers, family.optimizer) for name, family in families.FAMILIES.items()}

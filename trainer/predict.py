@@ -7,17 +7,17 @@ before TensorFlow is imported, so a wrong path fails in a second, not in five.
 """
 
 import os
-import sys
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) hides the predictions.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from trainer import export, inference, preemption, storage  # noqa: E402
-from trainer.config import UserError  # noqa: E402
+from trainer import errors, export, families, inference, storage  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
+PREFIX = "predict: error: "
 flags.DEFINE_string("model_dir", None, "An export folder (its highest complete version is used) or one version "
                     "folder of it; local or gs://.")
 flags.DEFINE_string("data", None, "Forecasts: a CSV with the columns the model was trained on; tables: a CSV "
@@ -30,32 +30,22 @@ flags.mark_flags_as_required(["model_dir", "data"])
 
 def main(argv):
   if len(argv) > 1:
-    fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
-  try:
+    errors.fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value", prefix=PREFIX)
+  with errors.exiting("predict"):  # a mistake exits 2; storage unreachable 170, which is retried
     version_dir = export.find_version(FLAGS.model_dir)
     metadata = export.read_metadata(version_dir)
-    kind = metadata["preprocessing"]["kind"]
+    kind = families.kind(metadata["preprocessing"]["kind"])
     if kind not in inference.KINDS:
       raise UserError(f"{version_dir}: an export of kind {kind!r}, which this trainer cannot predict with")
     read, predict = inference.KINDS[kind]
     inputs = read(FLAGS.data, metadata)
     predictions, text = predict(export.load(version_dir, metadata), metadata, inputs)
-  except UserError as e:
-    fail(str(e))
-  except storage.StorageError as e:  # an outage, not the command's mistake: 170, which is retried
-    fail(str(e), preemption.STORAGE_FAILURE)
   print(f"export: {version_dir} (model {metadata['model']}, version {metadata['version']}, "
         f"made {metadata['created']})")
   print(text)
   if FLAGS.output:
     storage.write_text(FLAGS.output, predictions.to_csv(index=False))
     print(f"{len(predictions)} predictions written to {FLAGS.output}")
-
-
-def fail(message, code=2):
-  """One line, and exit code 2 for a mistake in the command (170 for storage), as trainer.task says them."""
-  print(f"predict: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
 
 
 def run():

@@ -12,60 +12,20 @@ import signal
 
 from absl import logging
 
+# The exit codes and the stops that carry them are trainer.errors'; these names stay readable here
+# for the modules and tests that know them as preemption's.
+from trainer.errors import (SERVING_BUSY, STORAGE_FAILURE, WORKER_LOST, Preempted, Restart,  # noqa: F401
+                            WorkerLost)
+from trainer.errors import signal_exit_code as exit_code  # noqa: F401
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def exit_code(signum):
-  """128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a shell reports a process killed
-  by it: in the 128-255 range that TFJob's ExitCode restart policy retries."""
-  return 128 + signum
-
-
-# Other codes in the 128-255 range that cluster restart policies retry: the job stopped for a
-# reason outside it, and the same command resumes from the last checkpoint.
-STORAGE_FAILURE = 170  # Cloud Storage could not be read or written (trainer.storage.StorageError)
-WORKER_LOST = 171  # another worker of a multi-worker job died
-# trainer.retrain: another retrain holds the serving folder's lease (trainer.serving.Lease), or
-# promoted a version while this job's workers started (train.WarmStartRace).
-SERVING_BUSY = 172
-
-
-class Restart(Exception):
-  """The job stopped for a reason outside it; exit with `exit_code`, and the same command run
-  again resumes from the last checkpoint."""
-  exit_code = WORKER_LOST
-
-
-class WorkerLost(Restart):
-  """A collective operation failed because another worker of the job went away (killed, out of
-  memory, its node gone): every worker must restart together."""
-
-  def __init__(self, error):
-    reason = str(error).strip().splitlines()[0][:160]
-    super().__init__(f"another worker of this job was lost ({type(error).__name__}: {reason}); restart every "
-                     f"worker to resume from the last checkpoint (exit code {self.exit_code})")
-
-
-class Preempted(Restart):
-  """Training stopped on a signal after saving a checkpoint; `resume` says what runs it on from there."""
-
-  def __init__(self, signum, global_step, checkpoint, resume="run the same command again"):
-    self.exit_code = exit_code(signum)
-    self.signum, self.global_step, self.checkpoint = signum, global_step, checkpoint
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {global_step}; checkpoint {checkpoint} "
-                     f"saved; {resume} to resume (exit code {self.exit_code})")
-
-  def resumed_by(self, resume):
-    """The same stop, advising `resume` (the command line knows what the loop does not: whether the
-    job folder is new each run, or --restart wipes the checkpoints)."""
-    return Preempted(self.signum, self.global_step, self.checkpoint, resume)
 
 
 class StopSignal:
   """Catches SIGTERM and SIGINT while installed (`with StopSignal() as stop:`).
 
   Install it after the distribution strategy exists: MultiWorkerMirroredStrategy sets its own
-  SIGTERM handler, which just keeps training (GUIDE section 4). A second Ctrl-C stops at once.
+  SIGTERM handler, which just keeps training. A second Ctrl-C stops at once.
   """
 
   def __init__(self):

@@ -36,7 +36,7 @@ def classification_metrics(labels, predicted, class_names):
 
 def evaluate(prepared, predictions):
   """The report's test, baseline and (for classifiers) confusion-matrix entries."""
-  if prepared.kind != "classification":
+  if prepared.kind != "images":
     return {"test": metrics(prepared.test_targets, predictions),
             "baseline": {"name": prepared.baseline_name,
                          **metrics(prepared.test_targets, prepared.baseline_predictions)}}
@@ -133,7 +133,7 @@ def write_plots(job_dir, prepared, history, predictions, model_name, evaluation)
   plots = os.path.join(job_dir, "plots")
   os.makedirs(plots, exist_ok=True)
   plot_history(history, os.path.join(plots, "history.png"))
-  if prepared.kind == "classification":
+  if prepared.kind == "images":
     _classification_plots(plots, prepared, predictions, evaluation)
   elif prepared.kind == "forecast":
     index = np.array(prepared.test_index, dtype="datetime64[D]" if prepared.summary["date_column"] else None)

@@ -1,15 +1,18 @@
-"""Entry point: `python -m trainer.retrain --serving_dir=DIR` with the trainer's flags (trainer.task)
+"""Entry point: `python -m trainer.retrain --serving_dir=DIR` with the trainer's flags (trainer.cli)
 trains a candidate and promotes it into DIR only when it beats production (trainer.retraining).
 
-Exit codes as trainer.task's: 0 whether the candidate was promoted or rejected (a diverged
+Exit codes as trainer.errors says them: 0 whether the candidate was promoted or rejected (a diverged
 candidate too: production stays, nobody needs waking); non-zero only when the job itself failed:
 2 a mistake in its input, 170 storage, 172 another retrain holds the serving folder, 128 + a signal.
 """
 
+import dataclasses
+
 from absl import app, flags
 
-from trainer import config as config_lib
-from trainer import retrain_history, storage, task
+from trainer import cli, errors, families, retrain_history, storage
+from trainer.data import csv_file
+from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
 PREFIX = "retrain: error: "
@@ -30,30 +33,34 @@ flags.DEFINE_float("lease_ttl_seconds", 300, "The serving folder's lease lasts t
 flags.DEFINE_float("lease_wait_seconds", 900, "How long to wait for another retrain's lease before exiting "
                    "with 172.")
 flags.DEFINE_bool("show_history", False, "Print <serving_dir>/history.jsonl as a table and exit.")
-flags.adopt_module_key_flags(task)  # the trainer's flags are this command's own too (--helpshort)
+flags.adopt_module_key_flags(cli)  # the trainer's flags are this command's own too (--helpshort)
 
 
 def main(argv):
   if len(argv) > 1:
-    task.fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value", prefix=PREFIX)
-  with task.exit_codes("retrain"):
+    errors.fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value", prefix=PREFIX)
+  with errors.exiting("retrain"):
     if not FLAGS.serving_dir:
-      raise config_lib.UserError("--serving_dir is required: the folder (local or gs://) production models "
-                                 "are served from")
+      raise UserError("--serving_dir is required: the folder (local or gs://) production models "
+                      "are served from")
     if FLAGS.show_history:
       history = retrain_history.read(FLAGS.serving_dir)
       print(retrain_history.table(history))
       if history:
         print(f"plot: {storage.join(FLAGS.serving_dir, retrain_history.PLOT)}")
       return
-    job_dir, config = task.config_from_flags(**_hold_out())
-    options = _options()
+    job_dir, config = cli.config_from_flags(**_hold_out())
+    _check_options()
     if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
-      raise config_lib.UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
-                                 "served from (it is created if missing)")
-    from trainer import retraining  # imports TensorFlow: only once the flags are known to be sound
-    with task.saying_how_to_resume(job_dir):
-      entry = retraining.retrain(config, job_dir, retraining.Options(**options))
+      raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
+                      "served from (it is created if missing)")
+    csv_file.check(config)  # a mistake in the file in a second, not after TensorFlow's start
+    from trainer import retraining  # imports TensorFlow: only once the flags and the data are known to be sound
+    # Each field of retraining.Options is the flag of its name.
+    options = retraining.Options(**{field.name: FLAGS[field.name].value
+                                    for field in dataclasses.fields(retraining.Options)})
+    with cli.saying_how_to_resume(job_dir):
+      entry = retraining.retrain(config, job_dir, options)
   if entry is None:
     print("worker done: the chief decides whether the candidate is promoted")
     return
@@ -67,30 +74,27 @@ def _hold_out():
   """The Config fields that set the hold-out, from --eval_start, --eval_days and --eval_data."""
   for flag, instead in (("test_start", "--eval_start"), ("test_data", "--eval_data")):
     if FLAGS[flag].value:  # an empty --test_start= clears one from a shared flags file (k8s/overlays/cronjob)
-      raise config_lib.UserError(f"--{flag}: a retrain scores every model on its hold-out; give {instead}")
-  if FLAGS.model in config_lib.FORECAST_MODELS:
+      raise UserError(f"--{flag}: a retrain scores every model on its hold-out; give {instead}")
+  if families.FAMILIES[FLAGS.model].kind == "forecast":
     if FLAGS.eval_data:
-      raise config_lib.UserError("--eval_data applies to dense and cnn; forecasts hold out their newest rows "
-                                 "(--eval_start or --eval_days)")
+      raise UserError("--eval_data applies to dense and cnn; forecasts hold out their newest rows "
+                      "(--eval_start or --eval_days)")
     return {"test_start": FLAGS.eval_start, "test_days": None if FLAGS.eval_start else FLAGS.eval_days}
   if FLAGS.eval_start:
-    raise config_lib.UserError("--eval_start applies to forecasts (--model=gru or lstm); dense and cnn are scored "
-                               "on --test_split or --eval_data")
+    raise UserError("--eval_start applies to forecasts (--model=gru or lstm); dense and cnn are scored "
+                    "on --test_split or --eval_data")
   return {"test_data": FLAGS.eval_data}
 
 
-def _options():
-  """retraining.Options' fields from the flags, checked."""
+def _check_options():
+  """retraining.Options' flags, checked before TensorFlow starts."""
   if FLAGS.min_improvement < 0:
-    raise config_lib.UserError(f"--min_improvement={FLAGS.min_improvement}: a candidate worse than production "
-                               "would be promoted; give 0 or more")
+    raise UserError(f"--min_improvement={FLAGS.min_improvement}: a candidate worse than production "
+                    "would be promoted; give 0 or more")
   if FLAGS.keep_versions < 1:
-    raise config_lib.UserError(f"--keep_versions={FLAGS.keep_versions}: keep at least the version in production")
+    raise UserError(f"--keep_versions={FLAGS.keep_versions}: keep at least the version in production")
   if not FLAGS.lease_ttl_seconds > 0 or FLAGS.lease_wait_seconds < 0:
-    raise config_lib.UserError("--lease_ttl_seconds must be positive and --lease_wait_seconds 0 or more")
-  return dict(serving_dir=FLAGS.serving_dir, warm_start=FLAGS.warm_start, min_improvement=FLAGS.min_improvement,
-              keep_versions=FLAGS.keep_versions, lease_ttl_seconds=FLAGS.lease_ttl_seconds,
-              lease_wait_seconds=FLAGS.lease_wait_seconds)
+    raise UserError("--lease_ttl_seconds must be positive and --lease_wait_seconds 0 or more")
 
 
 def run():

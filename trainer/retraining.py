@@ -29,9 +29,7 @@ from absl import logging
 
 from trainer import export, loop, promotion, report, retrain_history, serving_lease, storage, train
 from trainer.config import UserError
-
-# What each kind of model is judged on: (metric, True when lower is better).
-METRICS = {"forecast": ("rmse", True), "table": ("rmse", True), "classification": ("accuracy", False)}
+from trainer.families import METRICS  # what each kind of model is judged on
 PROMOTED, REJECTED = "promoted", "rejected"
 # In the job folder: the random half of the run's identity (run_identity).
 RUN = "retrain_run.json"

@@ -11,16 +11,15 @@ import time
 
 from absl import logging
 
-from trainer import conditional, preemption, storage
+from trainer import conditional, errors, storage
 
 LEASE = ".lease.json"
 DEFAULT_TTL_SECONDS = 3600
 
 
-class LeaseHeld(preemption.Restart):
+class LeaseHeld(errors.ServingBusy):
   """Another process holds the serving folder's lease: not a mistake, someone else's turn; the
   same command run later goes on (a retry resumes the trained candidate from its checkpoint)."""
-  exit_code = preemption.SERVING_BUSY
 
   def __init__(self, path, owner, expires, left=None):
     self.path, self.owner, self.expires = path, owner, expires
@@ -30,9 +29,8 @@ class LeaseHeld(preemption.Restart):
                      "running, or one crashed and its lease runs out then")
 
 
-class LeaseLost(preemption.Restart):
+class LeaseLost(errors.ServingBusy):
   """The lease this process held has been released or taken over (it expired)."""
-  exit_code = preemption.SERVING_BUSY
 
 
 class Lease:

@@ -21,17 +21,13 @@ import posixpath
 import secrets
 import shutil
 
-from trainer.config import UserError
+from trainer.errors import StorageError, UserError  # noqa: F401 -- storage.StorageError is what callers catch
 
 GS = "gs://"
 _DEFAULT_TIMEOUT = 60
 # The prefix of a hidden sibling that a write goes to before it is renamed into place (trainer.numbered
 # tells such leftovers of a killed write from everything else).
 TEMPORARY = ".tmp-"
-
-
-class StorageError(Exception):
-  """Storage that could not be reached or refused an operation; the message is one line."""
 
 
 def is_remote(path):

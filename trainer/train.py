@@ -10,10 +10,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, hptuning, loop, report, storage, transfer
+from trainer import distribution, export, families, hptuning, loop, report, storage, transfer
 from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
 from trainer.config import UserError
-from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.preemption import SERVING_BUSY, Restart, StopSignal, WorkerLost
 
@@ -29,7 +28,7 @@ _PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, t
                   tf.errors.CancelledError)
 
 # The data module that feeds each model.
-DATA = {"dense": tabular, "gru": timeseries, "lstm": timeseries, "cnn": images}
+DATA = {name: families.data_module(name) for name in families.NAMES}
 
 
 class WarmStartRace(Restart):
@@ -125,7 +124,7 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
     if is_chief and folders.local_logs != folders.tensorboard:
       transfer.sync_dir(folders.local_logs, folders.tensorboard)
 
-  loss = loop.cross_entropy if prepared.kind == "classification" else loop.squared_error
+  loss = loop.cross_entropy if prepared.kind == "images" else loop.squared_error
   checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs,
                                      restored=resumed_from and resumed_from["checkpoint"])
   try:

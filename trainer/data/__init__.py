@@ -26,6 +26,7 @@ class Prepared:
   test_index: List[Any]
   # The report's "data" section.
   summary: Dict[str, Any]
+  # "table", "forecast" or "images" (trainer.families).
   kind: str = "table"
   # Units of the model's output layer: 1 for regressors, the number of classes for classifiers.
   num_outputs: int = 1

@@ -229,5 +229,5 @@ def prepare(config):
       summary={"path": splits.description, "classes": splits.class_names, "image_size": size,
                "augment": config.augment, "counts": splits.counts, "test_images": int(len(test_labels)),
                "skipped_files": splits.skipped_files},
-      kind="classification",
+      kind="images",
       num_outputs=len(splits.class_names))
