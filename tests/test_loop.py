@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -69,7 +71,7 @@ def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):
   loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, 2, 2,
            checkpointing=loop.Checkpointing(checkpoints, every_steps=3))
   assert checkpoints.complete() == [3, 6, 9, 12, 15, 16]
-  step, state, _ = checkpoints.restore_latest()
+  step, state, _, _ = checkpoints.restore_latest()
   assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 16)
 
 
@@ -100,3 +102,21 @@ def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
   history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 1, 1)
   assert np.isfinite(history["loss"] + history["val_loss"]).all()
   assert history["global_step"] == 2  # 32 examples, then 8 on replica 0 alone
+
+
+def test_a_worker_that_does_not_publish_never_logs_a_checkpoint_as_saved(tmp_path, caplog):
+  # A non-chief worker of a cluster writes each checkpoint for the collective save, then discards it:
+  # only the chief's copy is published, so "checkpoint <path> saved" would name a folder it never wrote.
+  strategy = tf.distribute.get_strategy()
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer, publish=False)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, 1, 1,
+             checkpointing=loop.Checkpointing(checkpoints))
+  assert checkpoints.complete() == []
+  lines = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+  assert lines and not [line for line in lines if " saved" in line], lines
+  assert "checkpoint of step 8 written for the collective save and discarded: the chief publishes " \
+      f"{tmp_path / 'ckpt-8'} (epoch 1, step 0;" in lines[0]
