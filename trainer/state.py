@@ -59,7 +59,8 @@ class TrainState:
 
   def to_json(self):
     """What state.json holds."""
-    return {**{name: getattr(self, name) for name in self._SAVED}, "warm_start": self.warm_start and self.warm_start.to_json()}
+    saved = {name: getattr(self, name) for name in self._SAVED}
+    return {**saved, "warm_start": self.warm_start and self.warm_start.to_json()}
 
   @classmethod
   def from_saved(cls, saved, best_weights, folder):

@@ -14,7 +14,7 @@ from absl import logging
 
 from trainer import distribution, export, hptuning, loop, report, start, storage
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
-from trainer.data import images, tabular, timeseries
+from trainer.data import Prepared, images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.preemption import StopSignal, WorkerLost
 from trainer.state import NOT_A_RETRAIN, WarmStart
@@ -64,7 +64,7 @@ class Job:
   (under the strategy, in the precision policy) and its checkpoints."""
   folders: Folders
   strategy: tf.distribute.Strategy
-  prepared: object  # the data module's Prepared
+  prepared: Prepared
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
   policy: str
@@ -76,7 +76,7 @@ class Trained:
   """What run() leaves: the report (None when training diverged, which `diverged` says), the data
   it prepared (a retrain scores production on its test split) and what the weights started from."""
   report: Optional[dict]
-  prepared: object
+  prepared: Prepared
   warm_start: WarmStart
   diverged: Optional[loop.Diverged] = None
 
@@ -110,13 +110,13 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   try:
     # After the strategy: MultiWorkerMirroredStrategy installs a SIGTERM handler of its own.
     with StopSignal() as stop:
-      job = _build(config, Folders.of(config, job_dir, local_dir), strategy)
-      state = start.begin(config, job.checkpoints, job.model, job.optimizer, strategy, warm_start)
+      job = _build(config, Folders.of(config, job_dir, local_dir), strategy)  # 1. build
+      state = start.begin(config, job.checkpoints, job.model, job.optimizer, strategy, warm_start)  # 2. start
       try:
-        history = _fit(config, job, state, stop)
+        history = _fit(config, job, state, stop)  # 3. fit
       except loop.Diverged as e:  # no report: a retrain records the rejection
         return Trained(None, job.prepared, state.warm_start, e)
-      result = _publish(config, job, state, history, {**placement, "precision": job.policy}, started)
+      result = _publish(config, job, state, history, {**placement, "precision": job.policy}, started)  # 4. publish
       return Trained(result, job.prepared, state.warm_start)
   except _PEER_FAILURES as e:
     if config.cluster.num_workers < 2:
@@ -148,9 +148,9 @@ def _build(config, folders, strategy):
   finally:
     keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
+  identity = {"config": config.resume_identity(), "data": with_extent(fingerprint, prepared.summary)}
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
-                            publish=config.cluster.is_chief,
-                            info={"config": config.resume_identity(), "data": with_extent(fingerprint, prepared.summary)})
+                            publish=config.cluster.is_chief, info=identity)
   return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints)
 
 
