@@ -54,7 +54,7 @@ def test_restore_brings_back_weights_optimizer_dropout_state_and_loop_state(root
 
   model2, optimizer2, checkpoints2 = make(root)
   assert not all(np.array_equal(a, b) for a, b in zip(saved, variables(model2, optimizer2)))
-  step, state, best_weights = checkpoints2.restore_latest()
+  step, state, best_weights, _ = checkpoints2.restore_latest()
   assert (step, state) == (7, {"config": {"model": "gru"}, "epoch": 1, "step": 2})
   for a, b in zip(saved, variables(model2, optimizer2)):
     np.testing.assert_array_equal(a, b)
@@ -88,7 +88,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(root, caplog):
 
   model2, _, checkpoints2 = make(root)
   with caplog.at_level(logging.WARNING):
-    step, state, _ = checkpoints2.restore_latest()
+    step, state, _, _ = checkpoints2.restore_latest()
   assert (step, state["n"]) == (1, 1)
   assert any("ckpt-2 cannot be read" in r.getMessage() and "trying the one before it" in r.getMessage()
              for r in caplog.records)
@@ -180,8 +180,9 @@ def test_the_same_step_saved_again_replaces_it(root):
                       last=("state.json",))
   storage.write_text(storage.join(root, "ckpt-5.new", "state.json"), '{"config": {"model": "gru"}, "n": 3}')
   again = make(root)[2]
-  assert again.complete() == [5] and again.restore_latest()[1]["n"] == 3
-  assert again.restored == storage.join(root, "ckpt-5.new")
+  restored = again.restore_latest()
+  assert again.complete() == [5] and restored.state["n"] == 3
+  assert restored.folder == storage.join(root, "ckpt-5.new")
   again.save(5, {"n": 4}, None)
   assert storage.list_dir(root) == ["ckpt-5"]
   assert make(root)[2].restore_latest()[1]["n"] == 4

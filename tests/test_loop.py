@@ -1,3 +1,7 @@
+import logging
+import os
+import signal
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -7,6 +11,8 @@ from trainer.checkpoints import Checkpoints
 from trainer.cluster import Cluster
 from trainer.config import UserError
 from trainer.models import MODELS, OPTIMIZERS
+from trainer.preemption import Preempted, StopSignal
+from trainer.state import TrainState
 
 
 def linear_data(split, batch_size, input_context=None, epoch=0):
@@ -69,7 +75,7 @@ def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):
   loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, 2, 2,
            checkpointing=loop.Checkpointing(checkpoints, every_steps=3))
   assert checkpoints.complete() == [3, 6, 9, 12, 15, 16]
-  step, state, _ = checkpoints.restore_latest()
+  step, state, _, _ = checkpoints.restore_latest()
   assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 16)
 
 
@@ -100,3 +106,87 @@ def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
   history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 1, 1)
   assert np.isfinite(history["loss"] + history["val_loss"]).all()
   assert history["global_step"] == 2  # 32 examples, then 8 on replica 0 alone
+
+
+def test_a_worker_that_does_not_publish_never_logs_a_checkpoint_as_saved(tmp_path, caplog):
+  # A non-chief worker of a cluster writes each checkpoint for the collective save, then discards it:
+  # only the chief's copy is published, so "checkpoint <path> saved" would name a folder it never wrote.
+  strategy = tf.distribute.get_strategy()
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer, publish=False)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    loop.fit(model, optimizer, loop.squared_error, linear_data, strategy, 32, 1, 1,
+             checkpointing=loop.Checkpointing(checkpoints))
+  assert checkpoints.complete() == []
+  lines = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+  assert lines and not [line for line in lines if " saved" in line], lines
+  assert "checkpoint of step 8 written for the collective save and discarded: the chief publishes " \
+      f"{tmp_path / 'ckpt-8'} (epoch 1, step 0;" in lines[0]
+
+
+# The parts of the loop, one by one.
+
+@pytest.mark.parametrize("every, step, kwargs, due", [
+    (0, 3, {}, False),  # within an epoch: only every N steps, when asked
+    (3, 3, {}, True), (3, 4, {}, False),
+    (0, 4, {"stopping": True}, True),  # a signal: at once
+    (0, 8, {"epoch_end": True}, True),  # without every N steps: every epoch's end
+    (3, 9, {"epoch_end": True}, False),  # with it: not at an epoch's end (step 9 was saved within the epoch)...
+    (3, 10, {"epoch_end": True, "done": True}, True),  # ...but at the end of training
+    (3, 10, {"epoch_end": True, "stopping": True}, True),
+])
+def test_the_one_rule_for_when_to_save(every, step, kwargs, due):
+  assert loop.Checkpointing(every_steps=every).due(step, **kwargs) is due
+
+
+def test_each_step_result_is_read_one_step_late():
+  late = loop.OneStepLate()
+  assert late.swap(tf.constant([2.0, 4.0, 0.0]), 1) is None
+  assert late.swap(tf.constant([3.0, 4.0, 1.0]), 2) == loop.StepResult(1, 2.0, 4.0, False)
+  assert late.drain() == loop.StepResult(2, 3.0, 4.0, True)
+  assert late.drain() is None
+
+
+def parts(checkpointing=None, learning_rate=1e-2, on_step=None):
+  model = MODELS["dense"]((5,))
+  optimizer = OPTIMIZERS["dense"](learning_rate)
+  optimizer.build(model.trainable_variables)
+  return model, loop.Loop(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32,
+                          checkpointing=checkpointing, on_step=on_step)
+
+
+def test_one_epoch_its_validation_and_its_end():
+  seen = []
+  model, parts_ = parts(on_step=lambda state, result: seen.append((state.global_step, result)))
+  state = TrainState()
+  loss, stopping = parts_.train_epoch(state)
+  # 256 rows in batches of 32; each result reaches the hook once the next step is queued, the last at the end.
+  assert (state.step, state.global_step, stopping) == (8, 8, False)
+  assert [(now, result.step, result.count) for now, result in seen] == [(n + 1, n, 32) for n in range(1, 8)] + \
+      [(8, 8, 32)]
+  assert loss == pytest.approx(sum(result.loss_sum for _, result in seen) / 256)
+  val_loss = parts_.validate()
+  assert val_loss == pytest.approx(validation_loss(model), rel=1e-4)
+  parts_.end_epoch(state, loss, val_loss, 1.0, epochs=2)
+  assert (state.epoch, state.step, state.partial, state.best_epoch, state.val_loss) == (1, 0, [0.0, 0.0], 1, [val_loss])
+  best = state.best_weights
+  parts_.end_epoch(state, loss, val_loss + 1, 1.0, epochs=2)  # worse: the best weights stay epoch 1's
+  assert state.best_epoch == 1 and state.best_weights is best
+  with pytest.raises(loop.Diverged, match=r"the loss is nan on validation at step 8 \(epoch 3\)"):
+    parts_.end_epoch(state, loss, float("nan"), 1.0, epochs=2)
+
+
+def test_a_signal_saves_the_next_step_and_stops(tmp_path):
+  model, optimizer = MODELS["dense"]((5,)), OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer)
+  with StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)  # before the first step: its flag is read, one step late, at step 2
+    with pytest.raises(Preempted) as stopped:
+      loop.fit(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32, 2, 2,
+               checkpointing=loop.Checkpointing(checkpoints, stop=stop))
+  assert (stopped.value.global_step, stopped.value.checkpoint) == (2, str(tmp_path / "ckpt-2"))
+  assert checkpoints.complete() == [2]
+  assert checkpoints.restore_latest().state["step"] == 2

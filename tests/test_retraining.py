@@ -97,6 +97,15 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert list(outputs.values())[0].shape == (5, 1)
 
 
+@pytest.mark.parametrize("warm_start, reason", [(True, "no production model yet"), (False, "--nowarm_start")])
+def test_the_report_says_what_the_candidate_started_from_as_the_history_does(warm_start, reason, table_csv, tmp_path):
+  config = Config(model="dense", data=table_csv(rows=300), target_column="y", epochs=1)
+  options = retraining.Options(serving_dir=str(tmp_path / "serving"), warm_start=warm_start)
+  entry = retraining.retrain(config, str(tmp_path / "night"), options)
+  report = json.loads((tmp_path / "night" / "report.json").read_text())
+  assert report["warm_start"] == entry["warm_start"] == {"used": False, "reason": reason}
+
+
 def momentum_prices(path, days=700, seed=0):
   """Daily prices whose changes carry over to the next day (AR(1), 0.5): a recurrent model can
   beat persistence on them."""

@@ -61,6 +61,8 @@ def test_dense_trains_reports_and_its_saved_model_reproduces_the_report(tmp_path
   assert REPORT_KEYS <= set(result)
   assert result["weights"] == [[5, 16], [16], [16, 1], [1]] and result["parameters"] == 113
   assert result["baseline"]["name"] == "training mean"
+  # As a retraining history says it: a plain job starts from random weights, and says why.
+  assert result["warm_start"] == {"used": False, "reason": "not a retrain"}
   assert sorted(result["plots"]) == ["error_histogram.png", "history.png", "predicted_vs_true.png"]
   model = keras.models.load_model(tmp_path / "job" / "export" / "1" / "model.keras")
   preprocessing = json.loads((tmp_path / "job" / "export" / "1" / "trainer_export.json").read_text())["preprocessing"]
@@ -82,11 +84,11 @@ def test_dense_reaches_the_noise_floor_on_the_tutorials_law(tmp_path):
 # Run by scripts/local_cluster.py: this worker holds the number at its index in argv[1].
 SAME_VALUE_TASK = '''
 import os, sys
-from trainer import cluster as cluster_lib, distribution, train
+from trainer import cluster as cluster_lib, distribution, start
 cluster = cluster_lib.resolve(os.environ, None, None)
 strategy = distribution.make_strategy("auto", cluster, 0)
 value = float(sys.argv[1].split(",")[cluster.task_index])
-print("same" if train._same_on_every_worker(strategy, cluster, value) else "different")
+print("same" if start.same_on_every_worker(strategy, cluster, value) else "different")
 '''
 
 

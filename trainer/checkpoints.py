@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +31,14 @@ STATE = "state.json"
 _FOLDERS = numbered.Folders(STATE, prefix="ckpt-", suffixes=(".new",))
 
 
+class Restored(NamedTuple):
+  """What Checkpoints.restore_latest read (besides the variables, which it set)."""
+  step: int  # global step
+  state: dict  # its state.json
+  best_weights: Optional[List[np.ndarray]]
+  folder: str
+
+
 class Checkpoints:
   """Saves and restores model, optimizer and loop state under `directory`.
 
@@ -40,7 +49,6 @@ class Checkpoints:
   def __init__(self, directory, model, optimizer, keep=3, publish=True, info=None):
     """info: saved in every state.json beside the loop's state (the trainer puts its config there)."""
     self.directory, self.keep, self.publish, self.info = directory, keep, publish, info or {}
-    self.restored = None  # the folder restore_latest read
     # Dropout's random state lives outside model.weights and tf.train.Checkpoint skips it; without
     # it a resumed job would draw other dropout masks than the run it continues.
     weights = {id(w) for w in model.weights}
@@ -62,8 +70,7 @@ class Checkpoints:
 
   def restore_latest(self, check=None):
     """Restores the newest checkpoint that reads back whole, falling back to older ones with a
-    warning. Returns (global step, state dict, best weights), or None when there is none; the
-    folder read is self.restored. check(state dict): called with each checkpoint's state.json
+    warning. Returns a Restored, or None when there is none. check(state dict): called with each checkpoint's state.json
     before its variables are read; it raises (config.UserError) to refuse a checkpoint of another
     job, which variables of another shape would only report as unreadable."""
     folders = self._complete_folders()
@@ -79,8 +86,7 @@ class Checkpoints:
           logging.warning("checkpoint %s cannot be read (%s: %s); trying the one before it", folder,
                           type(e).__name__, reason)
           continue
-        self.restored = folder
-        return step, state, best_weights
+        return Restored(step, state, best_weights, folder)
     if folders:
       raise UserError(f"none of the {len(folders)} checkpoints in {self.directory} can be read; "
                       "use --restart to train from scratch, or another --job_dir")

@@ -4,7 +4,7 @@ into the serving folder only when it beats both; otherwise production stays as i
 
 TFX splits this into a Trainer, an Evaluator that "blesses" the candidate and a Pusher. Here:
 
-  1. train.train_and_evaluate trains the candidate into its own job folder (checkpoints, resume,
+  1. train.run trains the candidate into its own job folder (checkpoints, resume,
      an export), starting from production's weights when it is the same network (warm start);
   2. under the serving folder's Lease, production is looked up again (another retrain may have
      promoted meanwhile), and candidate and production are each loaded from their exports and
@@ -27,9 +27,10 @@ import socket
 
 from absl import logging
 
-from trainer import export, loop, promotion, report, retrain_history, serving_lease, storage, train
+from trainer import export, promotion, report, retrain_history, serving_lease, storage, train
 from trainer.config import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
+from trainer.state import WarmStart
 PROMOTED, REJECTED = "promoted", "rejected"
 # In the job folder: the random half of the run's identity (run_identity).
 RUN = "retrain_run.json"
@@ -53,19 +54,19 @@ def retrain(config, job_dir, options):
   """Trains, judges and maybe promotes; returns the history entry written (None on a worker
   that is not the chief: the chief alone decides)."""
   serving_dir = options.serving_dir
-  warm_from = promotion.production(serving_dir) if options.warm_start else None
-  if options.warm_start and warm_from is None:
-    logging.info("warm start: no production model in %s yet; from random weights", serving_dir)
-  try:
-    result = train.train_and_evaluate(config, job_dir, warm_start=warm_from)
-    failure, warm_started = None, result["warm_start"]
-  except loop.Diverged as e:
-    result, failure, warm_started = None, str(e), e.warm_start
+  offered = WarmStart(reason="--nowarm_start")
+  if options.warm_start:
+    offered = promotion.production(serving_dir) or WarmStart(reason="no production model yet")
+    if isinstance(offered, WarmStart):
+      logging.info("warm start: no production model in %s yet; from random weights", serving_dir)
+  trained = train.run(config, job_dir, warm_start=offered)
+  result, failure = trained.report, trained.diverged and str(trained.diverged)
+  if failure:
     logging.warning("candidate rejected: %s", failure)
   if not config.cluster.is_chief:
     return None
-  # The same split the candidate was tested on (prepare is deterministic for a config).
-  prepared = train.DATA[config.model].prepare(config)
+  # The split the candidate was tested on, as training prepared it (for images: decoded once).
+  prepared = trained.prepared
   metric, lower_is_better = METRICS[prepared.kind]
   run = run_identity(job_dir)
   owner = f"{socket.gethostname()} pid {os.getpid()} ({job_dir})"
@@ -105,7 +106,7 @@ def retrain(config, job_dir, options):
         "decision": decision, "version": version, "reason": reason, "metric": metric,
         "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
         "production_version": production_version,
-        "warm_start": _warm_start(warm_started, options), "warnings": warnings,
+        "warm_start": trained.warm_start.to_json(), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
         "run": run,
     }
@@ -155,12 +156,6 @@ def _relative_gain(new, old, lower_is_better):
   if old == 0:
     return 0.0 if new == old else (math.inf if (new < old) == lower_is_better else -math.inf)
   return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
-
-
-def _warm_start(warm_started, options):
-  """What the candidate started from, as train reported it, or why it started from random weights."""
-  return warm_started or {"used": False, "reason": "no production model yet" if options.warm_start else
-                          "--nowarm_start"}
 
 
 def run_identity(job_dir):

@@ -1,20 +1,23 @@
 """train_and_evaluate(config, job_dir): data, model, training with checkpoints, test metrics,
-plots, export and report."""
+plots, export and report, in four steps: build, start (trainer.start), fit (trainer.loop), publish."""
 
 import dataclasses
+import functools
 import os
 import time
+from typing import Optional
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, families, hptuning, loop, report, storage, transfer
-from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
-from trainer.config import UserError
+from trainer import distribution, export, families, hptuning, loop, report, start, storage, transfer
+from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
+from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
-from trainer.preemption import SERVING_BUSY, Restart, StopSignal, WorkerLost
+from trainer.preemption import StopSignal, WorkerLost
+from trainer.state import NOT_A_RETRAIN, WarmStart
 
 # TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
 # logger, the job's own) would drown the job's.
@@ -22,18 +25,13 @@ tf.get_logger().setLevel("WARNING")
 logging.get_absl_logger().addFilter(lambda record: record.levelno >= logging.converter.STANDARD_WARNING
                                     or f"{os.sep}tensorflow{os.sep}" not in record.pathname)
 
-# What a collective operation raises when a peer worker is gone (GUIDE section 4: "Connection
-# reset by peer" within seconds), rather than a hang.
+# What a collective operation raises when a peer worker is gone ("Connection reset by peer" within
+# seconds), rather than a hang.
 _PEER_FAILURES = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
                   tf.errors.CancelledError)
 
 # The data module that feeds each model.
 DATA = {name: families.data_module(name) for name in families.NAMES}
-
-
-class WarmStartRace(Restart):
-  """Workers warm-started from different versions: a retry starts them from the same one."""
-  exit_code = SERVING_BUSY
 
 
 @dataclasses.dataclass
@@ -60,27 +58,66 @@ class Folders:
         os.path.join(self.local, "logs")
 
 
-def train_and_evaluate(config, job_dir, warm_start=None):
+@dataclasses.dataclass
+class Job:
+  """What _build makes of a config: where it writes, the data it prepared, model and optimizer
+  (under the strategy, in the precision policy) and its checkpoints."""
+  folders: Folders
+  strategy: tf.distribute.Strategy
+  prepared: Prepared
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  policy: str
+  checkpoints: Checkpoints
+
+
+@dataclasses.dataclass
+class Trained:
+  """What run() leaves: the report (None when training diverged, which `diverged` says), the data
+  it prepared (a retrain scores production on its test split) and what the weights started from."""
+  report: Optional[dict]
+  prepared: Prepared
+  warm_start: WarmStart
+  diverged: Optional[loop.Diverged] = None
+
+
+def train_and_evaluate(config, job_dir, warm_start=NOT_A_RETRAIN):
   """Trains config.model into job_dir (local or gs://) and returns the report (written as
   report.json by the chief; other workers of a cluster write only to a temporary folder).
-  Resumes from the job's latest checkpoint unless config.restart. warm_start: an export version
-  folder whose weights a fresh start begins from, when it is the same network (export.warm_start)."""
+  Raises loop.Diverged when the loss became NaN or infinite. warm_start: see run."""
+  trained = run(config, job_dir, warm_start)
+  if trained.diverged:
+    raise trained.diverged
+  return trained.report
+
+
+def run(config, job_dir, warm_start=NOT_A_RETRAIN):
+  """Builds, starts (trainer.start: resumes from the job's latest checkpoint unless
+  config.restart), trains, then evaluates and publishes. warm_start: an export version folder
+  whose weights a new job begins from when it is the same network, or a state.WarmStart saying
+  why there is none. A divergence is returned (Trained.diverged), not raised."""
   started = time.time()
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
   strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
   replicas = strategy.num_replicas_in_sync
-  distributed = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
-                 "num_replicas": replicas, "global_batch_size": config.batch_size,
-                 "per_replica_batch_size": distribution.per_replica_batch_size(config.batch_size, replicas)}
+  placement = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
+               "num_replicas": replicas, "global_batch_size": config.batch_size,
+               "per_replica_batch_size": distribution.per_replica_batch_size(config.batch_size, replicas)}
   logging.info("strategy %(strategy)s: %(num_replicas)d replica(s) on %(num_workers)d worker(s), global batch "
-               "%(global_batch_size)d (%(per_replica_batch_size)d per replica)", distributed)
+               "%(global_batch_size)d (%(per_replica_batch_size)d per replica)", placement)
   local_dir = distribution.writable_job_dir(job_dir, config.cluster)
   try:
     # After the strategy: MultiWorkerMirroredStrategy installs a SIGTERM handler of its own.
     with StopSignal() as stop:
-      return _train_and_evaluate(config, Folders.of(config, job_dir, local_dir), strategy, distributed, stop,
-                                 started, warm_start)
+      job = _build(config, Folders.of(config, job_dir, local_dir), strategy)  # 1. build
+      state = start.begin(config, job.checkpoints, job.model, job.optimizer, strategy, warm_start)  # 2. start
+      try:
+        history = _fit(config, job, state, stop)  # 3. fit
+      except loop.Diverged as e:  # no report: a retrain records the rejection
+        return Trained(None, job.prepared, state.warm_start, e)
+      result = _publish(config, job, state, history, {**placement, "precision": job.policy}, started)  # 4. publish
+      return Trained(result, job.prepared, state.warm_start)
   except _PEER_FAILURES as e:
     if config.cluster.num_workers < 2:
       raise
@@ -89,15 +126,14 @@ def train_and_evaluate(config, job_dir, warm_start=None):
     distribution.cleanup(local_dir, job_dir)
 
 
-def _train_and_evaluate(config, folders, strategy, distributed, stop, started, warm_start):
+def _build(config, folders, strategy):
+  """The data, model, optimizer and checkpoints of a job, from its seed."""
   keras.utils.set_random_seed(config.seed)
   # Before the data is read: a file rewritten while prepare() reads it must not be recorded as the
   # data this job trained on (a resume would then accept the new file).
   fingerprint = data_fingerprint(config)
   prepared = DATA[config.model].prepare(config)
   os.makedirs(folders.local, exist_ok=True)
-  is_chief = config.cluster.is_chief
-
   policy = distribution.precision_policy(config.mixed_precision)
   keras.mixed_precision.set_global_policy(policy)
   try:
@@ -112,29 +148,33 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   finally:
     keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
+  identity = {"config": config.resume_identity(), "data": with_extent(fingerprint, prepared.summary)}
+  checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
+                            publish=config.cluster.is_chief, info=identity)
+  return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints)
 
-  checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints, publish=is_chief,
-                            info={"config": config.resume_identity(),
-                                  "data": with_extent(fingerprint, prepared.summary)})
-  state, best_weights, resumed_from, saved = _resume(config, checkpoints, model, optimizer, strategy)
-  warm_started = _warm_start(config, strategy, model, saved, warm_start)
-  checkpoints.info["warm_start"] = warm_started
 
-  def sync_logs():
-    if is_chief and folders.local_logs != folders.tensorboard:
-      transfer.sync_dir(folders.local_logs, folders.tensorboard)
-
-  loss = loop.cross_entropy if prepared.kind == "images" else loop.squared_error
-  checkpointing = loop.Checkpointing(checkpoints, config.checkpoint_every_steps, stop, sync_logs,
-                                     restored=resumed_from and resumed_from["checkpoint"])
-  try:
-    history = loop.fit(model, optimizer, loss, prepared.make_dataset, strategy, config.batch_size, config.epochs,
-                       config.patience, log_dir=folders.local_logs, jit_compile=config.jit_compile,
-                       checkpointing=checkpointing, state=state, best_weights=best_weights)
-  except loop.Diverged as e:
-    e.warm_start = warm_started  # for the retraining history: no report is written
-    raise
+def _fit(config, job, state, stop):
+  """Trains from state (loop.fit), checkpointing as the flags say; returns fit's history."""
+  sync_logs = functools.partial(_sync_logs, config, job.folders)
+  loss = loop.cross_entropy if job.prepared.kind == "images" else loop.squared_error
+  checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
+  history = loop.fit(job.model, job.optimizer, loss, job.prepared.make_dataset, job.strategy, config.batch_size,
+                     config.epochs, config.patience, log_dir=job.folders.local_logs, jit_compile=config.jit_compile,
+                     checkpointing=checkpointing, state=state)
   sync_logs()
+  return history
+
+
+def _sync_logs(config, folders):
+  if config.cluster.is_chief and folders.local_logs != folders.tensorboard:
+    transfer.sync_dir(folders.local_logs, folders.tensorboard)
+
+
+def _publish(config, job, state, history, placement, started):
+  """Evaluates the trained model on the test split; writes plots, the export (the chief) and the
+  report, last; returns the report."""
+  model, folders, prepared, is_chief = job.model, job.folders, job.prepared, config.cluster.is_chief
   if is_chief:
     hptuning.report(history["val_loss"][history["best_epoch"] - 1], history["global_step"])
   # Every worker logs it: workers of one job that disagree have trained different weights.
@@ -142,15 +182,13 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
   logging.info("final weights checksum %.10g", checksum)
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
-
   result = {
       "model": config.model,
       "config": dataclasses.asdict(config),
-      **distributed,
-      "precision": policy,
+      **placement,
       "data": prepared.summary,
-      "resumed_from": resumed_from,
-      "warm_start": warm_started,
+      "resumed_from": state.resumed_from,
+      "warm_start": state.warm_start.to_json(),
       "epochs_run": len(history["loss"]),
       "best_epoch": history["best_epoch"],
       **evaluation,
@@ -170,106 +208,3 @@ def _train_and_evaluate(config, folders, strategy, distributed, stop, started, w
     transfer.sync_dir(os.path.join(folders.local, "plots"), storage.join(folders.job, "plots"))
   report.write_report(folders.local if not is_chief else folders.job, result)
   return result
-
-
-def _warm_start(config, strategy, model, saved, version_dir):
-  """What the model starts from (export.warm_start's answer, or None): a resumed job, what its
-  first attempt started from (the checkpoint's state.json); a fresh one, version_dir's weights
-  when it is the same network."""
-  if saved is not None:
-    warm_started = saved.get("warm_start")
-  else:
-    warm_started = export.warm_start(model, version_dir, config.model) if version_dir else None
-  if warm_started and warm_started["used"]:
-    logging.info("warm start: from the weights of version %s (%s)", warm_started["version"], warm_started["from"])
-  elif warm_started:
-    logging.info("warm start: not from %s: %s; from random weights", warm_started["from"], warm_started["reason"])
-  if not _same_on_every_worker(strategy, config.cluster,
-                               warm_started["version"] if warm_started and warm_started["used"] else 0):
-    # Each worker looked up production by itself, and a retrain promoted a version in between.
-    raise WarmStartRace("the workers started from different production versions (one was promoted while they "
-                        "started); run the job again")
-  return warm_started
-
-
-def _resume(config, checkpoints, model, optimizer, strategy):
-  """(loop state, best weights, report's resumed_from, the checkpoint's state.json) from the job's
-  latest checkpoint, or Nones for a fresh start. Every worker restores the same checkpoint; a job
-  that cannot read its checkpoint folder stops here (trainer.storage.StorageError) rather than
-  start again."""
-  if config.restart:
-    if config.cluster.is_chief:
-      logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
-      checkpoints.remove_all()
-    return None, None, None, None
-  restored = checkpoints.restore_latest(check=lambda saved: _check_same_job(config, checkpoints, saved))
-  step = restored[0] if restored else 0
-  _check_same_step(strategy, config.cluster, step)
-  if restored is None:
-    logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
-    return None, None, None, None
-  _, saved, best_weights = restored
-  folder = checkpoints.restored
-  state = _loop_state(saved, folder)
-  replicas = strategy.num_replicas_in_sync
-  if state.step and state.num_replicas != replicas:
-    logging.warning("checkpoint written by %d replicas, resumed on %d in the middle of epoch %d: the rest of "
-                    "that epoch skips as many examples but not the same ones", state.num_replicas, replicas,
-                    state.epoch + 1)
-  saved_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # a MirroredVariable under a strategy
-  if saved_rate != np.float32(config.learning_rate):
-    logging.info("learning rate %g from the checkpoint replaced by --learning_rate=%g", saved_rate,
-                 config.learning_rate)
-    optimizer.learning_rate = config.learning_rate
-  logging.info("resuming from %s: %d epochs done, %d steps into epoch %d (global step %d)",
-               folder, state.epoch, state.step, state.epoch + 1, state.global_step)
-  return state, best_weights, {"checkpoint": folder, "epoch": state.epoch, "step": state.step,
-                               "global_step": state.global_step}, saved
-
-
-def _check_same_job(config, checkpoints, saved):
-  """Refuses a checkpoint (its state.json, read before its variables, which would only fail to
-  load as if corrupt) written with other flags or on other data: a file rewritten since (a
-  nightly ETL between a preemption and the retry) would resume on other rows and statistics."""
-  mismatch = config.resume_mismatch(saved.get("config", {}))
-  if mismatch:
-    name, before, now = mismatch
-    raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "
-                    f"{now!r}; use another --job_dir, or --restart to discard them")
-  change = data_change(saved.get("data"), checkpoints.info["data"])  # checkpoints before fingerprints: none
-  if change:
-    raise UserError(f"{change}; use --restart to train from scratch on the new data, or another --job_dir")
-
-
-def _loop_state(saved, folder):
-  """loop.State from a checkpoint's state.json. One of an older layout lacks later fields: they
-  take their defaults (partial: that epoch's loss counts the steps after the resume only)."""
-  fields = [f.name for f in dataclasses.fields(loop.State)]
-  essential = [name for name in ("epoch", "step", "global_step") if name not in saved]
-  if essential:
-    raise UserError(f"{folder}/state.json has no {', '.join(essential)}: a checkpoint layout this version cannot "
-                    "resume; use --restart to train from scratch, or another --job_dir")
-  missing = [name for name in fields if name not in saved]
-  if missing:
-    logging.warning("checkpoint %s is of an older layout without %s: taking their defaults", folder,
-                    ", ".join(missing))
-  return loop.State(**{name: saved[name] for name in fields if name in saved})
-
-
-def _check_same_step(strategy, cluster, step):
-  """Workers that restored different checkpoints would all-reduce gradients of different
-  weights without any error (GUIDE section 4): compare before the first step."""
-  if not _same_on_every_worker(strategy, cluster, step):
-    raise UserError(f"workers restored different checkpoints (this one step {step}): every worker must read the "
-                    "same --job_dir or --checkpoint_dir, e.g. a gs:// folder, not a local disk of its own")
-
-
-def _same_on_every_worker(strategy, cluster, value):
-  """Whether every replica of every worker holds this number: n * sum(v^2) == sum(v)^2 exactly
-  when all n values are equal, so one all-reduce of (v, v^2) tells."""
-  if cluster.num_workers < 2:
-    return True
-  total = tf.function(lambda: strategy.reduce(
-      "SUM", strategy.run(lambda: tf.constant([float(value), float(value) ** 2], tf.float64)), axis=None))()
-  sum_, sum_of_squares = total.numpy()
-  return strategy.num_replicas_in_sync * sum_of_squares == sum_ ** 2
