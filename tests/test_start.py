@@ -33,7 +33,7 @@ def test_a_job_resumes_its_state_weights_and_first_warm_start_then_a_restart_for
   state.epoch, state.global_step, state.best_weights = 1, 8, model.get_weights()
   checkpoints.save(8, state.to_json(), state.best_weights)
 
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     resumed, model2, _ = begin(str(tmp_path), WarmStart(reason="--nowarm_start"), learning_rate=0.5)
   assert "learning rate 0.001 from the checkpoint replaced by --learning_rate=0.5" in caplog.text
   assert resumed.resumed_from == {"checkpoint": str(tmp_path / "ckpt-8"), "epoch": 1, "step": 0, "global_step": 8}

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder `<checkpoint_dir>/ckpt-<global step>/` holding the model and optimizer
 (a TF checkpoint, `ckpt.*`), the best weights so far (`best.npz`, for early stopping) and
-`state.json` (epoch, step, history: trainer.loop.State). TF's checkpoint writers go through
+`state.json` (epoch, step, history: trainer.state.TrainState). TF's checkpoint writers go through
 tf.io.gfile, which cannot reach a storage emulator and whose `latest_checkpoint` turns an
 unreachable bucket into "no checkpoint" (it logs "Checkpoint ignored"), so every checkpoint is
 written to a local folder first and published through trainer.transfer: renamed into place
