@@ -156,3 +156,24 @@ def test_a_missing_folder_or_a_file_on_gcs_is_one_line(gcs_bucket):
   one_line_error(storage.join(gcs_bucket, "nowhere"), "no such folder")
   storage.write_bytes(storage.join(gcs_bucket, "one.png"), b"a file, not a folder")
   one_line_error(storage.join(gcs_bucket, "one.png"), "not a folder", flag="--test_data")
+
+
+def test_skipped_files_say_why_in_one_clean_line_and_nothing_else_reaches_stderr(messy_folder, capfd, caplog):
+  """The reason is TensorFlow's message without its op suffix, and the decoders' own complaints
+  (libjpeg's "Improper call to JPEG library", a bare "Input file read error") stay off stderr:
+  what the user reads is one warning per skipped file."""
+  root, _, broken = messy_folder
+  capfd.readouterr()
+  with caplog.at_level(logging.WARNING):
+    scan = image_folder.scan(root)
+  _, err = capfd.readouterr()  # at the file descriptor: what C++ code and decoders print too
+  reasons = {s["path"]: s["reason"] for s in scan.skipped_files}
+  assert reasons == {os.path.join(root, "cats/text.jpg"): "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, "
+                                                           "BMP, WebP required.",
+                     os.path.join(root, "dogs/notes.txt"): "Unknown image file format. One of JPEG, JPEG XL, PNG, GIF, "
+                                                            "BMP, WebP required.",
+                     os.path.join(root, "cats/truncated.jpg"): reasons[os.path.join(root, "cats/truncated.jpg")]}
+  assert all("[Op:" not in r and not r.endswith("name:") for r in reasons.values()), reasons
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert sorted(warnings) == sorted(f"{path}: skipped, not a readable image ({reasons[path]})" for path in broken)
+  assert err == "", err  # the warnings above go through logging (captured by caplog here), nothing else

@@ -5,12 +5,13 @@ retrain killed while promoting, two retrains at once, and flags refused before a
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from processes import kill_when, stalled
+from processes import kill_when, stalled, wait_for_line
 
 from trainer import export, preemption, promotion, retrain_history, retraining, serving_lease, storage
 from trainer.config import Config
@@ -28,6 +29,69 @@ def retrain(*args):
 
 def run(*args, timeout=300):
   return subprocess.run(retrain(*args), capture_output=True, text=True, timeout=timeout)
+
+
+# `python -c PAUSING POINT NOTE -- ARGS...` runs trainer.retrain ARGS with two named points:
+# after the first return of POINT it prints "PAUSED POINT" and waits (5 minutes at most) for a
+# signal, which its own handler then sees as it would have anyway (SIGUSR1 only lets it go on);
+# before every call of NOTE it prints "CALLED NOTE". A point is module:attribute.path; "-" is none.
+PAUSING = """
+import importlib, runpy, signal, sys, time
+point, note, args = sys.argv[1], sys.argv[2], sys.argv[sys.argv.index("--") + 1:]
+arrived, paused_once = [], []
+install = signal.signal
+
+def noting(signum, handler):
+  def handle(number, frame):
+    arrived.append(number)
+    if callable(handler):
+      handler(number, frame)
+  return install(signum, handle if callable(handler) else handler)
+
+signal.signal = noting
+signal.signal(signal.SIGUSR1, lambda *_: None)
+
+def patch(where, wrap):
+  module, path = where.split(":")
+  *owner, name = path.split(".")
+  target = importlib.import_module(module)
+  for part in owner:
+    target = getattr(target, part)
+  setattr(target, name, wrap(getattr(target, name)))
+
+def pausing(function):
+  def paused(*a, **k):
+    result = function(*a, **k)
+    if not paused_once:
+      paused_once.append(point)
+      print("PAUSED", point, file=sys.stderr, flush=True)
+      deadline = time.monotonic() + 300
+      while not arrived and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert arrived, "no signal came"
+    return result
+  return paused
+
+def noted(function):
+  def called(*a, **k):
+    print("CALLED", note, file=sys.stderr, flush=True)
+    return function(*a, **k)
+  return called
+
+if point != "-":
+  patch(point, pausing)
+if note != "-":
+  patch(note, noted)
+sys.argv = ["trainer.retrain", *args]
+runpy.run_module("trainer.retrain", run_name="__main__", alter_sys=True)
+"""
+
+
+def pausing(*args, pause="-", note="-"):
+  """Popen of trainer.retrain with FLAGS and args, paused after pause and telling each call of note
+  (see PAUSING), its stderr a pipe the test reads."""
+  return subprocess.Popen([sys.executable, "-c", PAUSING, pause, note, "--", *FLAGS, *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def production_v1(serving_dir, data, job_dir):
@@ -160,18 +224,33 @@ def test_nights_sharing_an_export_dir_each_decide_for_themselves(table_csv, tmp_
 
 
 def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_path):
+  """Both train; the second asks for the lease while the first holds it (the first paused inside
+  it, after deciding): it waits, then compares its candidate with what the first promoted."""
   serving_dir, data = storage.join(root, "serving"), table_csv()
-  processes = [subprocess.Popen(retrain(f"--data={data}", f"--serving_dir={serving_dir}",
-                                        f"--job_dir={tmp_path / name}", "--epochs=3"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for name in ("a", "b")]
-  outputs = [p.communicate(timeout=300) for p in processes]
-  assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+  night = lambda name: [f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / name}", "--epochs=3"]
+  first = pausing(*night("a"), pause="trainer.retraining:decide")
+  second = None
+  try:
+    wait_for_line(first, "^PAUSED", timeout=300)
+    assert storage.exists(storage.join(serving_dir, serving_lease.LEASE))
+    second = pausing(*night("b"), note="trainer.serving_lease:Lease.acquire")
+    wait_for_line(second, "^CALLED", timeout=300)  # trained, and now waiting for the first's lease
+    assert second.poll() is None and retrain_history.read(serving_dir) == []  # nobody decided yet
+    first.send_signal(signal.SIGUSR1)
+    outputs = [p.communicate(timeout=300) for p in (first, second)]
+  finally:
+    for p in (first, second):
+      if p and p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in (first, second)] == [0, 0], [err[-2000:] for _, err in outputs]
   # The second to hold the lease finds the first's candidate in production: the same model, no better.
+  assert outputs[0][0].startswith("promoted: no production model yet") and \
+      outputs[1][0].startswith("rejected: "), outputs
   history = retrain_history.read(serving_dir)
-  assert sorted(e["decision"] for e in history) == [PROMOTED, REJECTED]
+  assert [(e["decision"], e["job_dir"]) for e in history] == [(PROMOTED, str(tmp_path / "a")),
+                                                               (REJECTED, str(tmp_path / "b"))]
   assert promotion.complete_versions(serving_dir) == [1]
-  rejected = next(e for e in history if e["decision"] == REJECTED)
+  rejected = history[1]
   assert rejected["production_version"] == 1 and "than production's" in rejected["reason"]
   assert rejected["warnings"] == [f"the hold-out is a random split of {data}, which production was trained on too: "
                                   "some of its rows may be production's training rows, flattering its score; give "
@@ -240,3 +319,88 @@ def test_forecast_flags(tmp_path):
   days = run("--model=lstm", f"--serving_dir={tmp_path}", f"--data={tmp_path / 'prices.csv'}", "--target_column=Close",
              "--eval_days=30", timeout=60)
   assert days.returncode == 2 and "--eval_days needs --date_column" in days.stderr
+
+
+def test_eval_data_and_nowarm_start_from_the_command_line(table_csv, tmp_path):
+  """--eval_data is the hold-out of every model (no warning that production trained on it), and
+  --nowarm_start trains from random weights although production is the same network."""
+  serving_dir, data = str(tmp_path / "serving"), table_csv()
+  production_v1(serving_dir, data, str(tmp_path / "night1"))
+  holdout = table_csv(rows=1060, name="holdout.csv")  # rows 1000-1059 are new: written alone
+  import pandas as pd
+  pd.read_csv(holdout).iloc[1000:].to_csv(holdout, index=False)
+  night = run(f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}", "--epochs=2",
+              f"--eval_data={holdout}", "--nowarm_start")
+  assert night.returncode == 0, night.stderr[-3000:]
+  assert "warm start: from the weights" not in night.stderr
+  last = retrain_history.read(serving_dir)[-1]
+  assert last["warm_start"] == {"used": False, "reason": "--nowarm_start"}
+  assert last["data"]["split"]["test"] == {"rows": 60, "path": holdout}
+  assert last["data"]["split"]["train"]["rows"] + last["data"]["split"]["validation"]["rows"] == 1000
+  assert last["warnings"] == [] and last["production_version"] == 1
+  # Production, too, was scored on the 60 new rows: its RMSE against their targets from its own export.
+  frame = pd.read_csv(holdout)
+  version = storage.join(serving_dir, "1")
+  metadata = export.read_metadata(version)
+  from trainer.data import tabular
+  predicted = tabular.predict_table(export.load(version, metadata), metadata["preprocessing"],
+                                    frame[metadata["preprocessing"]["features"]].to_numpy())
+  assert last["production"]["rmse"] == pytest.approx(float(((predicted - frame.y) ** 2).mean() ** 0.5), rel=1e-6)
+
+
+def test_a_cnn_retrain_is_promoted_then_served(make_image_folder, tmp_path):
+  serving_dir = str(tmp_path / "serving")
+  data = make_image_folder({"red": 12, "green": 12, "blue": 12})
+  holdout = make_image_folder({"red": 4, "green": 4, "blue": 4}, name="holdout", seed=1)
+  night = subprocess.run([sys.executable, "-m", "trainer.retrain", "--model=cnn", f"--data={data}",
+                          f"--eval_data={holdout}", "--image_size=24", "--epochs=3", "--batch_size=8", "--noaugment",
+                          f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night1'}"],
+                         capture_output=True, text=True, timeout=300)
+  assert night.returncode == 0, night.stderr[-3000:]
+  (entry,) = retrain_history.read(serving_dir)
+  assert (entry["decision"], entry["version"], entry["metric"]) == (PROMOTED, 1, "accuracy"), entry["reason"]
+  assert promotion.production(serving_dir) == storage.join(serving_dir, "1")
+  # Served: trainer.predict on the serving folder answers the hold-out as the candidate was scored.
+  served = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}", f"--data={holdout}"],
+                          capture_output=True, text=True, timeout=300)
+  assert served.returncode == 0, served.stderr[-3000:]
+  assert f"export: {storage.join(serving_dir, '1')} (model cnn, version 1" in served.stdout
+  hits = round(entry["candidate"]["accuracy"] * 12)
+  assert f"accuracy against the folder names: {hits / 12:.4f} ({hits} of 12)" in served.stdout, served.stdout
+
+
+def test_a_forecast_retrain_stopped_by_sigterm_exits_143_and_its_retry_holds_out_from_eval_start(prices_csv, tmp_path):
+  data = prices_csv(rows=300)
+  import pandas as pd
+  eval_start = pd.read_csv(data).Date[250]
+  night = ["--model=gru", f"--data={data}", "--target_column=Close", "--date_column=Date", "--window=8",
+           "--epochs=3", f"--eval_start={eval_start}", f"--serving_dir={tmp_path / 'serving'}",
+           f"--job_dir={tmp_path / 'night'}"]
+  # SIGTERM while training: sent once the first checkpoint is saved, the job paused there for it.
+  stopped = pausing(*night, pause="trainer.checkpoints:Checkpoints.save")
+  try:
+    wait_for_line(stopped, "^PAUSED", timeout=300)
+    stopped.send_signal(signal.SIGTERM)
+    _, rest = stopped.communicate(timeout=300)
+  finally:
+    stopped.kill()
+  assert stopped.returncode == 143, rest[-3000:]
+  last = rest.strip().splitlines()[-1]
+  assert last.startswith("retrain: stopped by SIGTERM at step ") and last.endswith("(exit code 143)"), last
+  assert not os.path.exists(tmp_path / "serving" / retrain_history.FILE)
+
+  again = run(*night)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming from" in again.stderr
+  (entry,) = retrain_history.read(str(tmp_path / "serving"))
+  test = entry["data"]["split"]["test"]
+  assert (test["first"], test["rows"]) == (eval_start, 50)
+
+
+def test_a_serving_dir_in_a_bucket_that_does_not_exist_exits_170(gcs_emulator, tmp_path):
+  missing = f"gs://no-such-bucket-{os.getpid()}/serving"
+  done = run(f"--serving_dir={missing}", f"--job_dir={tmp_path / 'job'}", timeout=120)
+  assert done.returncode == 170, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == f"retrain: error: {missing}: bucket not found; create it or fix " \
+      "the bucket name"
+  assert "Traceback" not in done.stderr

@@ -29,8 +29,29 @@ def test_split_sizes_and_statistics_from_training_rows_only(tmp_path):
   features = frame[pre["features"]].to_numpy()
   assert not np.allclose(pre["feature_mean"], features.mean(axis=0))
   assert not np.allclose(pre["feature_mean"], np.delete(features, test_rows, axis=0).mean(axis=0))
+  # Which rows those are, read back from what training is fed (standardised, float32) and found in
+  # the file; then the statistics are exactly theirs (numpy's population std, ddof=0).
+  train_rows, val_rows = (rows_fed(prepared, split, frame, pre) for split in ("train", "validation"))
+  assert (len(train_rows), len(val_rows)) == (640, 160)
+  assert not (set(train_rows) | set(val_rows)) & set(test_rows)
+  train = frame.iloc[sorted(train_rows)]
+  np.testing.assert_allclose(pre["feature_mean"], train[pre["features"]].mean(axis=0).to_numpy(), rtol=1e-12)
+  np.testing.assert_allclose(pre["feature_std"], train[pre["features"]].std(axis=0, ddof=0).to_numpy(), rtol=1e-12)
+  assert pre["target_mean"] == pytest.approx(train.y.mean(), rel=1e-12)
+  assert pre["target_std"] == pytest.approx(train.y.std(ddof=0), rel=1e-12)
+  np.testing.assert_allclose(prepared.baseline_predictions, train.y.mean(), rtol=1e-12)
   np.testing.assert_array_equal(prepared.test_targets, frame.y.to_numpy()[test_rows])
   assert prepared.baseline_name == "training mean"
+
+
+def rows_fed(prepared, split, frame, pre):
+  """The indices of frame's rows that prepared's `split` dataset holds (each matched exactly once)."""
+  fed = np.concatenate([x for x, _ in prepared.make_dataset(split, 1024).as_numpy_iterator()])
+  standardised = ((frame[pre["features"]].to_numpy() - pre["feature_mean"]) / pre["feature_std"]).astype(np.float32)
+  index = {row.tobytes(): i for i, row in enumerate(standardised)}
+  rows = [index[row.tobytes()] for row in fed]
+  assert len(set(rows)) == len(rows)
+  return rows
 
 
 def test_predict_table_undoes_the_standardisation():

@@ -25,25 +25,27 @@ def error_line(stderr):
   return lines[0]
 
 
-def assert_fails(tmp_path, flags, *expected, env=None):
-  code, _, stderr = run_cli(*flags, cwd=tmp_path, env=env)
-  assert code == (1 if "FATAL Flags parsing error" in stderr else 2)  # absl's own flag errors exit 1
+def assert_fails(tmp_path, flags, code, *expected, env=None):
+  """The command exits with code (2 for our one-line errors, 1 for absl's own flag parsing ones),
+  without a traceback, on one error line holding every expected text."""
+  got, _, stderr = run_cli(*flags, cwd=tmp_path, env=env)
+  assert got == code, stderr[-3000:]
   assert "Traceback" not in stderr, stderr
   line = error_line(stderr)
   for text in expected:
     assert text in line, line
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--model=transformer"], ["--model=transformer", "dense|gru|lstm"]),
-    (["--epochs=0"], ["--epochs must be at least 1"]),
-    (["--batch_size=-4"], ["--batch_size must be at least 1"]),
-    (["--window=0"], ["--window must be at least 1"]),
-    (["--data=nowhere.csv", "--target_column=y"], ["--data=nowhere.csv: no such file"]),
-    (["--model=gru", "--test_start=2017-13-40"], ["--test_start='2017-13-40' is not a date"]),
+@pytest.mark.parametrize("flags, code, expected", [
+    (["--model=transformer"], 1, ["--model=transformer", "dense|gru|lstm"]),  # absl's own flag parsing
+    (["--epochs=0"], 2, ["--epochs must be at least 1"]),
+    (["--batch_size=-4"], 2, ["--batch_size must be at least 1"]),
+    (["--window=0"], 2, ["--window must be at least 1"]),
+    (["--data=nowhere.csv", "--target_column=y"], 2, ["--data=nowhere.csv: no such file"]),
+    (["--model=gru", "--test_start=2017-13-40"], 2, ["--test_start='2017-13-40' is not a date"]),
 ])
-def test_bad_flags(tmp_path, flags, expected):
-  assert_fails(tmp_path, flags, *expected)
+def test_bad_flags(tmp_path, flags, code, expected):
+  assert_fails(tmp_path, flags, code, *expected)
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ SERIES = ["--model=gru", "--date_column=Date", "--target_column=Close"]
     (["--data=prices.csv", "--test_start=2030-01-01"] + SERIES, ["--test_start=2030-01-01 is outside the data"]),
 ])
 def test_bad_data(data_errors_csv, flags, expected):
-  assert_fails(data_errors_csv, flags, *expected)
+  assert_fails(data_errors_csv, flags, 2, *expected)
 
 
 def test_flagfile_gaps_and_default_job_dir(tmp_path, prices_csv):
@@ -116,26 +118,26 @@ def test_bad_image_folders(tmp_path, make_image_folder, case, expected):
     flags.append("--data=nowhere")
   else:
     flags.append(f"--data={make_image_folder({'red': 4})}")
-  assert_fails(tmp_path, flags, *expected)
+  assert_fails(tmp_path, flags, 2, *expected)
 
 
-@pytest.mark.parametrize("env, flags, expected", [
-    ({"TF_CONFIG": "{not json"}, [], ["TF_CONFIG"]),
-    ({"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 3}}'}, [],
+@pytest.mark.parametrize("env, flags, code, expected", [
+    ({"TF_CONFIG": "{not json"}, [], 2, ["TF_CONFIG"]),
+    ({"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 3}}'}, [], 2,
      ["TF_CONFIG", "3"]),
-    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}'}, [],
+    ({"TF_CONFIG": '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}'}, [], 2,
      ["parameter servers"]),
-    ({"JOB_COMPLETION_INDEX": "5"}, ["--indexed_job_hosts=train-{index}.svc:2222", "--num_workers=2"],
+    ({"JOB_COMPLETION_INDEX": "5"}, ["--indexed_job_hosts=train-{index}.svc:2222", "--num_workers=2"], 2,
      ["JOB_COMPLETION_INDEX"]),
-    ({"JOB_COMPLETION_INDEX": "1"}, ["--model=dense", "--epochs=1"],
+    ({"JOB_COMPLETION_INDEX": "1"}, ["--model=dense", "--epochs=1"], 2,
      ["JOB_COMPLETION_INDEX=1", "--indexed_job_hosts", "--num_workers"]),
-    ({}, ["--strategy=mirrored_everywhere"], ["--strategy"]),
+    ({}, ["--strategy=mirrored_everywhere"], 1, ["--strategy"]),  # an enum flag: absl's parsing
 ])
-def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, expected):
+def test_bad_cluster_environment_fails_fast(tmp_path, env, flags, code, expected):
   """Before TensorFlow starts any server: one line, a non-zero exit, within seconds (no hang)."""
   import time
   started = time.time()
-  assert_fails(tmp_path, flags, *expected, env=env)
+  assert_fails(tmp_path, flags, code, *expected, env=env)
   assert time.time() - started < 30
 
 
@@ -175,3 +177,30 @@ def test_sigterm_says_exactly_what_resumes_the_job(tmp_path, flags, advice):
   last = rest.strip().splitlines()[-1]
   assert last.startswith("trainer: stopped by SIGTERM at step ") and "Traceback" not in rest, rest[-3000:]
   assert last.endswith(f"; {advice.format(job_dir=job_dir)} (exit code 143)"), last
+
+
+def test_a_job_dir_in_a_bucket_that_does_not_exist_exits_170(tmp_path, gcs_emulator):
+  """No such bucket (on Cloud Storage: also no permission) is storage the job cannot use: one line
+  and 170, which clusters retry a bounded number of times, never a traceback."""
+  missing = f"gs://no-such-bucket-{os.getpid()}"
+  assert_fails(tmp_path, ["--model=dense", "--epochs=1", f"--job_dir={missing}/job"], 170,
+               f"{missing}/job/checkpoints: bucket not found")
+
+
+def test_tensorboard_logs_reach_gcs_during_training(tmp_path, table_csv, gcs_bucket):
+  """Killed while it publishes its second checkpoint, a job has already copied the first epoch's
+  TensorBoard logs to gs://: they are readable while training goes on, not only at the end."""
+  from processes import kill_when, stalled
+  from trainer import storage
+  import tensorflow as tf
+  job_dir = f"{gcs_bucket}/job"
+  kill_when(stalled("trainer.task", "--model=dense", f"--data={table_csv(rows=200)}", "--target_column=y",
+                    "--epochs=3", f"--job_dir={job_dir}", upload=r"/checkpoints/ckpt-\d+/state\.json$", skip=1))
+  assert not storage.exists(f"{job_dir}/report.json")  # stopped in training
+  logs = storage.join(job_dir, "logs")
+  for split in ("train", "validation"):
+    (name,) = [f for f in storage.list_files(logs) if f.startswith(f"{split}/events.out.tfevents")]
+    (tmp_path / split).write_bytes(storage.read_bytes(storage.join(logs, name)))
+    steps = [(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(str(tmp_path / split))
+             for v in e.summary.value]
+    assert steps == [(1, "epoch_loss")], (split, steps)

@@ -8,9 +8,12 @@ pairs and the sorted class names. Resizing, caching, augmentation and batching c
 (trainer/data/images.py).
 """
 
+import contextlib
 import dataclasses
 import os
 import re
+import sys
+import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -178,7 +181,11 @@ def _undecodable(paths):
   """
   if not paths:
     return {}
+  with _decoders_quiet():
+    return _failures(paths)
 
+
+def _failures(paths):
   def check(index, path):
     # The shape is returned so that the decode cannot be optimised away as unused.
     return index, tf.shape(decode(tf.io.read_file(path)))
@@ -199,14 +206,43 @@ def _undecodable(paths):
   return failures
 
 
+@contextlib.contextmanager
+def _decoders_quiet():
+  """Keeps the image libraries' own complaints off stderr while files are checked: libjpeg prints
+  "Improper call to JPEG library in state 201" or "Input file read error" for a broken file,
+  straight to file descriptor 2, beside the one warning per file that says the same. Lines in a
+  log format (TensorFlow's C++ logging, absl's) are written to stderr afterwards, in order."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+      kept = "".join(line for line in lines if _LOG_LINE.match(line))
+      if kept:
+        os.write(2, kept.encode())
+
+
+# A log record, as TensorFlow's C++ logging and absl write them ("E1202 03:24:12.018828 ...") or
+# Python's logging without a handler ("WARNING:absl:..."); a decoder's complaint is a bare line.
+_LOG_LINE = re.compile(r"[IWEF]\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL):")
+
+
 def _decode_error(path):
   """Why the file does not decode, in one short line; None if it does after all."""
   try:
     decode(tf.io.read_file(path))
   except tf.errors.OpError as e:  # undecodable, unreadable, vanished: all mean "not usable"
-    # TF wraps kernel messages as "{{function_node ...}} message [Op:DecodeImage]".
+    # TF wraps kernel messages as "{{function_node ...}} message [Op:DecodeImage] name: " (an
+    # eager op's error names the op and its empty name after the message): keep the message.
     message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message)
-    message = re.sub(r"\s*\[Op:\w+\]\s*$", "", message).strip()
+    message = re.sub(r"\s*\[Op:\w+\](\s*name:.*)?$", "", message.strip()).strip()
     return message.splitlines()[0] if message else type(e).__name__
   return None
 
