@@ -90,14 +90,9 @@ def prepare(config):
       raise UserError(f"column {column!r} of {source} has values <= 0; forecasts use relative changes, "
                       "so choose columns of positive values such as prices")
   dates = frame[date_column] if date_column else pd.Series(range(len(frame)))
-  test_row = _test_start_row(config, dates, source)
+  test_row = csv_file.test_start_row(config, dates, source)
   window, rows = config.window, len(values)
-  needed = window + 3
-  if test_row < needed or rows - test_row < 2:
-    raise UserError(
-        f"{source}: too short for --window={window}: it needs at least {needed} rows before the test "
-        f"period and 2 in it, {needed + 2} in all (has {test_row} and {rows - test_row}); "
-        "lower --window, give more data or test on fewer rows (--test_start; trainer.retrain: --eval_days)")
+  csv_file.check_series_rows(window, test_row, rows, source)
 
   # Change t (row t + 1) is a target; its window is changes t - window .. t - 1.
   first, test_first = window, test_row - 1
@@ -147,32 +142,9 @@ def prepare(config):
       test_targets=values[test_row:, 0],
       baseline_name="persistence (tomorrow = today)",
       baseline_predictions=values[test_row - 1:-1, 0],
-      test_index=[_label(d) for d in dates[test_row:]],
+      test_index=[csv_file.label(d) for d in dates[test_row:]],
       summary={"path": source, "rows": rows, "columns": columns, "date_column": date_column,
                **gaps, "window": window,
-               "split": {name: {"rows": hi - lo, "first": _label(dates[lo]), "last": _label(dates[hi - 1])}
-                         for name, (lo, hi) in split_rows.items()}},
+               "split": {name: {"rows": hi - lo, "first": csv_file.label(dates[lo]),
+                                "last": csv_file.label(dates[hi - 1])} for name, (lo, hi) in split_rows.items()}},
       kind="forecast")
-
-
-def _test_start_row(config, dates, source):
-  if config.test_days is not None:
-    # The newest test_days days, however long the series has grown (trainer.retrain's hold-out).
-    start = dates.iloc[-1] - pd.Timedelta(days=config.test_days - 1)
-    row = int(np.searchsorted(dates.to_numpy(), start.to_datetime64()))
-    if row == 0:
-      raise UserError(f"--eval_days={config.test_days} covers all of {source} ({_label(dates.iloc[0])} to "
-                      f"{_label(dates.iloc[-1])}); hold out fewer days")
-    return row
-  if config.test_start is None:
-    return int(len(dates) * (1 - config.test_split))
-  start = pd.Timestamp(config.test_start)
-  row = int(np.searchsorted(dates.to_numpy(), start.to_datetime64()))
-  if row == 0 or row == len(dates):
-    raise UserError(f"--test_start={config.test_start} is outside the data ({source} runs from "
-                    f"{_label(dates.iloc[0])} to {_label(dates.iloc[-1])}); pick a date inside it")
-  return row
-
-
-def _label(value):
-  return value.date().isoformat() if isinstance(value, pd.Timestamp) else int(value)
