@@ -68,17 +68,17 @@ class Checkpoints:
   def path(self, step):
     return storage.join(self.directory, f"ckpt-{step}")
 
-  def restore_latest(self, check=None):
+  def restore_latest(self, accept=None):
     """Restores the newest checkpoint that reads back whole, falling back to older ones with a
-    warning. Returns a Restored, or None when there is none. check(state dict): called with each checkpoint's state.json
-    before its variables are read; it raises (config.UserError) to refuse a checkpoint of another
-    job, which variables of another shape would only report as unreadable."""
+    warning. Returns a Restored, or None when there is none. accept(state dict): called with each
+    checkpoint's state.json before its variables are read; it raises (errors.UserError) to refuse a
+    checkpoint of another job, which variables of another shape would only report as unreadable."""
     folders = self._complete_folders()
     for step in sorted(folders, reverse=True):
       for name in folders[step]:
         folder = storage.join(self.directory, name)
         try:
-          state, best_weights = self._restore(folder, check)
+          state, best_weights = self._restore(folder, accept)
         except (storage.StorageError, UserError):
           raise  # unreachable or refused is not corrupt: never fall back to an older checkpoint, or to none
         except Exception as e:  # noqa: BLE001 -- a damaged file fails in TF, NumPy or JSON in many ways
@@ -92,7 +92,7 @@ class Checkpoints:
                       "use --restart to train from scratch, or another --job_dir")
     return None
 
-  def _restore(self, folder, check=None):
+  def _restore(self, folder, accept=None):
     # A fresh download every time (not transfer.local_path's cache): after --restart a checkpoint
     # of the same name holds other weights.
     local = folder if not storage.is_remote(folder) else tempfile.mkdtemp(prefix="trainer-restore-")
@@ -102,8 +102,8 @@ class Checkpoints:
       # Read through storage: an OSError that is not about the contents (EIO on NFS, no
       # permission) is a StorageError, never a reason to fall back to an older checkpoint.
       state = json.loads(storage.read_bytes(os.path.join(local, STATE)))
-      if check:
-        check(state)
+      if accept:
+        accept(state)
       try:
         self._checkpoint.read(os.path.join(local, "ckpt")).assert_existing_objects_matched()
       except Exception:

@@ -21,8 +21,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import UserError
-from trainer.preemption import Preempted
+from trainer.checkpoints import Checkpoints
+from trainer.errors import Preempted, UserError
+from trainer.preemption import StopSignal
 from trainer.state import TrainState
 
 
@@ -41,9 +42,9 @@ class Checkpointing:
   """When and where fit saves: `checkpoints` (trainer.checkpoints.Checkpoints, None: never) when
   `due` says; `stop` (trainer.preemption.StopSignal) asks for a save and an exit; `after_save()`
   runs after each save (the trainer syncs TensorBoard logs there)."""
-  checkpoints: object = None
+  checkpoints: Optional[Checkpoints] = None
   every_steps: int = 0
-  stop: object = None
+  stop: Optional[StopSignal] = None
   after_save: Optional[Callable[[], None]] = None
 
   def due(self, global_step, *, stopping=False, epoch_end=False, done=False):

@@ -49,7 +49,7 @@ def main(argv):
       if history:
         print(f"plot: {storage.join(FLAGS.serving_dir, retrain_history.PLOT)}")
       return
-    job_dir, config = cli.config_from_flags(**_hold_out())
+    job_dir, config = cli.config_from_flags(**_hold_out_fields())
     _check_options()
     if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
       raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
@@ -70,7 +70,7 @@ def main(argv):
   print(f"history: {storage.join(FLAGS.serving_dir, retrain_history.FILE)}")
 
 
-def _hold_out():
+def _hold_out_fields():
   """The Config fields that set the hold-out, from --eval_start, --eval_days and --eval_data."""
   for flag, instead in (("test_start", "--eval_start"), ("test_data", "--eval_data")):
     if FLAGS[flag].value:  # an empty --test_start= clears one from a shared flags file (k8s/overlays/cronjob)

@@ -38,7 +38,7 @@ def begin(config, checkpoints, model, optimizer, strategy, offered=NOT_A_RETRAIN
       logging.info("--restart: removing the checkpoints in %s", checkpoints.directory)
       checkpoints.remove_all()
   else:
-    restored = checkpoints.restore_latest(check=lambda saved: _check_same_job(config, checkpoints, saved))
+    restored = checkpoints.restore_latest(accept=lambda state_json: _check_same_job(config, checkpoints, state_json))
     _check_same_step(strategy, config.cluster, restored.step if restored else 0)
     if restored is None:
       logging.info("no checkpoint in %s: training from the start", checkpoints.directory)
@@ -84,16 +84,16 @@ def _log_warm_start(warm_start):
     logging.info("warm start: not from %s: %s; from random weights", warm_start.source, warm_start.reason)
 
 
-def _check_same_job(config, checkpoints, saved):
+def _check_same_job(config, checkpoints, state_json):
   """Refuses a checkpoint (its state.json, read before its variables, which would only fail to
   load as if corrupt) written with other flags or on other data: a file rewritten since (a
   nightly ETL between a preemption and the retry) would resume on other rows and statistics."""
-  mismatch = config.resume_mismatch(saved.get("config", {}))
+  mismatch = config.resume_mismatch(state_json.get("config", {}))
   if mismatch:
     name, before, now = mismatch
     raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "
                     f"{now!r}; use another --job_dir, or --restart to discard them")
-  change = data_change(saved.get("data"), checkpoints.info["data"])  # checkpoints before fingerprints: none
+  change = data_change(state_json.get("data"), checkpoints.info["data"])  # checkpoints before fingerprints: none
   if change:
     raise UserError(f"{change}; use --restart to train from scratch on the new data, or another --job_dir")
 
