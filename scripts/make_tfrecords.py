@@ -14,7 +14,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from trainer.config import UserError  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
 from trainer.data import image_folder, image_tfrecords  # noqa: E402
 
 

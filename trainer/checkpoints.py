@@ -24,7 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import numbered, storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 
 STATE = "state.json"
 # ".new": the second copy of a step saved again (Checkpoints._publish).

@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.config import UserError
+from trainer.errors import UserError
 
 # One strategy of each kind per process: a second MirroredStrategy over the same devices reuses
 # the first one's collective instance keys, and its all-reduces then meet the first one's

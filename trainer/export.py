@@ -18,7 +18,7 @@ import tempfile
 from absl import logging
 
 from trainer import numbered, storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 
 METADATA = "trainer_export.json"
 KERAS_MODEL = "model.keras"

@@ -9,8 +9,8 @@ import pandas as pd
 from absl import logging
 
 from trainer import transfer
-from trainer.config import UserError
 from trainer.data import csv_file
+from trainer.errors import UserError
 
 # Files a single-image --data may be, as tf.io.decode_image reads them.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

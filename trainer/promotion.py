@@ -24,7 +24,7 @@ import tempfile
 from absl import logging
 
 from trainer import export, numbered, storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.serving_lease import LeaseLost
 
 

@@ -28,7 +28,7 @@ import socket
 from absl import logging
 
 from trainer import export, promotion, report, retrain_history, serving_lease, storage, train
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
 from trainer.state import WarmStart
 PROMOTED, REJECTED = "promoted", "rejected"

@@ -18,8 +18,7 @@ from absl import logging
 
 from trainer import export
 from trainer.checkpoints import data_change
-from trainer.config import UserError
-from trainer.errors import ServingBusy
+from trainer.errors import ServingBusy, UserError
 from trainer.state import NOT_A_RETRAIN, TrainState, WarmStart
 
 

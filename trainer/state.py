@@ -7,7 +7,7 @@ from typing import List, Optional
 import numpy as np
 from absl import logging
 
-from trainer.config import UserError
+from trainer.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
 # Python's per-element cost would rival the decoding of small images.

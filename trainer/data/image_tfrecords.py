@@ -16,8 +16,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage, transfer
-from trainer.config import UserError
 from trainer.data import image_folder
+from trainer.errors import UserError
 
 METADATA = "metadata.json"
 SHARD_PATTERN = "images-*.tfrecord"

@@ -11,8 +11,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.config import UserError
 from trainer.data import Prepared, augment, builtin, image_folder, image_tfds, image_tfrecords
+from trainer.errors import UserError
 
 # Enough to mix classes well; a whole-epoch buffer would hold a second copy of the images.
 _SHUFFLE_BUFFER = 10_000

@@ -6,8 +6,8 @@ import pandas as pd
 import tensorflow as tf
 from absl import logging
 
-from trainer.config import UserError
 from trainer.data import Prepared, builtin, csv_file
+from trainer.errors import UserError
 
 
 def table_dataset(features, targets, batch_size, shuffle_seed=None, input_context=None):
