@@ -54,12 +54,21 @@ def wait_for_line(process, pattern, timeout=180, seen=None):
 
 class Job:
   """A command (by default `python -m trainer.task`) with its stderr watched line by line, so a test
-  can wait for a line before it sends a signal; stdout is discarded."""
+  can wait for a line before it sends a signal; stdout is discarded. Whatever a test leaves running
+  (it failed half way) is killed after it (stop_all, from conftest.py)."""
+
+  started = []
 
   def __init__(self, flags, env=None, command=(sys.executable, "-m", "trainer.task")):
     self.process = subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     env={**os.environ, **(env or {})})
     self.lines = []
+    Job.started.append(self)
+
+  @classmethod
+  def stop_all(cls):
+    while cls.started:
+      _stop(cls.started.pop().process)
 
   def wait_for(self, pattern, timeout=180):
     """The first stderr line matching pattern (see wait_for_line)."""

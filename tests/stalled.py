@@ -39,11 +39,11 @@ def main(argv):
   def stall(what):
     seen.append(what)
     if len(seen) > options.skip and what not in released:
-      print("STALLED", what, file=sys.stderr, flush=True)
       if options.until_signal:
-        until_signal()
+        until_signal(what)
         released.add(what)
       else:
+        print("STALLED", what, file=sys.stderr, flush=True)
         time.sleep(600)
 
   if options.rename:
@@ -84,9 +84,10 @@ def stall_calls(call, stall):
   setattr(module, name, stalled_call)
 
 
-def until_signal():
-  """Sleeps (ten minutes at most) until a SIGTERM or SIGINT has gone through the target's own handler;
-  whatever that handler raises (a second Ctrl-C's KeyboardInterrupt) ends the stall too."""
+def until_signal(what):
+  """Says STALLED, then sleeps (ten minutes at most) until a SIGTERM or SIGINT has gone through the
+  target's own handler; whatever that handler raises (a second Ctrl-C's KeyboardInterrupt) ends the
+  stall too. The handler is wrapped before the line is printed: a signal sent on it is never missed."""
   handled, previous = [], {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
 
   def handle(signum, frame):
@@ -98,6 +99,7 @@ def until_signal():
   try:
     for signum in previous:
       signal.signal(signum, handle)
+    print("STALLED", what, file=sys.stderr, flush=True)
     deadline = time.monotonic() + 600
     while not handled and time.monotonic() < deadline:
       time.sleep(0.05)
