@@ -22,8 +22,10 @@ setup(
     # scipy: the tests and scripts/benchmark_input.py compare against ImageDataGenerator, which needs it.
     # gcp-storage-emulator: gs:// is tested against a local emulator, never the network (2026.7 checked).
     # pytest-xdist: the suite runs on both cores (-n 2); its tests share no files, ports or emulator.
+    # pytest-timeout: a hung test fails (pytest.ini's timeout) instead of holding CI until its limit.
     # kubernetes-validate: k8s/ is checked against the Kubernetes API schemas it ships (1.25-1.37).
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "scipy>=1.10", "gcp-storage-emulator>=2026.7",
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3",
+                             "scipy>=1.10", "gcp-storage-emulator>=2026.7",
                              "kubernetes-validate>=1.32"]},
     entry_points={"console_scripts": ["trainer=trainer.task:run"]},
 )

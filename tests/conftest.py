@@ -1,6 +1,7 @@
 """Shared fixtures: every test starts from the same seeds; CSV files and image folders are made
 on the spot; gs:// is a Cloud Storage emulator on 127.0.0.1, started once per session."""
 
+import json
 import os
 import sys
 
@@ -9,13 +10,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 # Two logical CPUs for the whole session, so MirroredStrategy has two replicas without GPUs; it
-# can only be set before TensorFlow initialises its devices, so here, once (GUIDE section 4).
+# can only be set before TensorFlow initialises its devices (after, set_logical_device_configuration
+# raises RuntimeError), so here, once.
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
                                            [tf.config.LogicalDeviceConfiguration()] * 2)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import processes  # noqa: E402
 import pytest  # noqa: E402
 from image_files import expected_rgb, rgb, write_image  # noqa: E402
 from precondition_proxy import PreconditionProxy  # noqa: E402
@@ -26,9 +29,29 @@ from gcs_emulator import GcsEmulator  # noqa: E402
 from trainer import storage  # noqa: E402
 
 
+DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+
+
+def pytest_collection_modifyitems(items):
+  """The longest tests first: with -n 2, pytest-xdist hands out tests in this order, so the run does
+  not end on one core with a long test that started last. Shared trained jobs are session-scoped, so
+  the new order costs no second training. durations.json holds each test's setup + call seconds from
+  one run with --durations=0; a test not in it counts as 10 s if marked slow, else as quick."""
+  with open(DURATIONS) as f:
+    seconds = json.load(f)
+  items.sort(key=lambda item: -seconds.get(item.nodeid, 10 if item.get_closest_marker("slow") else 0))
+
+
 @pytest.fixture(autouse=True)
 def seeded():
   keras.utils.set_random_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+  """A test that fails half way leaves no trainer process behind (stalled ones sleep for minutes)."""
+  yield
+  processes.Job.stop_all()
 
 
 @pytest.fixture

@@ -1,13 +1,16 @@
-"""A command stalled at a chosen write, for tests that SIGKILL it there (processes.kill_when):
+"""A command stalled at a chosen write, for tests that kill or signal it there (processes.kill_when):
 
-    python tests/stalled.py [--rename=REGEX] [--upload=REGEX] [--call=MODULE.FUNCTION] [--skip=N] \\
-        -- TARGET ARGS...
+    python tests/stalled.py [--rename=REGEX] [--upload=REGEX] [--call=MODULE.FUNCTION ...] [--skip=N] \\
+        [--until_signal] -- TARGET ARGS...
 
 A local os.rename to a path matching --rename, a gs:// upload (google-cloud-storage's
-Blob.upload_from_filename) of an object name matching --upload, or a call of --call prints
-"STALLED <what>" on stderr and sleeps for ten minutes, once the first --skip of them have gone
-through. TARGET is a module, run as `python -m TARGET ARGS...` runs it, or MODULE:FUNCTION,
-called with ARGS. The writes themselves are the real ones.
+Blob.upload_from_filename) of an object name matching --upload, or a call of a --call (the option
+may be repeated) prints "STALLED <what>" on stderr and sleeps for ten minutes, once the first --skip
+of them have gone through. With --until_signal the stall ends as soon as a SIGTERM or SIGINT has
+been handled (by the handler the target installed), and the write goes on (later ones of the
+same path or call are not stalled again): a test signals the target at that exact point instead of
+racing it. TARGET is a module, run as `python -m TARGET
+ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The writes themselves are the real ones.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import importlib
 import os
 import re
 import runpy
+import signal
 import sys
 import time
 
@@ -24,17 +28,23 @@ from google.cloud.storage import Blob
 def main(argv):
   ours, (target, *args) = argv[:argv.index("--")], argv[argv.index("--") + 1:]
   parser = argparse.ArgumentParser()
-  for option in ("--rename", "--upload", "--call"):
+  for option in ("--rename", "--upload"):
     parser.add_argument(option)
+  parser.add_argument("--call", action="append", default=[])
   parser.add_argument("--skip", type=int, default=0)
+  parser.add_argument("--until_signal", action="store_true")
   options = parser.parse_args(ours)
-  seen = []
+  seen, released = [], set()
 
   def stall(what):
     seen.append(what)
-    if len(seen) > options.skip:
-      print("STALLED", what, file=sys.stderr, flush=True)
-      time.sleep(600)
+    if len(seen) > options.skip and what not in released:
+      if options.until_signal:
+        until_signal(what)
+        released.add(what)
+      else:
+        print("STALLED", what, file=sys.stderr, flush=True)
+        time.sleep(600)
 
   if options.rename:
     rename = os.rename
@@ -52,15 +62,8 @@ def main(argv):
         stall(self.name)
       return upload(self, *args, **kwargs)
     Blob.upload_from_filename = stalled_upload
-  if options.call:
-    module, name = options.call.rsplit(".", 1)
-    module = importlib.import_module(module)
-    function = getattr(module, name)
-
-    def stalled_call(*args, **kwargs):
-      stall(options.call)
-      return function(*args, **kwargs)
-    setattr(module, name, stalled_call)
+  for call in options.call:
+    stall_calls(call, stall)
 
   if ":" in target:
     module, name = target.split(":")
@@ -68,6 +71,42 @@ def main(argv):
   else:
     sys.argv = [target, *args]
     runpy.run_module(target, run_name="__main__", alter_sys=True)
+
+
+def stall_calls(call, stall):
+  module, name = call.rsplit(".", 1)
+  module = importlib.import_module(module)
+  function = getattr(module, name)
+
+  def stalled_call(*args, **kwargs):
+    stall(call)
+    return function(*args, **kwargs)
+  setattr(module, name, stalled_call)
+
+
+def until_signal(what):
+  """Says STALLED, then sleeps (ten minutes at most) until a SIGTERM or SIGINT has gone through the
+  target's own handler; whatever that handler raises (a second Ctrl-C's KeyboardInterrupt) ends the
+  stall too. The handler is wrapped before the line is printed: a signal sent on it is never missed."""
+  handled, previous = [], {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+  def handle(signum, frame):
+    try:
+      if callable(previous[signum]):
+        previous[signum](signum, frame)
+    finally:
+      handled.append(signum)
+  try:
+    for signum in previous:
+      signal.signal(signum, handle)
+    print("STALLED", what, file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 600
+    while not handled and time.monotonic() < deadline:
+      time.sleep(0.05)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  print("RELEASED by", signal.Signals(handled[0]).name if handled else "nothing", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

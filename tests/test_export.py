@@ -17,11 +17,12 @@ from trainer import export, preemption, storage
 from trainer.models import MODELS
 from trainer.config import UserError
 
-pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+# Tests that start trainer processes or train whole models are marked slow: the fast tier leaves them out.
 
 INPUTS = {"dense": "features", "gru": "window", "cnn": "image"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "gru", "cnn"])
 def test_export_serves_the_trained_models_answers(name, tmp_path_factory):
   job = trained(name, tmp_path_factory)
@@ -42,6 +43,7 @@ def test_export_serves_the_trained_models_answers(name, tmp_path_factory):
   assert abs(datetime.datetime.now(datetime.timezone.utc) - created) < datetime.timedelta(hours=1)
 
 
+@pytest.mark.slow
 def test_versions_count_up_past_leftovers_of_interrupted_exports(tmp_path_factory, tmp_path):
   job = trained("dense", tmp_path_factory)
   folder = str(tmp_path / "export")
@@ -120,6 +122,7 @@ def test_predict_from_an_unreachable_bucket_exits_170_in_one_line(unreachable_st
   assert line.startswith("predict: error: cannot ") and "gs://bucket/export/1" in line, line
 
 
+@pytest.mark.slow
 def test_warm_start_copies_the_weights_of_the_same_network_only(tmp_path_factory):
   job = trained("dense", tmp_path_factory)
   same = MODELS["dense"](job.prepared.input_shape)

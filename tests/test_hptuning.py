@@ -8,9 +8,10 @@ import sys
 
 from trainer import hptuning
 
-pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+# Tests that start trainer processes or train whole models are marked slow: the fast tier leaves them out.
 
 
+@pytest.mark.slow
 def test_a_trial_reports_the_kept_epochs_validation_loss(tmp_path):
   metrics = tmp_path / "hypertune" / "output.metrics"
   env = {**os.environ, "CLOUD_ML_TRIAL_ID": "7", "CLOUD_ML_HP_METRIC_FILE": str(metrics)}

@@ -125,6 +125,7 @@ def test_tfds_by_name_through_mock_data():
     assert x.shape == (4, 28, 28, 3)
 
 
+@pytest.mark.slow  # trains a CNN
 def test_cnn_trains_on_a_messy_folder_and_reports(make_image_folder, tmp_path):
   root = make_image_folder()  # odd sizes already: 20x20, 21x20, 22x20
   rng = np.random.default_rng(1)

@@ -68,7 +68,7 @@ def launch(env, *args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(env, *args, timeout=20):
+def run(env, *args, timeout=120):
   """(exit code, stdout lines, stderr lines, seconds) of one launcher run."""
   start = time.monotonic()
   launcher = launch(env, *args)
@@ -95,7 +95,7 @@ def is_running(pid):
 
 
 def assert_gone(pids):
-  deadline = time.monotonic() + 2
+  deadline = time.monotonic() + 30
   while any(map(is_running, pids)) and time.monotonic() < deadline:
     time.sleep(0.05)
   assert not [pid for pid in pids if is_running(pid)]
@@ -154,9 +154,9 @@ def test_every_line_is_prefixed_and_whole(cluster_env):
 ])
 def test_a_failing_task_stops_the_others_and_its_code_is_returned(cluster_env, exit_flag, code, words):
   chief = ["--chief"] if "chief" in exit_flag else []
-  returncode, stdout, stderr, seconds = run(cluster_env, "--workers=3", *chief, "--", exit_flag, "--sleep=60")
+  # The others would sleep for longer than run() waits: they must be stopped for the launcher to return.
+  returncode, stdout, stderr, _ = run(cluster_env, "--workers=3", *chief, "--", exit_flag, "--sleep=600")
   assert returncode == code, stderr
-  assert seconds < 15
   assert stderr[-1].startswith(f"local_cluster: {words}; stopped "), stderr[-1]
   found = reports(stdout)
   assert len(found) == 3
@@ -176,7 +176,7 @@ def start_and_wait_until_ready(env, count, *args):
   launcher = launch(env, *args)
   lines = queue.Queue()
   threading.Thread(target=lambda: [lines.put(line) for line in launcher.stdout], daemon=True).start()
-  seen, deadline = [], time.monotonic() + 10
+  seen, deadline = [], time.monotonic() + 120
   # Read while the tasks still sleep: lines must arrive as they are written, not at exit.
   while len(reports(seen)) < count:
     seen.append(lines.get(timeout=max(0.01, deadline - time.monotonic())).rstrip("\n"))
@@ -186,12 +186,13 @@ def start_and_wait_until_ready(env, count, *args):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_every_task(cluster_env, signum, code):
-  launcher, pids = start_and_wait_until_ready(cluster_env, 3, "--workers=3", "--", "--sleep=60")
+  # A grace period longer than the wait below: the launcher returns in time only if the tasks exit
+  # on the first SIGTERM (the last line would name a SIGKILL otherwise).
+  launcher, pids = start_and_wait_until_ready(cluster_env, 3, "--workers=3", "--grace_seconds=600", "--",
+                                              "--sleep=600")
   assert all(map(is_running, pids))
-  start = time.monotonic()
   launcher.send_signal(signum)
-  assert launcher.wait(timeout=15) == code
-  assert time.monotonic() - start < 5  # the tasks exit on the first SIGTERM
+  assert launcher.wait(timeout=120) == code
   assert launcher.stderr.read().splitlines()[-1] == (
       f"local_cluster: {signal.Signals(signum).name}: stopped worker 0, worker 1, worker 2")
   assert_gone(pids)
@@ -200,11 +201,11 @@ def test_a_signal_stops_every_task(cluster_env, signum, code):
 @pytest.mark.slow
 def test_a_task_that_ignores_sigterm_is_killed_after_the_grace_period(cluster_env):
   launcher, pids = start_and_wait_until_ready(
-      cluster_env, 2, "--workers=2", "--grace_seconds=1", "--", "--sleep=60", "--ignore_term=worker_1")
+      cluster_env, 2, "--workers=2", "--grace_seconds=1", "--", "--sleep=600", "--ignore_term=worker_1")
   start = time.monotonic()
   launcher.send_signal(signal.SIGINT)
-  assert launcher.wait(timeout=15) == 130
-  assert 1 <= time.monotonic() - start < 5
+  assert launcher.wait(timeout=120) == 130
+  assert time.monotonic() - start >= 1  # the grace period was given (the last line says what ended it)
   assert launcher.stderr.read().splitlines()[-1] == (
       "local_cluster: SIGINT: stopped worker 0, worker 1 (worker 1: SIGKILL after 1 s)")
   assert_gone(pids)

@@ -16,7 +16,7 @@ from trained_jobs import IMAGE_SIZE, trained
 from trainer import export, storage
 from trainer.data import image_folder, images, tabular, timeseries
 
-pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
+# Tests that start trainer processes or train whole models are marked slow: the fast tier leaves them out.
 
 
 def run_predict(*flags):
@@ -31,6 +31,7 @@ def predict_ok(*flags):
   return stdout
 
 
+@pytest.mark.slow
 def test_forecasts_from_a_csv_are_the_trained_models(tmp_path_factory, tmp_path):
   job = trained("gru", tmp_path_factory)
   output = tmp_path / "forecasts.csv"
@@ -47,6 +48,7 @@ def test_forecasts_from_a_csv_are_the_trained_models(tmp_path_factory, tmp_path)
   assert float(line.rsplit(": ", 1)[1]) == pytest.approx(expected[-1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_table_predictions_are_the_trained_models(tmp_path_factory, tmp_path):
   job = trained("dense", tmp_path_factory)
   rows = pd.DataFrame(np.random.default_rng(5).normal(size=(30, 5)), columns=[f"x{i}" for i in range(5)])
@@ -59,6 +61,7 @@ def test_table_predictions_are_the_trained_models(tmp_path_factory, tmp_path):
   assert "... 20 more rows" in stdout and "30 predictions written" in stdout
 
 
+@pytest.mark.slow
 def test_image_classes_are_the_trained_models(tmp_path_factory, tmp_path):
   job = trained("cnn", tmp_path_factory)
   folder = tmp_path / "images"
@@ -96,6 +99,7 @@ def test_a_flat_folder_has_no_classes_to_measure(tmp_path):
   assert inference.list_images(str(tmp_path), {}) == (str(tmp_path), [("a.jpg", None), ("b.png", None)])
 
 
+@pytest.mark.slow
 def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factory):
   job = trained("dense", tmp_path_factory)
   export_dir = f"{gcs_bucket}/models/dense"
@@ -114,6 +118,7 @@ def test_export_to_cloud_storage_and_predict_from_it(gcs_bucket, tmp_path_factor
   np.testing.assert_allclose(written.predicted_y, expected, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, expected", [
     ("no_export", ["no export found", "trainer_export.json"]),
     ("bad_metadata", ["trainer_export.json", "not valid JSON"]),

@@ -4,75 +4,25 @@ every scenario on a local job folder and on a gs:// one."""
 import json
 import os
 import re
+import shutil
 import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from processes import stalled
+from processes import Job, run, stalled
 
 from trainer import preemption, storage
 
 pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
-ROWS = 700  # GRU epochs of ~30 steps: a signal after epoch 1's line stops epoch 2 two steps in
+ROWS = 700  # GRU epochs of ~30 steps
+
+# Fixtures are session-scoped: conftest.py orders tests by their duration, across modules.
 
 
-class Job:
-  """`python -m trainer.task` (or another command) in a subprocess; its stderr is collected
-  line by line so a test can wait for a line before it sends a signal."""
-
-  def __init__(self, flags, env=None, command=(sys.executable, "-m", "trainer.task")):
-    self.process = subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    env={**os.environ, **(env or {})})
-    self.lines, self._new_line = [], threading.Condition()
-    self._reader = threading.Thread(target=self._read, daemon=True)
-    self._reader.start()
-
-  def _read(self):
-    for line in self.process.stderr:
-      with self._new_line:
-        self.lines.append(line.rstrip("\n"))
-        self._new_line.notify_all()
-
-  def wait_for(self, pattern, timeout=120):
-    """The first stderr line matching pattern; fails if the process ends or time runs out first."""
-    deadline = time.monotonic() + timeout
-    with self._new_line:
-      while True:
-        for line in self.lines:
-          if re.search(pattern, line):
-            return line
-        if self.process.poll() is not None and not self._reader.is_alive():
-          raise AssertionError(f"exited {self.process.returncode} before {pattern!r}:\n" + self.stderr[-3000:])
-        if time.monotonic() > deadline:
-          raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n" + self.stderr[-3000:])
-        self._new_line.wait(0.2)
-
-  def finish(self, timeout=300):
-    code = self.process.wait(timeout)
-    self._reader.join(10)
-    return code
-
-  @property
-  def stderr(self):
-    return "\n".join(self.lines)
-
-  def last_line(self):
-    return self.lines[-1] if self.lines else ""
-
-
-def run(flags, **kwargs):
-  job = Job(flags, **kwargs)
-  return job.finish(), job
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prices(tmp_path_factory):
   rng = np.random.default_rng(0)
   close = 50 * np.exp(np.cumsum(0.0005 + 0.015 * rng.standard_normal(ROWS)))
@@ -101,30 +51,41 @@ def complete_checkpoints(job_dir):
           if re.fullmatch(r"ckpt-\d+", n) and "state.json" in storage.list_dir(storage.join(folder, n))]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(prices, tmp_path_factory):
-  """The report of the GRU job run from start to end without a signal."""
+  """(report, steps per epoch) of the GRU job run from start to end without a signal."""
   job_dir = str(tmp_path_factory.mktemp("reference") / "job")
   code, job = run(gru_flags(prices, job_dir))
   assert code == 0, job.stderr[-3000:]
-  return report(job_dir)
+  first, second = sorted(int(name[5:]) for name in complete_checkpoints(job_dir))  # each epoch's end
+  assert second == 2 * first
+  return report(job_dir), first
 
 
 def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stopped(prices, storage_root, uninterrupted):
+  """The signal arrives while the step checkpoint half way into epoch 2 (--checkpoint_every_steps) is
+  published, at that exact point: the flag rides in the next step's all-reduce and is read one step
+  later, so the job stops after step K + 2 and saves it. The rerun resumes there."""
+  uninterrupted, epoch_steps = uninterrupted
+  every = epoch_steps + epoch_steps // 2
   job_dir = f"{storage_root}/gru"
-  job = Job(gru_flags(prices, job_dir))
-  job.wait_for(r"epoch 1/2 ")
-  job.process.send_signal(signal.SIGTERM)
+  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}")
+  job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{every}$", upload=rf"/ckpt-{every}/state\.json$",
+                                   until_signal=True))
+  job.wait_for("^STALLED")
+  job.signal(signal.SIGTERM)
   assert job.finish() == 143
   stopped = re.fullmatch(r"trainer: stopped by SIGTERM at step (\d+); checkpoint (\S+) saved; run the same command "
                          r"again to resume \(exit code 143\)", job.last_line())
   assert stopped, job.stderr[-2000:]
   step = int(stopped.group(1))
-  assert f"ckpt-{step}" in complete_checkpoints(job_dir)
+  assert step == every + 2, job.stderr[-2000:]
+  assert complete_checkpoints(job_dir) == [f"ckpt-{every}", f"ckpt-{step}"]  # the step checkpoint, the signal's
 
-  code, rerun = run(gru_flags(prices, job_dir))
+  code, rerun = run(flags)
   assert code == 0, rerun.stderr[-3000:]
-  assert re.search(rf"resuming from \S+ckpt-{step}: 1 epochs done, \d+ steps into epoch 2", rerun.stderr)
+  assert re.search(rf"resuming from \S+ckpt-{step}: 1 epochs done, {step - epoch_steps} steps into epoch 2",
+                   rerun.stderr), rerun.stderr[-3000:]
   result = report(job_dir)
   assert result["resumed_from"]["epoch"] == 1 and result["resumed_from"]["step"] > 0  # mid-epoch
   # Same seed, same data order from the saved step on, dropout's random state restored: exactly equal.
@@ -140,36 +101,73 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
 
 
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(storage_root, tmp_path):
+  """With --checkpoint_every_steps=150 (epochs of 200 steps) from the command line: killed while the
+  second step checkpoint is published, the same command resumes from the first, mid-epoch."""
   job_dir = f"{storage_root}/killed"
+  flags = dense_flags(job_dir, "--epochs=3", "--checkpoint_every_steps=150")
   # Every checkpoint after the first stalled in the middle of its publication: locally before the
   # rename of the copied folder, on gs:// before state.json is uploaded.
-  job = Job(dense_flags(job_dir, "--epochs=3"), command=stalled("trainer.task", rename=r"/ckpt-[^/]*$",
-                                                                upload=r"/state\.json$", skip=1))
+  job = Job(flags, command=stalled("trainer.task", rename=r"/ckpt-[^/]*$", upload=r"/state\.json$", skip=1))
   job.wait_for("STALLED")
-  job.process.send_signal(signal.SIGKILL)
+  job.signal(signal.SIGKILL)
   assert job.finish() == -signal.SIGKILL
   folder = storage.join(job_dir, "checkpoints")
-  assert complete_checkpoints(job_dir) == ["ckpt-200"]  # the first epoch's; the second is half written
+  assert complete_checkpoints(job_dir) == ["ckpt-150"]  # the first step checkpoint; the second is half written
   assert len(storage.list_dir(folder)) == 2
 
-  code, rerun = run(dense_flags(job_dir, "--epochs=3"))
+  code, rerun = run(flags)
   assert code == 0, rerun.stderr[-3000:]
-  assert "resuming from " + storage.join(folder, "ckpt-200") in rerun.stderr
-  assert storage.list_dir(folder) == ["ckpt-200", "ckpt-400", "ckpt-600"]  # the half-written one replaced
+  assert "resuming from " + storage.join(folder, "ckpt-150") + ": 0 epochs done, 150 steps into epoch 1" \
+      in rerun.stderr, rerun.stderr[-3000:]
+  assert storage.list_dir(folder) == ["ckpt-300", "ckpt-450", "ckpt-600"]  # the half-written one replaced
+
+
+@pytest.fixture(scope="session")
+def one_epoch(tmp_path_factory):
+  """A dense job of one epoch, stopped by a second Ctrl-C during its export, which leaves ckpt-200 to
+  resume from: (its Job, its job folder). Tests that need such a checkpoint take a copy (one_epoch_copy)."""
+  job_dir = str(tmp_path_factory.mktemp("one_epoch") / "job")
+  # Stalled in the evaluation and in the export until a signal has gone through the trainer's handler.
+  job = Job(dense_flags(job_dir, "--epochs=1"), command=stalled(
+      "trainer.task", call=["trainer.report.evaluate", "trainer.export.write_export"], until_signal=True))
+  job.wait_for("^STALLED trainer.report.evaluate")
+  job.signal(signal.SIGINT)
+  job.wait_for("^STALLED trainer.export.write_export")
+  job.signal(signal.SIGINT)
+  job.finish()
+  return job, job_dir
+
+
+@pytest.fixture
+def one_epoch_copy(one_epoch, tmp_path):
+  """A job folder holding the one-epoch dense job's checkpoints (ckpt-200)."""
+  job_dir = str(tmp_path / "job")
+  shutil.copytree(storage.join(one_epoch[1], "checkpoints"), storage.join(job_dir, "checkpoints"))
+  assert complete_checkpoints(job_dir) == ["ckpt-200"]
+  return job_dir
+
+
+def test_ctrl_c_during_evaluation_lets_the_job_go_on_and_a_second_one_stops_it_at_once(one_epoch):
+  job, job_dir = one_epoch
+  # The first Ctrl-C came after training, during evaluation: the job went on to its export (see the
+  # fixture), where the second one stopped it at once, without waiting for anything.
+  assert job.process.returncode == -signal.SIGINT, job.stderr[-3000:]
+  assert job.last_line() == "KeyboardInterrupt", job.stderr[-3000:]
+  assert "SIGINT received" in job.stderr and "stopped by SIGINT" not in job.stderr
+  assert not storage.exists(storage.join(job_dir, "export", "1"))
+  assert complete_checkpoints(job_dir) == ["ckpt-200"]  # what the same command resumes from
 
 
 # One kind of storage only: the storage plays no part in where a NaN stops.
-@pytest.mark.parametrize("storage_root", ["local"], indirect=True)
-def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(storage_root):
-  job_dir = f"{storage_root}/nan"
-  code, first = run(dense_flags(job_dir, "--epochs=1"))
-  assert code == 0, first.stderr[-3000:]
+def test_nan_stops_at_its_step_and_leaves_the_last_good_checkpoint_untouched(one_epoch_copy):
+  job_dir = one_epoch_copy
   folder = storage.join(job_dir, "checkpoints", "ckpt-200")
   before = {name: storage.read_bytes(storage.join(folder, name)) for name in storage.list_dir(folder)}
 
   # Resuming with a learning rate this large (a new --learning_rate replaces the saved one) diverges.
   code, diverged = run(dense_flags(job_dir, "--epochs=3", "--learning_rate=1e12"))
   assert code == 2
+  assert "learning rate 0.001 from the checkpoint replaced by --learning_rate=1e+12" in diverged.stderr
   assert re.fullmatch(r"trainer: error: training diverged: the loss is (nan|inf) at step \d+ \(epoch 2\); "
                       rf"checkpoint {re.escape(folder)} is kept; resume from it with a lower --learning_rate",
                       diverged.last_line()), diverged.stderr[-2000:]
@@ -224,20 +222,30 @@ def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emul
     checkpoints._restore(checkpoints.path(step))
 
 
-def free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
+def indexed_job_hosts(count):
+  """A --indexed_job_hosts pattern whose {index} gives free ports on 127.0.0.1: 127.0.0.1:<P>{index}."""
+  for prefix in np.random.default_rng().permutation(np.arange(2000, 6500)):
+    sockets = []
+    try:
+      for index in range(count):
+        sockets.append(socket.socket())
+        sockets[-1].bind(("127.0.0.1", int(f"{prefix}{index}")))
+      return f"127.0.0.1:{prefix}{{index}}"
+    except OSError:
+      continue
+    finally:
+      for s in sockets:
+        s.close()
+  raise AssertionError("no free ports")
 
 
-def workers(flags):
-  """Two trainer processes of one MultiWorkerMirroredStrategy job on 127.0.0.1."""
-  cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-  return [Job(flags, env={"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})})
+def workers(flags, stall_worker_1=()):
+  """Two trainer processes of one MultiWorkerMirroredStrategy job on 127.0.0.1, started as the pods
+  of a Kubernetes Indexed Job are: JOB_COMPLETION_INDEX, with the hosts and their number in the
+  environment, and no TF_CONFIG. stall_worker_1: the stalled.py options that worker 1 runs under."""
+  env = {"TRAINER_INDEXED_JOB_HOSTS": indexed_job_hosts(2), "TRAINER_NUM_WORKERS": "2"}
+  return [Job(flags, env={**env, "JOB_COMPLETION_INDEX": str(i)},
+              **({"command": stalled("trainer.task", **stall_worker_1)} if i and stall_worker_1 else {}))
           for i in range(2)]
 
 
@@ -246,9 +254,11 @@ def workers(flags):
 def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(storage_root):
   job_dir = f"{storage_root}/pair"
   flags = dense_flags(job_dir, "--batch_size=64")
-  pair = workers(flags)
-  pair[1].wait_for(r"epoch 1/2 ")
-  pair[1].process.send_signal(signal.SIGTERM)  # the non-chief: the chief must notice and save
+  # The non-chief, signalled while it writes its own (unpublished) copy of epoch 1's checkpoint: the
+  # chief must notice and save.
+  pair = workers(flags, stall_worker_1=dict(call="numpy.savez", until_signal=True))
+  pair[1].wait_for("^STALLED")
+  pair[1].signal(signal.SIGTERM)
   assert [w.finish() for w in pair] == [143, 143], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
   steps = [re.search(r"stopped by SIGTERM at step (\d+)", w.last_line()).group(1) for w in pair]
   assert steps[0] == steps[1]
@@ -257,23 +267,23 @@ def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(st
   pair = workers(flags)
   assert [w.finish() for w in pair] == [0, 0], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
   for w in pair:
-    assert re.search(rf"resuming from \S+ckpt-{steps[0]}:", w.stderr)
+    assert re.search(rf"resuming from \S+ckpt-{steps[0]}: 1 epochs done", w.stderr), w.stderr[-3000:]
   checksums = [re.search(r"final weights checksum (\S+)", w.stderr).group(1) for w in pair]
   assert checksums[0] == checksums[1]
   assert report(job_dir)["resumed_from"]["global_step"] == int(steps[0])
+  assert (report(job_dir)["num_workers"], report(job_dir)["num_replicas"]) == (2, 2)
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path):
   job = Job(dense_flags(str(tmp_path / "job"), "--epochs=50"))
   job.wait_for(r"epoch 1/50 ")
-  job.process.send_signal(signal.SIGINT)
+  job.signal(signal.SIGINT)
   assert job.finish() == 130
   assert re.fullmatch(r"trainer: stopped by SIGINT at step \d+; .*\(exit code 130\)", job.last_line())
 
 
-def test_a_job_folder_of_another_job_is_refused(tmp_path):
-  job_dir = str(tmp_path / "job")
-  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+def test_a_job_folder_of_another_job_is_refused(one_epoch_copy):
+  job_dir = one_epoch_copy
   code, other = run(dense_flags(job_dir, "--epochs=1", "--seed=7"))
   assert code == 2
   assert other.last_line() == (f"trainer: error: {job_dir}/checkpoints holds checkpoints of another job: --seed was "
@@ -303,9 +313,8 @@ def test_the_same_step_saved_again_and_killed_half_way_leaves_a_checkpoint_to_re
   assert storage.list_dir(folder) == ["ckpt-400"]
 
 
-def test_a_checkpoint_of_another_model_or_precision_is_refused_by_its_flags(tmp_path):
-  job_dir = str(tmp_path / "job")
-  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+def test_a_checkpoint_of_another_model_or_precision_is_refused_by_its_flags(one_epoch_copy):
+  job_dir = one_epoch_copy
   for flag, was, now in [("--model=gru", "'dense'", "'gru'"), ("--mixed_precision", "False", "True")]:
     code, other = run(dense_flags(job_dir, "--epochs=1") + [flag])
     assert code == 2, other.stderr[-3000:]
@@ -314,16 +323,22 @@ def test_a_checkpoint_of_another_model_or_precision_is_refused_by_its_flags(tmp_
                                  f"was {was}, now {now}; use another --job_dir, or --restart to discard them")
 
 
-def test_a_checkpoint_of_an_older_layout_resumes(tmp_path):
-  job_dir = str(tmp_path / "job")
-  assert run(dense_flags(job_dir, "--epochs=1"))[0] == 0
+def test_a_checkpoint_of_an_older_layout_resumes_and_a_signal_during_its_export_lets_it_finish(one_epoch_copy):
+  job_dir = one_epoch_copy
   path = storage.join(job_dir, "checkpoints", "ckpt-200", "state.json")
   state = json.loads(storage.read_text(path))
   for name in ("partial", "num_replicas", "data"):  # fields added since, and no data fingerprint
     state.pop(name, None)
   storage.write_text(path, json.dumps(state))
-  code, resumed = run(dense_flags(job_dir, "--epochs=2"))
+  # SIGTERM while the export is written, at that point: it is written whole, the job finishes and exits 0.
+  resumed = Job(dense_flags(job_dir, "--epochs=2"),
+                command=stalled("trainer.task", call="trainer.export.write_export", until_signal=True))
+  resumed.wait_for("^STALLED")
+  resumed.signal(signal.SIGTERM)
+  code = resumed.finish()
   assert code == 0, resumed.stderr[-3000:]
+  assert "SIGTERM received" in resumed.stderr and "stopped by" not in resumed.stderr
+  assert "trainer_export.json" in storage.list_dir(storage.join(job_dir, "export", "1"))
   assert re.search(r"checkpoint \S+ckpt-200 is of an older layout without partial, num_replicas: taking their "
                    "defaults", resumed.stderr)
   assert report(job_dir)["resumed_from"]["global_step"] == 200
