@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from trainer import storage, transfer
 from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from trainer import cluster as cluster_lib
-from trainer.config import UserError
+from trainer.errors import UserError
 
 KUBEFLOW_WORKERS = ["mnist-worker-0.default.svc:2222", "mnist-worker-1.default.svc:2222",
                     "mnist-worker-2.default.svc:2222"]

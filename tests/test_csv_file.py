@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from trainer import storage
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.data import csv_file
 
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from processes import wait_for_line
 
-from trainer import distribution, preemption, train
+from trainer import distribution, errors, train
 from trainer.cluster import Cluster
 from trainer.config import Config, UserError
 
@@ -191,7 +191,7 @@ def test_a_dead_worker_fails_the_job_within_seconds(tmp_path):
     workers[1].send_signal(signal.SIGKILL)
     # A code that restart policies retry, and one line saying why: the job resumes when restarted. (Waiting
     # forever in an all-reduce would run into the timeout: 500 epochs take far longer.)
-    assert workers[0].wait(timeout=120) == preemption.WORKER_LOST
+    assert workers[0].wait(timeout=120) == errors.WORKER_LOST
     last = workers[0].stderr.read().strip().splitlines()[-1]
     assert last.startswith("trainer: another worker of this job was lost (") and "Traceback" not in last
   finally:

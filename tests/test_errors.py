@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from trainer import errors, preemption, storage
-from trainer.config import UserError
+from trainer import errors, storage
+from trainer.errors import UserError
 
 
 class Busy(errors.ServingBusy):
@@ -26,13 +26,6 @@ def test_exiting_says_one_line_and_exits_with_the_code(capsys, error, code, line
   assert exit_.value.code == code
   (said,) = capsys.readouterr().err.splitlines()
   assert said.startswith(line), said
-
-
-def test_the_old_names_are_the_same_objects():
-  assert storage.StorageError is errors.StorageError and UserError is errors.UserError
-  assert preemption.Restart is errors.Restart and preemption.Preempted is errors.Preempted
-  assert (preemption.STORAGE_FAILURE, preemption.WORKER_LOST, preemption.SERVING_BUSY) == (170, 171, 172)
-  assert preemption.exit_code(signal.SIGINT) == 130
 
 
 def test_anything_else_is_left_to_python():

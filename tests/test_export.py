@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 from trained_jobs import trained
 
-from trainer import export, preemption, storage
+from trainer import errors, export, storage
 from trainer.models import MODELS
-from trainer.config import UserError
+from trainer.errors import UserError
 
 # Tests that start trainer processes or train whole models are marked slow: the fast tier leaves them out.
 
@@ -116,7 +116,7 @@ def test_an_unreachable_bucket_is_a_storage_error_not_a_user_error(unreachable_s
 def test_predict_from_an_unreachable_bucket_exits_170_in_one_line(unreachable_storage, tmp_path):
   done = subprocess.run([sys.executable, "-m", "trainer.predict", "--model_dir=gs://bucket/export/1",
                          f"--data={tmp_path / 'rows.csv'}"], capture_output=True, text=True, timeout=120)
-  assert done.returncode == preemption.STORAGE_FAILURE, done.stderr
+  assert done.returncode == errors.STORAGE_FAILURE, done.stderr
   assert "Traceback" not in done.stderr
   (line,) = [line for line in done.stderr.splitlines() if "error" in line]
   assert line.startswith("predict: error: cannot ") and "gs://bucket/export/1" in line, line

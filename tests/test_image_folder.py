@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from image_files import rgb, write_image
 from trainer import storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.data import image_folder
 
 

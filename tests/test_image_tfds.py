@@ -15,7 +15,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import downloader
 
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.data import image_tfds
 from trainer.storage import StorageError
 

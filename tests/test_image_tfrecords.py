@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from image_files import rgb, write_image
 from trainer import storage, transfer
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.data import image_folder, image_tfrecords
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_tfrecords.py")

@@ -27,9 +27,9 @@ from absl import flags
 
 from trainer import cluster as cluster_lib
 from trainer import config as config_lib
-from trainer import preemption, task
+from trainer import errors
 from trainer.distribution import per_replica_batch_size
-from trainer.preemption import exit_code
+from trainer.errors import signal_exit_code as exit_code
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -42,8 +42,8 @@ KUBECTL = shutil.which("kubectl")
 PYTHON_ERROR = 1
 # What a Job's podFailurePolicy must say about the trainer's exit codes (README "Resume,
 # preemption and exit codes").
-PERMANENT_CODES = {PYTHON_ERROR, task.USER_ERROR}
-RETRYABLE_CODES = {preemption.STORAGE_FAILURE, preemption.WORKER_LOST, preemption.SERVING_BUSY,
+PERMANENT_CODES = {PYTHON_ERROR, errors.USER_ERROR}
+RETRYABLE_CODES = {errors.STORAGE_FAILURE, errors.WORKER_LOST, errors.SERVING_BUSY,
                    exit_code(signal.SIGINT), exit_code(signal.SIGTERM)}
 
 # A CronJob names the Jobs it creates <cronjob name>-<scheduled time in minutes since 1970>.

@@ -9,9 +9,10 @@ import tensorflow as tf
 from trainer import distribution, loop
 from trainer.checkpoints import Checkpoints
 from trainer.cluster import Cluster
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.models import MODELS, OPTIMIZERS
-from trainer.preemption import Preempted, StopSignal
+from trainer.errors import Preempted
+from trainer.preemption import StopSignal
 from trainer.state import TrainState
 
 

@@ -15,8 +15,8 @@ import pytest
 from processes import kill_when, stalled, wait_for_line
 from test_serving_lease import write_lease
 
-from trainer import export, preemption, promotion, retrain_history, serving_lease, storage
-from trainer.config import UserError
+from trainer import errors, export, promotion, retrain_history, serving_lease, storage
+from trainer.errors import UserError
 
 
 def fake_export(folder, metric=1.0, marker=True):
@@ -221,7 +221,7 @@ def test_a_promoter_whose_lease_ran_out_never_touches_the_new_holders_version(ro
     wait_for_line(b, "^PAUSED")  # and B takes over and pauses before its version is whole.
     assert production_loads() == storage.join(serving_dir, "1")
     (tmp_path / "go-retrain-a").write_text("")
-    assert a.wait(timeout=120) == preemption.SERVING_BUSY, a.stderr.read()
+    assert a.wait(timeout=120) == errors.SERVING_BUSY, a.stderr.read()
     assert re.search(r"^LOST .*held by retrain-b", a.stderr.read(), re.M)
     assert production_loads() == storage.join(serving_dir, "1")  # A withdrew and published nothing
     (tmp_path / "go-retrain-b").write_text("")

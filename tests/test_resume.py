@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from processes import Job, run, stalled
 
-from trainer import preemption, storage
+from trainer import errors, storage
 
 pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
@@ -197,12 +197,12 @@ def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emul
   try:
     job.wait_for(r"checkpoint \S+ckpt-600 saved")
     gcs_emulator.stop()
-    assert job.finish() == preemption.STORAGE_FAILURE
+    assert job.finish() == errors.STORAGE_FAILURE
     assert re.match(r"trainer: error: .*gs://", job.last_line()), job.stderr[-2000:]
     assert "Traceback" not in job.stderr
     # While storage is down, a restarted job must not mistake it for "no checkpoint".
     code, blind = run(dense_flags(job_dir, "--epochs=1000"))
-    assert code == preemption.STORAGE_FAILURE and "training from the start" not in blind.stderr
+    assert code == errors.STORAGE_FAILURE and "training from the start" not in blind.stderr
     assert re.match(r"trainer: error: .*gs://", blind.last_line())
   finally:
     gcs_emulator.start()

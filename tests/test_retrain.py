@@ -13,7 +13,7 @@ import time
 import pytest
 from processes import kill_when, stalled, wait_for_line
 
-from trainer import export, preemption, promotion, retrain_history, retraining, serving_lease, storage
+from trainer import errors, export, promotion, retrain_history, retraining, serving_lease, storage
 from trainer.config import Config
 from trainer.retraining import PROMOTED, REJECTED
 
@@ -281,7 +281,7 @@ def test_a_held_lease_exits_clearly_when_waiting_is_not_asked_for(table_csv, tmp
       {"owner": "a retrain started by hand", "token": "t", "acquired": time.time(), "expires": time.time() + 600}))
   held = run(f"--data={table_csv()}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'job'}",
              "--epochs=1", "--lease_wait_seconds=0")
-  assert held.returncode == preemption.SERVING_BUSY
+  assert held.returncode == errors.SERVING_BUSY
   assert held.stderr.strip().splitlines()[-1].startswith(
       f"retrain: {storage.join(serving_dir, serving_lease.LEASE)} is held by a retrain started by hand until ")
   assert storage.list_dir(serving_dir) == [serving_lease.LEASE, serving_lease.LEASE + ".lock"]  # nothing promoted

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from trainer.config import UserError
+from trainer.errors import UserError
 from trainer.state import NOT_A_RETRAIN, TrainState, WarmStart
 
 

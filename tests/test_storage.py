@@ -140,7 +140,7 @@ def test_a_removal_deletes_the_markers_first(base, monkeypatch):
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
 def test_a_bad_storage_timeout_is_a_user_mistake(gcs_bucket, monkeypatch, value):
-  from trainer.config import UserError
+  from trainer.errors import UserError
   monkeypatch.setenv("TRAINER_STORAGE_TIMEOUT", value)
   with pytest.raises(UserError, match=rf"^TRAINER_STORAGE_TIMEOUT='{value}' is not a positive number of seconds; "
                                       r"set it to one \(e.g. 60, the default\) or unset it$"):

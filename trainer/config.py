@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 from trainer import cluster as cluster_lib
 from trainer import families
-from trainer.errors import UserError  # noqa: F401 -- raised here, and read from here by many modules
+from trainer.errors import UserError
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
 # Vertex AI custom training says where a job should write through these variables; a flag given

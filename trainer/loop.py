@@ -276,7 +276,7 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n, "global_step": n}.
 
   state: a TrainState, where a restored checkpoint left off (None: from the start); fit advances it.
-  Raises Diverged on a NaN or infinite loss and trainer.preemption.Preempted after saving on a
+  Raises Diverged on a NaN or infinite loss and trainer.errors.Preempted after saving on a
   signal. The other arguments: Loop's.
   """
   loop = Loop(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir, jit_compile,

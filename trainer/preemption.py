@@ -12,12 +12,6 @@ import signal
 
 from absl import logging
 
-# The exit codes and the stops that carry them are trainer.errors'; these names stay readable here
-# for the modules and tests that know them as preemption's.
-from trainer.errors import (SERVING_BUSY, STORAGE_FAILURE, WORKER_LOST, Preempted, Restart,  # noqa: F401
-                            WorkerLost)
-from trainer.errors import signal_exit_code as exit_code  # noqa: F401
-
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

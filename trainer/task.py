@@ -13,7 +13,6 @@ from absl import app, flags  # noqa: E402
 
 from trainer import cli, errors, storage  # noqa: E402
 from trainer.data import csv_file  # noqa: E402
-from trainer.errors import USER_ERROR  # noqa: E402,F401 -- the code of a mistake, as tests/test_k8s.py reads it
 
 flags.adopt_module_key_flags(cli)  # the flags are this command's own (--helpshort)
 

@@ -16,7 +16,8 @@ from trainer import distribution, export, families, hptuning, loop, report, star
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
 from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
-from trainer.preemption import StopSignal, WorkerLost
+from trainer.errors import WorkerLost
+from trainer.preemption import StopSignal
 from trainer.state import NOT_A_RETRAIN, WarmStart
 
 # TensorFlow's own INFO lines (checkpoint sharding, SavedModel signatures, some through absl's
