@@ -280,6 +280,7 @@ def test_an_image_digest_is_kept(tmp_path):
   assert {container["image"] for _, container in trainer_containers(objects)} == {image}
 
 
+@pytest.mark.slow  # four kubectl renders of every target: the fast tier has the others
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_job_name_too_long_for_the_names_kubernetes_derives_says_how_long_it_may_be(target, tmp_path):
@@ -304,6 +305,7 @@ def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected,
   assert stdout == ""
 
 
+@pytest.mark.slow  # renders every target
 @needs_kubectl
 def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(tmp_path):
   _, objects = kubernetes_dry_run("cronjob", "--", "--serving_dir=gs://models/serving", "--min_improvement=0.05")
