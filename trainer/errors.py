@@ -45,7 +45,7 @@ class Restart(Exception):
 
 
 class ServingBusy(Restart):
-  """Another retrain holds or changed the serving folder (trainer.serving's lease, a warm start
+  """Another retrain holds or changed the serving folder (trainer.serving_lease's Lease, a warm start
   raced by a promotion): a retry later finds it free or settled."""
   exit_code = SERVING_BUSY
 
