@@ -12,7 +12,6 @@ def test_one_vocabulary_of_kinds_and_the_old_word_still_read():
   # Exports written before one word named each kind say "classification" for the cnn.
   assert families.kind("classification") == "images" and families.kind("forecast") == "forecast"
   assert families.METRICS["classification"] == families.METRICS["images"] == ("accuracy", False)
-  assert families.names("forecast") == ("gru", "lstm") and families.names("images") == ("cnn",)
   assert config.Config(model="cnn").kind == "images" and config.Config(model="gru").is_forecast
 
 

@@ -48,10 +48,11 @@ def _train(name, folder):
   else:
     config = Config(model="cnn", data=write_shapes(os.path.join(folder, "images"), per_class=6),
                     image_size=IMAGE_SIZE, epochs=1, batch_size=8)
-  result = train.train_and_evaluate(config, os.path.join(folder, "job"))
+  trained = train.run(config, os.path.join(folder, "job"))  # its prepared data: no second decoding
+  assert trained.diverged is None, trained.diverged
+  result = trained.report
   model = keras.models.load_model(os.path.join(result["export"], "model.keras"))
-  prepared = train.DATA[name].prepare(config)
-  return Job(config, model, prepared, result, version_dir=result["export"])
+  return Job(config, model, trained.prepared, result, version_dir=result["export"])
 
 
 def _write(frame, folder, name):

@@ -43,11 +43,6 @@ def kind(word):
   return OLD_KINDS.get(word, word)
 
 
-def names(of_kind):
-  """The --model names of one kind, in table order."""
-  return tuple(name for name, family in FAMILIES.items() if family.kind == of_kind)
-
-
 def data_module(model):
   """The trainer.data module that prepares `model`'s data (imports TensorFlow)."""
   return importlib.import_module(f"trainer.data.{FAMILIES[model].data}")
