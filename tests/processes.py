@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import forked
+
 
 def _read_line(stream, deadline):
   """The next line of stream as readline gives it ("" at the end), or None at the deadline. Reads byte by
@@ -53,15 +55,15 @@ def wait_for_line(process, pattern, timeout=180, seen=None):
 
 
 class Job:
-  """A command (by default `python -m trainer.task`) with its stderr watched line by line, so a test
-  can wait for a line before it sends a signal; stdout is discarded. Whatever a test leaves running
+  """A command (by default `python -m trainer.task`; `python` commands are forked, see forked.py) with its
+  stderr watched line by line, so a test can wait for a line before it sends a signal; stdout is discarded. Whatever a test leaves running
   (it failed half way) is killed after it (stop_all, from conftest.py)."""
 
   started = []
 
   def __init__(self, flags, env=None, command=(sys.executable, "-m", "trainer.task")):
-    self.process = subprocess.Popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    env={**os.environ, **(env or {})})
+    self.process = forked.popen([*command, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, **(env or {})})
     self.lines = []
     Job.started.append(self)
 
@@ -106,7 +108,7 @@ def run(flags, **kwargs):
 def kill_when(argv, pattern="^STALLED", timeout=180):
   """Runs argv until a line of its stderr matches pattern, then SIGKILLs it (nothing it does after
   runs: no cleanup, no finally); returns that line."""
-  process = subprocess.Popen(argv, stderr=subprocess.PIPE)
+  process = forked.popen(argv, stderr=subprocess.PIPE)
   try:
     return wait_for_line(process, pattern, timeout)
   finally:

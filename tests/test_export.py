@@ -5,9 +5,9 @@ import datetime
 import json
 import os
 import socket
-import subprocess
 import sys
 
+import forked
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -114,8 +114,8 @@ def test_an_unreachable_bucket_is_a_storage_error_not_a_user_error(unreachable_s
 
 
 def test_predict_from_an_unreachable_bucket_exits_170_in_one_line(unreachable_storage, tmp_path):
-  done = subprocess.run([sys.executable, "-m", "trainer.predict", "--model_dir=gs://bucket/export/1",
-                         f"--data={tmp_path / 'rows.csv'}"], capture_output=True, text=True, timeout=120)
+  done = forked.run([sys.executable, "-m", "trainer.predict", "--model_dir=gs://bucket/export/1",
+                     f"--data={tmp_path / 'rows.csv'}"], capture_output=True, text=True, timeout=120)
   assert done.returncode == errors.STORAGE_FAILURE, done.stderr
   assert "Traceback" not in done.stderr
   (line,) = [line for line in done.stderr.splitlines() if "error" in line]

@@ -1,10 +1,11 @@
 """A Vertex AI tuning trial reports its metric through cloudml-hypertune, as Vertex AI reads it."""
 
-import pytest
 import json
 import os
-import subprocess
 import sys
+
+import forked
+import pytest
 
 from trainer import hptuning
 
@@ -15,8 +16,8 @@ from trainer import hptuning
 def test_a_trial_reports_the_kept_epochs_validation_loss(tmp_path):
   metrics = tmp_path / "hypertune" / "output.metrics"
   env = {**os.environ, "CLOUD_ML_TRIAL_ID": "7", "CLOUD_ML_HP_METRIC_FILE": str(metrics)}
-  done = subprocess.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=2",
-                         f"--job_dir={tmp_path / 'job'}"], env=env, capture_output=True, text=True, timeout=300)
+  done = forked.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=2",
+                     f"--job_dir={tmp_path / 'job'}"], env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   report = json.loads((tmp_path / "job" / "report.json").read_text())
   (line,) = metrics.read_text().splitlines()

@@ -6,9 +6,9 @@ bounded number of requests, each with a timeout."""
 import collections
 import os
 import socket
-import subprocess
 import sys
 
+import forked
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -138,8 +138,8 @@ def test_a_download_without_network_is_one_line_and_exit_170(tmp_path):
   data_dir = tmp_path / "tfds"
   flags = ["--model=cnn", "--data=tfds:mnist", "--tfds_download", f"--tfds_data_dir={data_dir}", "--image_size=28",
            "--epochs=1", f"--job_dir={tmp_path / 'job'}"]
-  done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=180)
+  done = forked.run([sys.executable, "-m", "trainer.task", *flags], cwd=tmp_path, env=env, capture_output=True,
+                    text=True, timeout=180)
   assert done.returncode == 170, done.stderr[-3000:]
   assert "Traceback" not in done.stderr, done.stderr[-3000:]
   (line,) = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import forked
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,9 +20,11 @@ from trainer.data import image_folder, images, tabular, timeseries
 # Tests that start trainer processes or train whole models are marked slow: the fast tier leaves them out.
 
 
-def run_predict(*flags):
-  done = subprocess.run([sys.executable, "-m", "trainer.predict", *flags], capture_output=True, text=True,
-                        timeout=120)
+def run_predict(*flags, fresh=False):
+  """(exit code, stdout, stderr) of `python -m trainer.predict`, forked with TensorFlow imported, or in a
+  fresh process where the test is about what happens before TensorFlow is imported."""
+  done = (subprocess.run if fresh else forked.run)([sys.executable, "-m", "trainer.predict", *flags],
+                                                    capture_output=True, text=True, timeout=120)
   return done.returncode, done.stdout, done.stderr
 
 
@@ -154,7 +157,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path_factory, tmp_path, case, expe
   else:
     (tmp_path / "empty" / "circle").mkdir(parents=True)
     model_dir, data = cnn.version_dir, str(tmp_path / "empty")
-  code, stdout, stderr = run_predict(f"--model_dir={model_dir}", f"--data={data}")
+  code, stdout, stderr = run_predict(f"--model_dir={model_dir}", f"--data={data}", fresh=True)
   assert code == 2 and "Traceback" not in stderr, stderr
   # Each is found before TensorFlow starts, so nothing else is on stderr.
   (line,) = stderr.strip().splitlines()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import forked
 import pytest
 from processes import kill_when, stalled, wait_for_line
 
@@ -28,7 +29,7 @@ def retrain(*args):
 
 
 def run(*args, timeout=300):
-  return subprocess.run(retrain(*args), capture_output=True, text=True, timeout=timeout)
+  return forked.run(retrain(*args), capture_output=True, text=True, timeout=timeout)
 
 
 # `python -c PAUSING POINT NOTE -- ARGS...` runs trainer.retrain ARGS with two named points:
@@ -90,8 +91,8 @@ runpy.run_module("trainer.retrain", run_name="__main__", alter_sys=True)
 def pausing(*args, pause="-", note="-"):
   """Popen of trainer.retrain with FLAGS and args, paused after pause and telling each call of note
   (see PAUSING), its stderr a pipe the test reads."""
-  return subprocess.Popen([sys.executable, "-c", PAUSING, pause, note, "--", *FLAGS, *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return forked.popen([sys.executable, "-c", PAUSING, pause, note, "--", *FLAGS, *args],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def production_v1(serving_dir, data, job_dir):
@@ -352,17 +353,17 @@ def test_a_cnn_retrain_is_promoted_then_served(make_image_folder, tmp_path):
   serving_dir = str(tmp_path / "serving")
   data = make_image_folder({"red": 12, "green": 12, "blue": 12})
   holdout = make_image_folder({"red": 4, "green": 4, "blue": 4}, name="holdout", seed=1)
-  night = subprocess.run([sys.executable, "-m", "trainer.retrain", "--model=cnn", f"--data={data}",
-                          f"--eval_data={holdout}", "--image_size=24", "--epochs=3", "--batch_size=8", "--noaugment",
-                          f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night1'}"],
-                         capture_output=True, text=True, timeout=300)
+  night = forked.run([sys.executable, "-m", "trainer.retrain", "--model=cnn", f"--data={data}",
+                      f"--eval_data={holdout}", "--image_size=24", "--epochs=3", "--batch_size=8", "--noaugment",
+                      f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night1'}"],
+                     capture_output=True, text=True, timeout=300)
   assert night.returncode == 0, night.stderr[-3000:]
   (entry,) = retrain_history.read(serving_dir)
   assert (entry["decision"], entry["version"], entry["metric"]) == (PROMOTED, 1, "accuracy"), entry["reason"]
   assert promotion.production(serving_dir) == storage.join(serving_dir, "1")
   # Served: trainer.predict on the serving folder answers the hold-out as the candidate was scored.
-  served = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}", f"--data={holdout}"],
-                          capture_output=True, text=True, timeout=300)
+  served = forked.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}", f"--data={holdout}"],
+                      capture_output=True, text=True, timeout=300)
   assert served.returncode == 0, served.stderr[-3000:]
   assert f"export: {storage.join(serving_dir, '1')} (model cnn, version 1" in served.stdout
   hits = round(entry["candidate"]["accuracy"] * 12)

@@ -4,9 +4,9 @@ production scored with its own saved preprocessing on the candidate's hold-out."
 
 import json
 import math
-import subprocess
 import sys
 
+import forked
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,8 +89,8 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   # What a server does with the folder: TF Serving's loader, and trainer.predict from the export alone.
   loaded = tf.saved_model.load(transfer.local_path(storage.join(serving_dir, "2")))
   features = pd.read_csv(data)[["a", "b", "c", "d"]].head(5).to_numpy(np.float32)
-  prediction = subprocess.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}",
-                               f"--data={data}"], capture_output=True, text=True, timeout=120)
+  prediction = forked.run([sys.executable, "-m", "trainer.predict", f"--model_dir={serving_dir}",
+                           f"--data={data}"], capture_output=True, text=True, timeout=120)
   assert prediction.returncode == 0, prediction.stderr
   assert f"export: {storage.join(serving_dir, '2')} (model dense, version 2" in prediction.stdout
   outputs = loaded.signatures["serving_default"](features=tf.constant(features))

@@ -4,6 +4,7 @@ round trips, atomic writes, listings, recursive removal, a dead endpoint that fa
 import os
 import time
 
+import forked
 import pytest
 
 from trainer import storage
@@ -149,10 +150,9 @@ def test_a_bad_storage_timeout_is_a_user_mistake(gcs_bucket, monkeypatch, value)
 
 @pytest.mark.slow
 def test_a_bad_storage_timeout_exits_2(gcs_bucket, tmp_path):
-  import subprocess
   import sys
-  done = subprocess.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1",
-                         f"--job_dir={gcs_bucket}/job"], capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "TRAINER_STORAGE_TIMEOUT": "abc"})
+  done = forked.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1",
+                     f"--job_dir={gcs_bucket}/job"], capture_output=True, text=True, timeout=600,
+                    env={**os.environ, "TRAINER_STORAGE_TIMEOUT": "abc"})
   assert done.returncode == 2, done.stderr[-3000:]
   assert done.stderr.strip().splitlines()[-1].startswith("trainer: error: TRAINER_STORAGE_TIMEOUT='abc'")

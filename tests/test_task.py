@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import forked
 import pandas as pd
 import pytest
 from processes import wait_for_line
@@ -14,8 +15,8 @@ pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in th
 
 
 def run_cli(*flags, cwd, env=None):
-  done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=cwd, capture_output=True, text=True,
-                        timeout=300, env={**os.environ, **(env or {})})
+  done = forked.run([sys.executable, "-m", "trainer.task", *flags], cwd=cwd, capture_output=True, text=True,
+                    timeout=300, env={**os.environ, **(env or {})})
   return done.returncode, done.stdout, done.stderr
 
 
@@ -162,8 +163,8 @@ def test_vertex_ai_variables_decide_where_a_job_writes(tmp_path):
 def test_sigterm_says_exactly_what_resumes_the_job(tmp_path, flags, advice):
   """Without --job_dir every run makes a new folder, and --restart wipes the checkpoints: "run the
   same command again" would start from scratch; the line names what to run instead."""
-  process = subprocess.Popen([sys.executable, "-m", "trainer.task", "--model=dense", *flags], cwd=tmp_path,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  process = forked.popen([sys.executable, "-m", "trainer.task", "--model=dense", *flags], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
     wait_for_line(process, r"checkpoint \S+ saved|epoch 1/")
     process.send_signal(signal.SIGTERM)
