@@ -120,6 +120,8 @@ def run_child(request, fds):
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
+  # PYTHONPATH is read when an interpreter starts: add what the child's adds to the server's.
+  sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
   kind, what, args = request["kind"], request["what"], request["args"]
   code = 0
   try:

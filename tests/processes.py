@@ -5,10 +5,13 @@ Every read of a child's stderr here has a deadline that holds even when the chil
 for, so the caller may read the rest of process.stderr itself.
 """
 
+import concurrent.futures
+import json
 import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +106,41 @@ def run(flags, **kwargs):
   """(exit code, Job) of a command run to its end."""
   job = Job(flags, **kwargs)
   return job.finish(), job
+
+
+def free_ports(count):
+  """Ports free on 127.0.0.1 now (the way scripts/local_cluster.py finds them)."""
+  sockets = [socket.socket() for _ in range(count)]
+  try:
+    for s in sockets:
+      s.bind(("127.0.0.1", 0))
+    return [s.getsockname()[1] for s in sockets]
+  finally:
+    for s in sockets:
+      s.close()
+
+
+def cluster_env(ports, index, env=None):
+  """The environment of worker `index` of a cluster of workers on 127.0.0.1 at ports."""
+  cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+  return {**os.environ, **(env or {}), "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker",
+                                                                                             "index": index}})}
+
+
+def run_cluster(argv, workers, env=None, timeout=300):
+  """Runs the `python ...` command argv as each of `workers` workers of one cluster on 127.0.0.1 (TF_CONFIG, as
+  scripts/local_cluster.py sets it; its own tests run it), forked; returns their CompletedProcess, by
+  index, once all have ended. All are killed when one is still running after timeout seconds."""
+  ports = free_ports(workers)
+  started = [forked.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=cluster_env(ports, index, env)) for index in range(workers)]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # read all at once: a full pipe would block one
+      outputs = list(pool.map(lambda process: process.communicate(timeout), started))
+  finally:
+    for process in started:
+      _stop(process)
+  return [subprocess.CompletedProcess(argv, p.returncode, out, err) for p, (out, err) in zip(started, outputs)]
 
 
 def kill_when(argv, pattern="^STALLED", timeout=180):

@@ -5,7 +5,7 @@ import os
 import forked
 import pytest
 import tensorflow as tf
-from processes import wait_for_line
+from processes import cluster_env, free_ports, run_cluster, wait_for_line
 
 from trainer import distribution, errors, train
 from trainer.cluster import Cluster
@@ -131,14 +131,13 @@ def test_speed_flags_train_with_a_falling_loss(flags, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["dense", "gru"])
 def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
-  """A real MultiWorkerMirroredStrategy job: two trainer processes on 127.0.0.1 through
-  scripts/local_cluster.py, the same loop as everywhere. Both see the same all-reduced losses;
-  only the chief writes the job folder; the other worker's temporary folder is gone at the end.
-  501 rows leave 321 for training: shares of 161 and 160 rows, 11 and 10 batches of 16, and
-  the worker that runs out first must not leave the other hanging in an all-reduce."""
+  """A real MultiWorkerMirroredStrategy job: two trainer processes on 127.0.0.1, the same loop as
+  everywhere. Both see the same all-reduced losses; only the chief writes the job folder; the other
+  worker's temporary folder is gone at the end. 501 rows leave 321 for training: shares of 161 and
+  160 rows, 11 and 10 batches of 16, and the worker that runs out first must not leave the other
+  hanging in an all-reduce."""
   import json
   import re
-  import subprocess
   import sys
   from trainer.data import builtin
   if model == "dense":
@@ -149,16 +148,12 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
     data = [f"--data={tmp_path / 'prices.csv'}", "--target_column=Close", "--date_column=Date", "--window=10"]
   scratch = tmp_path / "scratch"
   scratch.mkdir()
-  script = os.path.join(os.path.dirname(__file__), "..", "scripts", "local_cluster.py")
-  done = subprocess.run(
-      [sys.executable, script, "--workers=2", "--", f"--model={model}", *data, "--epochs=2", "--batch_size=32",
-       f"--job_dir={tmp_path / 'job'}"],
-      capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
-  assert done.returncode == 0, done.stderr[-3000:]
-  losses = {task: re.findall(r"epoch \d+/2  loss (\S+)", "\n".join(
-      line for line in done.stderr.splitlines() if line.startswith(f"[worker {task}]"))) for task in (0, 1)}
+  workers = run_cluster([sys.executable, "-m", "trainer.task", f"--model={model}", *data, "--epochs=2",
+                         "--batch_size=32", f"--job_dir={tmp_path / 'job'}"], 2, env={"TMPDIR": str(scratch)})
+  assert [w.returncode for w in workers] == [0, 0], workers[0].stderr[-3000:] + workers[1].stderr[-3000:]
+  losses = [re.findall(r"epoch \d+/2  loss (\S+)", w.stderr) for w in workers]
   assert len(losses[0]) == 2 and losses[0] == losses[1]
-  checksums = [re.findall(r"\[worker %d\].*final weights checksum (\S+)" % task, done.stderr) for task in (0, 1)]
+  checksums = [re.findall(r"final weights checksum (\S+)", w.stderr) for w in workers]
   assert len(checksums[0]) == 1 and checksums[0] == checksums[1]  # the same final weights
   report = json.loads((tmp_path / "job" / "report.json").read_text())
   assert (report["strategy"], report["num_workers"], report["num_replicas"]) == ("multi_worker_mirrored", 2, 2)
@@ -173,22 +168,14 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
 def test_a_dead_worker_fails_the_job_within_seconds(tmp_path):
   """One of two workers killed mid-run: the survivor fails on its own within seconds instead
   of waiting forever in an all-reduce (no launcher stops it here)."""
-  import json
   import signal
-  import socket
   import subprocess
   import sys
-  ports = []
-  for _ in range(2):
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      ports.append(s.getsockname()[1])
-  cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+  ports = free_ports(2)
   workers = [forked.popen(
       [sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=500", "--patience=500",
-       f"--job_dir={tmp_path / 'job'}"],
-      env={**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+       f"--job_dir={tmp_path / 'job'}"], env=cluster_env(ports, i), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
   try:
     wait_for_line(workers[1], "epoch 2/500")
     workers[1].send_signal(signal.SIGKILL)

@@ -12,7 +12,7 @@ import time
 
 import forked
 import pytest
-from processes import kill_when, stalled, wait_for_line
+from processes import kill_when, run_cluster, stalled, wait_for_line
 
 from trainer import errors, export, promotion, retrain_history, retraining, serving_lease, storage
 from trainer.config import Config
@@ -261,17 +261,15 @@ def test_two_retrains_started_at_once_never_both_promote(root, table_csv, tmp_pa
 def test_two_workers_train_the_same_warm_started_candidate_and_the_chief_alone_promotes(table_csv, tmp_path):
   serving_dir, data = str(tmp_path / "serving"), table_csv()
   production_v1(serving_dir, data, str(tmp_path / "night1"))
-  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "local_cluster.py")
-  done = subprocess.run([sys.executable, script, "--workers=2", "--module=trainer.retrain", "--", *FLAGS,
-                         f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
-                         "--epochs=10"], capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  for worker in (0, 1):
-    assert re.search(rf"^\[worker {worker}\] .*warm start: from the weights of version 1 ", done.stderr, re.M)
-  checksums = re.findall(r"^\[worker (\d)\] .*final weights checksum (\S+)", done.stderr, re.M)
-  assert len(checksums) == 2 and checksums[0][1] == checksums[1][1], checksums
-  assert "[worker 1] worker done: the chief decides" in done.stdout
-  assert re.search(r"^\[worker 0\] promoted: the candidate's rmse", done.stdout, re.M), done.stdout
+  workers = run_cluster(retrain(f"--data={data}", f"--serving_dir={serving_dir}", f"--job_dir={tmp_path / 'night2'}",
+                                "--epochs=10"), 2)
+  assert [w.returncode for w in workers] == [0, 0], workers[0].stderr[-3000:] + workers[1].stderr[-3000:]
+  for worker in workers:
+    assert re.search(r"warm start: from the weights of version 1 ", worker.stderr)
+  checksums = [re.findall(r"final weights checksum (\S+)", w.stderr) for w in workers]
+  assert len(checksums[0]) == 1 and checksums[0] == checksums[1], checksums
+  assert "worker done: the chief decides" in workers[1].stdout
+  assert re.search(r"^promoted: the candidate's rmse", workers[0].stdout, re.M), workers[0].stdout
   assert promotion.complete_versions(serving_dir) == [1, 2]
   assert [e["decision"] for e in retrain_history.read(serving_dir)] == [PROMOTED, PROMOTED]
 

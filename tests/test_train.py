@@ -2,14 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
+from processes import run_cluster
 
 from trainer import report, train
 from trainer.config import Config
@@ -17,7 +16,6 @@ from trainer.data import builtin, tabular, timeseries
 
 pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
-ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"model", "config", "data", "epochs_run", "best_epoch", "test", "baseline", "history", "weights",
                "parameters", "plots", "wall_time_s"}
 
@@ -99,9 +97,7 @@ def test_workers_that_hold_different_numbers_are_told_apart(tmp_path):
   cases in one cluster of three processes (a cluster's start-up is most of the cost)."""
   (tmp_path / "same_value_task.py").write_text(SAME_VALUE_TASK)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
-  done = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "--workers=3",
-                         "--module=same_value_task", "--", "7,7,7", "1,2,3"], env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  answers = [line.split("] ", 1)[1] for line in done.stdout.splitlines()]
+  workers = run_cluster([sys.executable, "-m", "same_value_task", "7,7,7", "1,2,3"], 3, env=env)
+  assert [w.returncode for w in workers] == [0, 0, 0], "\n".join(w.stderr[-2000:] for w in workers)
+  answers = [line for w in workers for line in w.stdout.splitlines()]
   assert sorted(answers) == ["1,2,3 different"] * 3 + ["7,7,7 same"] * 3
