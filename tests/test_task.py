@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import forked
 import pandas as pd
 import pytest
-from processes import wait_for_line
+from processes import Job, stalled, wait_for_line
 
 pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
@@ -205,3 +206,21 @@ def test_tensorboard_logs_reach_gcs_during_training(tmp_path, table_csv, gcs_buc
     steps = [(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(str(tmp_path / split))
              for v in e.summary.value]
     assert steps == [(1, "epoch_loss")], (split, steps)
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+  """The first Ctrl-C asks for a checkpoint; a second one, while that checkpoint is written (stalled
+  there), stops at once: one line, exit 130, no traceback, and the unfinished checkpoint is no
+  checkpoint (the next run starts from the last complete one, here none)."""
+  job_dir = tmp_path / "job"
+  job = Job(["--model=dense", "--epochs=5", f"--job_dir={job_dir}"],
+            command=stalled("trainer.task", rename=r"/ckpt-\d+$"))
+  job.wait_for("^STALLED")
+  job.signal(signal.SIGINT)
+  job.wait_for("SIGINT received: saving a checkpoint")  # handled: the next SIGINT is a second one
+  job.signal(signal.SIGINT)
+  assert job.finish() == 130
+  assert "Traceback" not in job.stderr, job.stderr[-3000:]
+  assert job.last_line() == ("trainer: stopped at once by a second Ctrl-C, without a checkpoint of this step; the "
+                             "last complete checkpoint, if any, is kept (exit code 130)")
+  assert not [name for name in os.listdir(job_dir / "checkpoints") if re.fullmatch(r"ckpt-\d+", name)]

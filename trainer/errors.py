@@ -60,6 +60,10 @@ class WorkerLost(Restart):
                      f"worker to resume from the last checkpoint (exit code {self.exit_code})")
 
 
+class SecondInterrupt(KeyboardInterrupt):
+  """A second Ctrl-C while a job was stopping on the first (trainer.preemption): stop at once."""
+
+
 class Preempted(Restart):
   """Training stopped on a signal after saving a checkpoint; `resume` says what runs it on from there."""
 
@@ -93,3 +97,7 @@ def exiting(program="trainer"):
     fail(str(e), STORAGE_FAILURE, prefix=f"{program}: error: ")
   except Restart as e:
     fail(str(e), e.exit_code, prefix=f"{program}: ")
+  except KeyboardInterrupt as e:  # Ctrl-C before training installed its handler, or a second one during it
+    how = "at once by a second Ctrl-C" if isinstance(e, SecondInterrupt) else "by Ctrl-C"
+    fail(f"stopped {how}, without a checkpoint of this step; the last complete checkpoint, if any, is kept "
+         f"(exit code {signal_exit_code(signal.SIGINT)})", signal_exit_code(signal.SIGINT), prefix=f"{program}: ")

@@ -12,6 +12,8 @@ import signal
 
 from absl import logging
 
+from trainer.errors import SecondInterrupt
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -38,7 +40,7 @@ class StopSignal:
   def _handle(self, signum, frame):
     del frame
     if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
+      raise SecondInterrupt
     if self.signum is None:
       logging.warning("%s received: saving a checkpoint at the next step boundary, then exiting",
                       signal.Signals(signum).name)
