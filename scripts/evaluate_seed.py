@@ -97,7 +97,8 @@ def main():
       result = train.train_and_evaluate(config, os.path.join(workdir, model_name))
       rows.append({"model": model_name, "formulation": "ours (relative change)", "epochs": result["epochs_run"],
                    **result["test"]})
-  rows.append({"model": "-", "formulation": "persistence", "epochs": 0, **report.metrics(actual, prices[test_row - 1:-1])})
+  rows.append({"model": "-", "formulation": "persistence", "epochs": 0,
+               **report.metrics(actual, prices[test_row - 1:-1])})
   persistence = rows[-1]["rmse"]
 
   print(f"{label}: {args.target_column}, test from {args.test_start} ({len(actual)} days), window {args.window}")

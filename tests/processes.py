@@ -59,8 +59,8 @@ def wait_for_line(process, pattern, timeout=180, seen=None):
 
 class Job:
   """A command (by default `python -m trainer.task`; `python` commands are forked, see forked.py) with its
-  stderr watched line by line, so a test can wait for a line before it sends a signal; stdout is discarded. Whatever a test leaves running
-  (it failed half way) is killed after it (stop_all, from conftest.py)."""
+  stderr watched line by line, so a test can wait for a line before it sends a signal; stdout is discarded.
+  Whatever a test leaves running (it failed half way) is killed after it (stop_all, from conftest.py)."""
 
   started = []
 

@@ -38,7 +38,8 @@ def test_a_cluster_needs_the_multi_worker_strategy():
 
 def test_global_batch_splits_across_replicas():
   assert distribution.per_replica_batch_size(32, 2) == 16
-  with pytest.raises(UserError, match="--batch_size=30 .* does not split evenly across 4 replicas; use a multiple of 4"):
+  with pytest.raises(UserError,
+                     match="--batch_size=30 .* does not split evenly across 4 replicas; use a multiple of 4"):
     distribution.per_replica_batch_size(30, 4)
 
 

@@ -64,7 +64,8 @@ def test_without_augmentation_training_pixels_are_the_images():
 
 def test_augmentation_is_fixed_by_seed_and_epoch():
   prepared = images.prepare(Config(model="cnn", image_size=24))
-  first, again = batches(prepared.make_dataset("train", 50, epoch=0)), batches(prepared.make_dataset("train", 50, epoch=0))
+  first = batches(prepared.make_dataset("train", 50, epoch=0))
+  again = batches(prepared.make_dataset("train", 50, epoch=0))
   np.testing.assert_array_equal(first[0], again[0])
   later = batches(prepared.make_dataset("train", 50, epoch=1))
   assert not np.array_equal(first[0], later[0])

@@ -25,7 +25,8 @@ def test_dense_weights_have_the_tutorials_shapes():
 
 
 @pytest.mark.parametrize("name, input_name, shape", [
-    ("dense", "features", (5,)), ("gru", "window", (10, 1)), ("lstm", "window", (10, 1)), ("cnn", "image", (32, 32, 3))])
+    ("dense", "features", (5,)), ("gru", "window", (10, 1)), ("lstm", "window", (10, 1)),
+    ("cnn", "image", (32, 32, 3))])
 def test_inputs_are_named(name, input_name, shape):
   assert MODELS[name](shape).inputs[0].name == input_name
 

@@ -79,8 +79,9 @@ def precision_policy(mixed_precision):
 
 
 def strategy_name(strategy):
-  return {"MultiWorkerMirroredStrategy": "multi_worker_mirrored", "CollectiveAllReduceStrategy": "multi_worker_mirrored",
-          "MirroredStrategy": "mirrored", "OneDeviceStrategy": "one_device"}.get(type(strategy).__name__, "default")
+  return {"MultiWorkerMirroredStrategy": "multi_worker_mirrored",
+          "CollectiveAllReduceStrategy": "multi_worker_mirrored", "MirroredStrategy": "mirrored",
+          "OneDeviceStrategy": "one_device"}.get(type(strategy).__name__, "default")
 
 
 def per_replica_batch_size(global_batch_size, replicas):

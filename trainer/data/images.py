@@ -136,7 +136,8 @@ def decoded(examples, size):
   """(uint8 image of any size, label) -> (uint8 [size, size, 3], int32 label), decoded and
   resized once: the cache fills during the first pass and every later pass reads it."""
   return (examples
-          .map(lambda image, label: (resize(image, size), tf.cast(label, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+          .map(lambda image, label: (resize(image, size), tf.cast(label, tf.int32)),
+               num_parallel_calls=tf.data.AUTOTUNE)
           .cache())
 
 

@@ -31,7 +31,8 @@ def predict_table(model, preprocessing, features, batch_size=1024):
 
 def prepare(config):
   if config.data is None:
-    frame, gaps, source = builtin.regression_table(seed=0), {"missing_rows": 0, "missing_action": "none"}, "built-in regression table"
+    frame, source = builtin.regression_table(seed=0), "built-in regression table"
+    gaps = {"missing_rows": 0, "missing_action": "none"}
   else:
     frame, gaps = csv_file.read_columns(config.data, config.target_column, config.feature_columns or None,
                                         config.date_column)
