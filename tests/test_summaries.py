@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from trainer import loop, progress, report, storage, summaries, transfer
 from trainer.config import Config
-from trainer.data import tabular
+from trainer.data import images, tabular, timeseries
 from trainer.models import MODELS, OPTIMIZERS
 
 
@@ -99,6 +99,16 @@ def test_a_classifiers_validation_metric_is_its_accuracy():
   parts.validate()
   expected = np.mean(np.argmax(model(images).numpy(), axis=-1) == labels)
   assert summaries.validation_metrics("images", {}, parts.val_sums) == {"val_accuracy": pytest.approx(expected)}
+
+
+def test_an_epochs_steps_are_known_from_the_datas_size(table_csv, prices_csv):
+  for prepared in (tabular.prepare(Config(model="dense", data=table_csv(rows=300), target_column="y")),
+                   timeseries.prepare(Config(model="gru", data=prices_csv(rows=300), target_column="Close",
+                                             date_column="Date", window=10)),
+                   images.prepare(Config(model="cnn", image_size=32))):
+    batches = sum(1 for _ in prepared.make_dataset("train", 32))
+    assert summaries.steps_per_epoch(prepared, 32) == batches
+    assert summaries.steps_per_epoch(prepared, 32, num_workers=2) is None  # shards: the first epoch says
 
 
 @pytest.mark.parametrize("flag, message", [

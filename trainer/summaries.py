@@ -154,8 +154,10 @@ class Watch:
     writer.close()
 
 
-def steps_per_epoch(make_dataset, global_batch_size):
-  """Global steps in a training epoch when the dataset knows its size (tables, images in memory), else None."""
-  cardinality = int(make_dataset("train", global_batch_size, None, 0).cardinality())
-  return cardinality if cardinality > 0 else None
-
+def steps_per_epoch(prepared, global_batch_size, num_workers=1):
+  """Global steps in a training epoch, from the data's size (its summary: the training rows,
+  forecast windows or images); None for several workers, whose shards may differ in batches:
+  the first epoch says."""
+  summary = prepared.summary
+  rows = sum(summary["counts"]["train"]) if prepared.kind == "images" else summary["split"]["train"]["rows"]
+  return -(-rows // global_batch_size) if num_workers == 1 else None

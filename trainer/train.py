@@ -169,7 +169,8 @@ def _fit(config, job, state, stop, timing):
   checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
   prepared = job.prepared
   watch = summaries.Watch(config, job.folders.local_logs, job.optimizer, prepared.kind, prepared.preprocessing,
-                          state.global_step, summaries.steps_per_epoch(prepared.make_dataset, config.batch_size))
+                          state.global_step,
+                          summaries.steps_per_epoch(prepared, config.batch_size, config.cluster.num_workers))
   try:
     history = loop.fit(job.model, job.optimizer, loss, prepared.make_dataset, job.strategy, config.batch_size,
                        config.epochs, config.patience, log_dir=job.folders.local_logs,
