@@ -32,7 +32,8 @@ def test_a_trial_reports_every_epoch_then_the_kept_epochs_validation_loss(tmp_pa
 
 def test_the_study_stops_bad_trials_early():
   import yaml
-  study = yaml.safe_load((Path(__file__).resolve().parents[1] / "k8s/vertex/hptuning_job.yaml").read_text())["studySpec"]
+  job = Path(__file__).resolve().parents[1] / "k8s" / "vertex" / "hptuning_job.yaml"
+  study = yaml.safe_load(job.read_text())["studySpec"]
   assert study["medianAutomatedStoppingSpec"] == {"useElapsedDuration": False}
   assert study["measurementSelectionType"] == "LAST_MEASUREMENT"
 

@@ -83,7 +83,8 @@ def test_a_table_regressors_validation_metrics_are_in_the_targets_units(table_cs
   x, y = (np.concatenate(part) for part in zip(*prepared.make_dataset("validation", 1000)))
   mean, std = prepared.preprocessing["target_mean"], prepared.preprocessing["target_std"]
   expected = report.metrics(mean + std * y, mean + std * model(x).numpy()[:, 0])
-  assert got == {"val_rmse": pytest.approx(expected["rmse"], rel=1e-4), "val_mae": pytest.approx(expected["mae"], rel=1e-4)}
+  assert got == {"val_rmse": pytest.approx(expected["rmse"], rel=1e-4),
+                 "val_mae": pytest.approx(expected["mae"], rel=1e-4)}
 
 
 def test_a_classifiers_validation_metric_is_its_accuracy():

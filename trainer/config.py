@@ -208,7 +208,8 @@ class Config:
     except ValueError:
       start = end = 0
     if not 1 <= start <= end:
-      raise UserError(f"--profile_steps={self.profile_steps!r}: give START,END, two global steps with 1 <= START <= END")
+      raise UserError(f"--profile_steps={self.profile_steps!r}: give START,END, two global steps with "
+                      "1 <= START <= END")
     return start, end
 
   @property

@@ -96,8 +96,8 @@ def _if_any(batch, compute, otherwise):
 class Steps:
   """The step functions, traced once: `train(inputs, targets, stop_flag)` updates the model and
   returns the step's all-reduced [loss sum, example count, stop flag]; `validate(inputs, targets)`
-  returns [loss sum, example count, metric sum] (VALIDATION_METRIC: absolute errors or hits). Every change to what one call does (a learning-rate
-  schedule, several steps per call) belongs here.
+  returns [loss sum, example count, metric sum] (VALIDATION_METRIC: absolute errors or hits). Every
+  change to what one call does (a learning-rate schedule, several steps per call) belongs here.
 
   specs: the distributed dataset's element_spec. The batch dimension stays unknown in the traced
   steps: traced with a static 0 for an empty batch, the LSTM fails before _if_any can skip it;
