@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in th
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"model", "config", "data", "epochs_run", "best_epoch", "test", "baseline", "history", "weights",
-               "parameters", "plots", "wall_time_s"}
+               "parameters", "plots", "wall_time_s", "throughput", "wall_time"}
 
 
 @pytest.mark.parametrize("model", ["gru", "lstm"])
