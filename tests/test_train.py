@@ -17,7 +17,7 @@ from trainer.data import builtin, tabular, timeseries
 pytestmark = pytest.mark.slow  # trainer processes or whole trainings: not in the fast tier
 
 REPORT_KEYS = {"model", "config", "data", "epochs_run", "best_epoch", "test", "baseline", "history", "weights",
-               "parameters", "plots", "wall_time_s"}
+               "parameters", "plots", "wall_time_s", "throughput", "wall_time"}
 
 
 @pytest.mark.parametrize("model", ["gru", "lstm"])

@@ -113,6 +113,11 @@ class Config:
                                        "end of every epoch (0).")
   keep_checkpoints: int = option(3, "Newest checkpoints to keep.")
   restart: bool = option(False, "Delete this job's checkpoints and train from scratch instead of resuming.")
+  # Watching a job (trainer.progress, trainer.summaries): may change on resume.
+  log_every_steps: int = option(0, "The chief logs a progress line (epoch, step, steps/s, examples/s, loss, ETA) "
+                                "every N training steps; 0: about every 30 seconds.")
+  profile_steps: str = option("", "START,END: record a profiler trace of these global steps on the chief into the "
+                              "TensorBoard folder; empty: none.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
@@ -129,6 +134,9 @@ class Config:
         raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
     if self.checkpoint_every_steps < 0:
       raise UserError(f"--checkpoint_every_steps must be 0 (every epoch) or more (got {self.checkpoint_every_steps})")
+    if self.log_every_steps < 0:
+      raise UserError(f"--log_every_steps must be 0 (about every 30 seconds) or more (got {self.log_every_steps})")
+    self.profile_range  # noqa: B018 -- validates --profile_steps
     if not self.learning_rate > 0:
       raise UserError(f"--learning_rate must be positive (got {self.learning_rate})")
     for name in ("validation_split", "test_split"):
@@ -189,6 +197,20 @@ class Config:
       if name in saved and value != saved[name]:
         return name, saved[name], value
     return None
+
+  @property
+  def profile_range(self) -> Optional[Tuple[int, int]]:
+    """--profile_steps as (START, END), or None."""
+    if not self.profile_steps:
+      return None
+    try:
+      start, end = (int(part) for part in self.profile_steps.split(","))
+    except ValueError:
+      start = end = 0
+    if not 1 <= start <= end:
+      raise UserError(f"--profile_steps={self.profile_steps!r}: give START,END, two global steps with "
+                      "1 <= START <= END")
+    return start, end
 
   @property
   def kind(self) -> str:

@@ -66,6 +66,20 @@ def cross_entropy(labels, probabilities):
   return keras.losses.sparse_categorical_crossentropy(labels, tf.cast(probabilities, tf.float32))
 
 
+def absolute_error(targets, outputs):
+  """Per-example absolute error of a one-output regressor: the validation's MAE."""
+  return tf.abs(tf.cast(outputs[:, 0], tf.float32) - targets)
+
+
+def hits(labels, probabilities):
+  """1 where a classifier's most probable class is the label: the validation's accuracy."""
+  return tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), tf.cast(labels, tf.int64)), tf.float32)
+
+
+# What validation sums besides the loss, per loss: the mean absolute error, or the hits of accuracy.
+VALIDATION_METRIC = {squared_error: absolute_error, cross_entropy: hits}
+
+
 def _summed(losses):
   # Sum and count rather than a mean, so the epoch's loss is exact whatever the batch sizes.
   return tf.stack([tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)])
@@ -82,8 +96,8 @@ def _if_any(batch, compute, otherwise):
 class Steps:
   """The step functions, traced once: `train(inputs, targets, stop_flag)` updates the model and
   returns the step's all-reduced [loss sum, example count, stop flag]; `validate(inputs, targets)`
-  returns [loss sum, example count]. Every change to what one call does (a learning-rate
-  schedule, several steps per call) belongs here.
+  returns [loss sum, example count, metric sum] (VALIDATION_METRIC: absolute errors or hits). Every
+  change to what one call does (a learning-rate schedule, several steps per call) belongs here.
 
   specs: the distributed dataset's element_spec. The batch dimension stays unknown in the traced
   steps: traced with a static 0 for an empty batch, the LSTM fails before _if_any can skip it;
@@ -116,8 +130,14 @@ class Steps:
     return self.strategy.reduce("SUM", self.strategy.run(step, (inputs, targets)), axis=None)
 
   def _validate(self, inputs, targets):
+    metric = VALIDATION_METRIC.get(self.loss_fn, lambda y, outputs: tf.zeros_like(y, tf.float32))
+
+    def sums(x, y):
+      outputs = self.model(x, training=False)
+      return tf.concat([_summed(self.loss_fn(y, outputs)), [tf.reduce_sum(metric(y, outputs))]], 0)
+
     def step(x, y):
-      return _if_any(x, lambda: _summed(self.loss_fn(y, self.model(x, training=False))), lambda: tf.zeros([2]))
+      return _if_any(x, lambda: sums(x, y), lambda: tf.zeros([3]))
     return self.strategy.reduce("SUM", self.strategy.run(step, (inputs, targets)), axis=None)
 
 
@@ -158,14 +178,17 @@ class Loop:
   """The parts of training one epoch after another; fit drives them.
 
   on_step(state, result): called with every step's StepResult, one step late (the last at the
-  end of the epoch), after its loss was found finite."""
+  end of the epoch), after its loss was found finite. on_epoch(state, loss, val_sums, train_seconds,
+  validation_seconds): called at the end of every epoch, after end_epoch recorded it; val_sums is
+  validate's [loss sum, example count, metric sum]."""
 
   def __init__(self, model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir=None,
-               jit_compile=False, checkpointing=None, on_step=None):
+               jit_compile=False, checkpointing=None, on_step=None, on_epoch=None):
     self.model, self.strategy, self.make_dataset = model, strategy, make_dataset
     self.global_batch_size = global_batch_size
     self.checkpointing = checkpointing or Checkpointing()
-    self.on_step = on_step
+    self.on_step, self.on_epoch = on_step, on_epoch
+    self.val_sums = np.zeros(3)
     self.val_data = self.distributed("validation")
     self.steps = Steps(model, optimizer, loss_fn, strategy, self.val_data.element_spec, jit_compile)
     self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
@@ -222,13 +245,14 @@ class Loop:
       raise Diverged.at(state, result.loss_sum, result.step)
 
   def validate(self):
-    """The mean loss over every validation example."""
-    total = tf.constant([0.0, 0.0])
+    """The mean loss over every validation example; its sums stay in self.val_sums for on_epoch."""
+    total = tf.zeros([3])
     for inputs, targets in self.val_data:
       total += self.steps.validate(inputs, targets)
-    return float(total[0]) / max(float(total[1]), 1)
+    self.val_sums = total.numpy().astype(np.float64)
+    return float(self.val_sums[0] / max(self.val_sums[1], 1))
 
-  def end_epoch(self, state, loss, val_loss, seconds, epochs):
+  def end_epoch(self, state, loss, val_loss, seconds, epochs, validation_seconds=0.0):
     """Records a trained and validated epoch: its losses (TensorBoard too), the best weights so
     far, the epoch's log line. Raises Diverged on a NaN or infinite loss."""
     if not (math.isfinite(loss) and math.isfinite(val_loss)):
@@ -243,6 +267,8 @@ class Loop:
           self.writers[split].flush()
     logging.info("epoch %d/%d  loss %.4f  val_loss %.4f%s  (%.1f s, %d replica%s)", state.epoch, epochs, loss,
                  val_loss, "  *" if improved else "", seconds, self.replicas, "s" if self.replicas > 1 else "")
+    if self.on_epoch:
+      self.on_epoch(state, loss, self.val_sums, seconds - validation_seconds, validation_seconds)
 
   def save(self, state):
     """Saves a checkpoint of step state.global_step (nothing without checkpoints); it becomes
@@ -271,7 +297,7 @@ class Loop:
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
-        log_dir=None, jit_compile=False, checkpointing=None, state=None, on_step=None):
+        log_dir=None, jit_compile=False, checkpointing=None, state=None, on_step=None, on_epoch=None):
   """Trains until `epochs` or until validation loss has not improved for `patience` epochs, then
   restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n, "global_step": n}.
 
@@ -280,13 +306,15 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   signal. The other arguments: Loop's.
   """
   loop = Loop(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir, jit_compile,
-              checkpointing, on_step)
+              checkpointing, on_step, on_epoch)
   state = state or TrainState()
   state.num_replicas = loop.replicas
   while not state.done(epochs, patience):
     started = time.time()
     loss, stopping = loop.train_epoch(state)
-    loop.end_epoch(state, loss, loop.validate(), time.time() - started, epochs)
+    trained = time.time()
+    val_loss = loop.validate()
+    loop.end_epoch(state, loss, val_loss, time.time() - started, epochs, validation_seconds=time.time() - trained)
     done = state.done(epochs, patience)
     if loop.checkpointing.due(state.global_step, stopping=stopping, epoch_end=True, done=done):
       loop.save(state)

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, families, hptuning, loop, report, start, storage, transfer
+from trainer import distribution, export, families, hptuning, loop, report, start, storage, summaries, transfer
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
 from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
@@ -70,6 +70,7 @@ class Job:
   optimizer: keras.optimizers.Optimizer
   policy: str
   checkpoints: Checkpoints
+  data_seconds: float = 0.0  # preparing the data
 
 
 @dataclasses.dataclass
@@ -113,11 +114,14 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
     with StopSignal() as stop:
       job = _build(config, Folders.of(config, job_dir, local_dir), strategy)  # 1. build
       state = start.begin(config, job.checkpoints, job.model, job.optimizer, strategy, warm_start)  # 2. start
+      # Where the wall time goes (the report's wall_time): start-up is everything before training but the data.
+      timing = {"startup_s": time.time() - started - job.data_seconds, "data_s": job.data_seconds}
       try:
-        history = _fit(config, job, state, stop)  # 3. fit
+        history, watch = _fit(config, job, state, stop, timing)  # 3. fit
       except loop.Diverged as e:  # no report: a retrain records the rejection
         return Trained(None, job.prepared, state.warm_start, e)
-      result = _publish(config, job, state, history, {**placement, "precision": job.policy}, started)  # 4. publish
+      result = _publish(config, job, state, history, {**placement, "precision": job.policy}, started,  # 4. publish
+                        watch, timing)
       return Trained(result, job.prepared, state.warm_start)
   except _PEER_FAILURES as e:
     if config.cluster.num_workers < 2:
@@ -133,7 +137,9 @@ def _build(config, folders, strategy):
   # Before the data is read: a file rewritten while prepare() reads it must not be recorded as the
   # data this job trained on (a resume would then accept the new file).
   fingerprint = data_fingerprint(config)
+  data_started = time.time()
   prepared = DATA[config.model].prepare(config)
+  data_seconds = time.time() - data_started
   os.makedirs(folders.local, exist_ok=True)
   policy = distribution.precision_policy(config.mixed_precision)
   keras.mixed_precision.set_global_policy(policy)
@@ -152,19 +158,29 @@ def _build(config, folders, strategy):
   identity = {"config": config.resume_identity(), "data": with_extent(fingerprint, prepared.summary)}
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
                             publish=config.cluster.is_chief, info=identity)
-  return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints)
+  return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints, data_seconds)
 
 
-def _fit(config, job, state, stop):
-  """Trains from state (loop.fit), checkpointing as the flags say; returns fit's history."""
+def _fit(config, job, state, stop, timing):
+  """Trains from state (loop.fit), checkpointing as the flags say, watched (trainer.summaries);
+  returns fit's history and the Watch. Adds training_s and validation_s to timing."""
   sync_logs = functools.partial(_sync_logs, config, job.folders)
   loss = loop.cross_entropy if job.prepared.kind == "images" else loop.squared_error
   checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
-  history = loop.fit(job.model, job.optimizer, loss, job.prepared.make_dataset, job.strategy, config.batch_size,
-                     config.epochs, config.patience, log_dir=job.folders.local_logs, jit_compile=config.jit_compile,
-                     checkpointing=checkpointing, state=state)
+  prepared = job.prepared
+  watch = summaries.Watch(config, job.folders.local_logs, job.optimizer, prepared.kind, prepared.preprocessing,
+                          state.global_step,
+                          summaries.steps_per_epoch(prepared, config.batch_size, config.cluster.num_workers))
+  try:
+    history = loop.fit(job.model, job.optimizer, loss, prepared.make_dataset, job.strategy, config.batch_size,
+                       config.epochs, config.patience, log_dir=job.folders.local_logs,
+                       jit_compile=config.jit_compile, checkpointing=checkpointing, state=state,
+                       on_step=watch.on_step, on_epoch=watch.on_epoch)
+  finally:
+    watch.close()
   sync_logs()
-  return history
+  timing.update(training_s=watch.training_seconds, validation_s=watch.validation_seconds)
+  return history, watch
 
 
 def _sync_logs(config, folders):
@@ -172,15 +188,16 @@ def _sync_logs(config, folders):
     transfer.sync_dir(folders.local_logs, folders.tensorboard)
 
 
-def _publish(config, job, state, history, placement, started):
-  """Evaluates the trained model on the test split; writes plots, the export (the chief) and the
-  report, last; returns the report."""
+def _publish(config, job, state, history, placement, started, watch, timing):
+  """Evaluates the trained model on the test split; writes plots, the export (the chief), the
+  TensorBoard summaries of the run and the report, last; returns the report."""
   model, folders, prepared, is_chief = job.model, job.folders, job.prepared, config.cluster.is_chief
   if is_chief:
     hptuning.report(history["val_loss"][history["best_epoch"] - 1], history["global_step"])
   # Every worker logs it: workers of one job that disagree have trained different weights.
   checksum = float(sum(np.abs(w).astype(np.float64).sum() for w in model.get_weights()))
   logging.info("final weights checksum %.10g", checksum)
+  evaluation_started = time.time()
   predictions = prepared.predict(model)
   evaluation = report.evaluate(prepared, predictions)
   result = {
@@ -200,9 +217,19 @@ def _publish(config, job, state, history, placement, started):
       "checkpoints": folders.checkpoints,
   }
   result["plots"] = report.write_plots(folders.local, prepared, history, predictions, config.model, evaluation)
+  export_started = time.time()
+  timing["evaluation_s"] = export_started - evaluation_started
   if is_chief:
     result["export"] = export.write_export(model, prepared, result, folders.export)
-  result["wall_time_s"] = round(time.time() - started, 1)
+  timing["export_s"] = time.time() - export_started
+  result["throughput"] = watch.throughput()
+  wall_time_s = time.time() - started
+  # The rest: checkpoints at epoch ends, TensorBoard syncs, the report itself.
+  timing["other_s"] = wall_time_s - sum(timing.values())
+  result["wall_time"] = {name: round(seconds, 2) for name, seconds in timing.items()}
+  result["wall_time_s"] = round(wall_time_s, 1)
+  watch.publish(config, result, os.path.join(folders.local, "plots"), history["global_step"])
+  _sync_logs(config, folders)
   # The report last: whoever sees it can rely on everything it names being there.
   if folders.local != folders.job and is_chief:
     # The plots; the logs went to --tensorboard_dir already, the model to --export_dir.
