@@ -35,6 +35,12 @@ def output_folders(environ, job_dir, model, **flags):
   return job_dir, folders
 
 
+# 10 steps per call: the tutorial's CNN takes ~1 s a step on 2 CPU cores, so a call is ~10 s and
+# a signal is acted on within ~20 s of the 120 s grace period; the dense model's host overhead
+# per step falls ~5x (BENCHMARKS.md).
+STEPS_PER_LOOP = 10
+LR_SCHEDULES = ("constant", "cosine")
+
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -113,6 +119,18 @@ class Config:
                                        "end of every epoch (0).")
   keep_checkpoints: int = option(3, "Newest checkpoints to keep.")
   restart: bool = option(False, "Delete this job's checkpoints and train from scratch instead of resuming.")
+  # STEPS (issue 14): steps per call, learning-rate schedule, gradient clipping. Results are the same
+  # for any --steps_per_loop; a signal is read once per call, so a call must stay well inside a
+  # pod's termination grace period (k8s/base/job.yaml: 120 s) with the slowest model.
+  steps_per_loop: int = option(STEPS_PER_LOOP, "Training steps per host round trip; the same results for any "
+                               "value. A signal (preemption) waits for up to two calls: keep N steps well under "
+                               "a minute with your model.")
+  # Identity: the curve is the job's; --learning_rate (its peak) and --epochs (its length) may still change.
+  lr_schedule: str = option("constant", "Learning rate over the optimizer's steps: constant (the tutorial's), or "
+                            "cosine: decays to 0 at the end of --epochs.", identity=True, choices=LR_SCHEDULES)
+  warmup_steps: int = option(0, "Raise the learning rate linearly from 0 over this many steps first.", identity=True)
+  # Not identity: resuming a diverged job with clipping is what the divergence message suggests.
+  clip_norm: float = option(0.0, "Clip the gradient (all replicas' sum) to this global norm; 0: no clipping.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
@@ -129,6 +147,14 @@ class Config:
         raise UserError(f"--{name} must be at least 1 (got {getattr(self, name)})")
     if self.checkpoint_every_steps < 0:
       raise UserError(f"--checkpoint_every_steps must be 0 (every epoch) or more (got {self.checkpoint_every_steps})")
+    if self.steps_per_loop < 1:
+      raise UserError(f"--steps_per_loop must be at least 1 (got {self.steps_per_loop})")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise UserError(f"--lr_schedule={self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+    if self.warmup_steps < 0:
+      raise UserError(f"--warmup_steps must be 0 (no warmup) or more (got {self.warmup_steps})")
+    if not self.clip_norm >= 0:
+      raise UserError(f"--clip_norm must be 0 (no clipping) or more (got {self.clip_norm})")
     if not self.learning_rate > 0:
       raise UserError(f"--learning_rate must be positive (got {self.learning_rate})")
     for name in ("validation_split", "test_split"):

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, families, hptuning, loop, report, start, storage, transfer
+from trainer import distribution, export, families, hptuning, loop, report, start, steps, storage, transfer
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
 from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
@@ -140,7 +140,7 @@ def _build(config, folders, strategy):
   try:
     with strategy.scope():
       model = MODELS[config.model](prepared.input_shape, prepared.num_outputs, config.bidirectional)
-      optimizer = OPTIMIZERS[config.model](config.learning_rate)
+      optimizer = OPTIMIZERS[config.model](_learning_rate(config, prepared))
       if policy == "mixed_float16":
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -155,6 +155,16 @@ def _build(config, folders, strategy):
   return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints)
 
 
+def _learning_rate(config, prepared):
+  """--learning_rate, or its schedule (trainer.steps.learning_rate) over --epochs of this data."""
+  if config.lr_schedule == "constant" and not config.warmup_steps:
+    return config.learning_rate
+  batches = prepared.make_dataset("train", config.batch_size)
+  # Known for every built-in pipeline; counted once otherwise.
+  per_epoch = int(batches.cardinality()) if batches.cardinality() >= 0 else int(batches.reduce(0, lambda n, _: n + 1))
+  return steps.learning_rate(config.lr_schedule, config.learning_rate, config.warmup_steps, config.epochs * per_epoch)
+
+
 def _fit(config, job, state, stop):
   """Trains from state (loop.fit), checkpointing as the flags say; returns fit's history."""
   sync_logs = functools.partial(_sync_logs, config, job.folders)
@@ -162,7 +172,8 @@ def _fit(config, job, state, stop):
   checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
   history = loop.fit(job.model, job.optimizer, loss, job.prepared.make_dataset, job.strategy, config.batch_size,
                      config.epochs, config.patience, log_dir=job.folders.local_logs, jit_compile=config.jit_compile,
-                     checkpointing=checkpointing, state=state)
+                     checkpointing=checkpointing, state=state, steps_per_loop=config.steps_per_loop,
+                     clip_norm=config.clip_norm)
   sync_logs()
   return history
 
