@@ -35,9 +35,10 @@ def output_folders(environ, job_dir, model, **flags):
   return job_dir, folders
 
 
-# 10 steps per call: the tutorial's CNN takes ~1 s a step on 2 CPU cores, so a call is ~10 s and
-# a signal is acted on within ~20 s of the 120 s grace period; the dense model's host overhead
-# per step falls ~5x (BENCHMARKS.md).
+# 10 steps per call. A signal is acted on after up to two calls, within the pods' 120 s grace
+# period (k8s/base/job.yaml): the CNN at batch 32 takes ~0.15 s a step on 2 CPU cores, so a call
+# of 10 is ~1.5 s, and a batch or image ten times larger still leaves two calls far inside it,
+# where 100 would not. Most of the host overhead per step is gone at 10 already (BENCHMARKS.md).
 STEPS_PER_LOOP = 10
 LR_SCHEDULES = ("constant", "cosine")
 
