@@ -69,7 +69,9 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
   uninterrupted, epoch_steps = uninterrupted
   every = epoch_steps + epoch_steps // 2
   job_dir = f"{storage_root}/gru"
-  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}")
+  # One step per call, so that step K is a call boundary and the flag is read one step late (calls of several
+  # steps: tests/test_steps.py). The uninterrupted run took the default: results are the same for any N.
+  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}", "--steps_per_loop=1")
   job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{every}$", upload=rf"/ckpt-{every}/state\.json$",
                                    until_signal=True))
   job.wait_for("^STALLED")
