@@ -4,9 +4,10 @@ A custom loop (strategy.run over datasets from distribute_datasets_from_function
 Keras `model.fit`, because Keras 3.15 `fit` fails under MultiWorkerMirroredStrategy
 (keras-team/keras#20585) and the same loop must serve one device, many GPUs and many workers.
 
-Split as Orbit splits a trainer from its controller: Steps holds the step functions, built once;
-Loop runs one epoch, one validation and the end of an epoch, reads each step's result one step
-late (OneStepLate) and saves when Checkpointing.due says; fit drives them over the epochs.
+Split as Orbit splits a trainer from its controller: trainer.steps.Steps holds the step functions
+(several steps per call), built once; Loop runs one epoch, one validation and the end of an epoch,
+reads each call's result one call late (OneStepLate) and saves when Checkpointing.due says; fit
+drives them over the epochs.
 Where training stands is one trainer.state.TrainState, which the checkpoints save.
 """
 
