@@ -206,3 +206,18 @@ def test_sigterm_with_several_steps_per_call_and_a_cosine_schedule_resumes_exact
   assert result["history"] == expected["history"]
   assert result["weights_checksum"] == expected["weights_checksum"]
   assert result["test"] == expected["test"]
+
+
+def test_a_cosine_schedule_spans_the_job_from_the_data_summary(make_image_folder):
+  """--epochs of the training split's batches, counted from the prepared data's summary."""
+  from trainer import train
+  table = Config(model="dense", epochs=3, lr_schedule="cosine", warmup_steps=20)  # 6,400 training rows
+  images = Config(model="cnn", data=make_image_folder(), image_size=24, augment=False, epochs=2, batch_size=4,
+                  lr_schedule="cosine")
+  for config, steps_in_job in ((table, 3 * 200), (images, None)):
+    prepared = train.DATA[config.model].prepare(config)
+    schedule = train._learning_rate(config, prepared)
+    if steps_in_job is None:  # images: ceil(training images / 4) an epoch
+      steps_in_job = 2 * -(-sum(prepared.summary["counts"]["train"]) // 4)
+    assert schedule.decay_steps + schedule.warmup_steps == steps_in_job
+    assert float(schedule(steps_in_job)) == 0 and float(schedule(config.warmup_steps)) == pytest.approx(1e-3)

@@ -156,12 +156,14 @@ def _build(config, folders, strategy):
 
 
 def _learning_rate(config, prepared):
-  """--learning_rate, or its schedule (trainer.steps.learning_rate) over --epochs of this data."""
+  """--learning_rate, or its schedule (trainer.steps.learning_rate) over --epochs of this data: an
+  epoch's steps from the data's summary (its training rows or images; no dataset is built), the
+  same on every worker even where their shards differ by a batch."""
   if config.lr_schedule == "constant" and not config.warmup_steps:
     return config.learning_rate
-  batches = prepared.make_dataset("train", config.batch_size)
-  # Known for every built-in pipeline; counted once otherwise.
-  per_epoch = int(batches.cardinality()) if batches.cardinality() >= 0 else int(batches.reduce(0, lambda n, _: n + 1))
+  summary = prepared.summary
+  rows = sum(summary["counts"]["train"]) if prepared.kind == "images" else summary["split"]["train"]["rows"]
+  per_epoch = -(-rows // config.batch_size)
   return steps.learning_rate(config.lr_schedule, config.learning_rate, config.warmup_steps, config.epochs * per_epoch)
 
 
