@@ -60,5 +60,6 @@ def test_the_identity_is_the_fields_marked_so_in_field_order():
   their fields: adding a field to the identity is a decision, not an accident of order."""
   assert config.IDENTITY == ("model", "data", "test_data", "target_column", "date_column", "feature_columns",
                              "test_start", "test_days", "window", "batch_size", "seed", "bidirectional",
-                             "validation_split", "test_split", "image_size", "augment", "mixed_precision")
+                             "validation_split", "test_split", "image_size", "augment", "mixed_precision",
+                             "lr_schedule", "warmup_steps")
   assert list(Config(model="gru").resume_identity()) == list(config.IDENTITY)

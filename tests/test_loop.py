@@ -143,11 +143,18 @@ def test_the_one_rule_for_when_to_save(every, step, kwargs, due):
 
 
 def test_each_step_result_is_read_one_step_late():
+  # A call's vector: loss sum, example count, stop flag, steps, first non-finite step (trainer.steps).
   late = loop.OneStepLate()
-  assert late.swap(tf.constant([2.0, 4.0, 0.0]), 1) is None
-  assert late.swap(tf.constant([3.0, 4.0, 1.0]), 2) == loop.StepResult(1, 2.0, 4.0, False)
+  assert late.swap(tf.constant([2.0, 4.0, 0.0, 1.0, 0.0])) is None
+  assert late.swap(tf.constant([3.0, 4.0, 1.0, 1.0, 0.0])) == loop.StepResult(1, 2.0, 4.0, False)
   assert late.drain() == loop.StepResult(2, 3.0, 4.0, True)
   assert late.drain() is None
+  # Calls of several steps: the global step advances by each call's count; a NaN names its own step.
+  late = loop.OneStepLate(global_step=10)
+  late.swap(tf.constant([9.0, 96.0, 0.0, 3.0, 0.0]))
+  assert late.swap(tf.constant([np.nan, 40.0, 0.0, 2.0, 1.0])) == loop.StepResult(13, 9.0, 96.0, False, steps=3)
+  result = late.drain()
+  assert (result.step, result.steps, result.diverged_at, np.isnan(result.loss_sum)) == (15, 2, 14, True)
 
 
 def parts(checkpointing=None, learning_rate=1e-2, on_step=None):
@@ -160,14 +167,17 @@ def parts(checkpointing=None, learning_rate=1e-2, on_step=None):
 
 def test_one_epoch_its_validation_and_its_end():
   seen = []
-  model, parts_ = parts(on_step=lambda state, result: seen.append((state.global_step, result)))
+  model, parts_ = parts(on_step=lambda state, result: seen.append(
+      (int(parts_.steps.optimizer.iterations), state.global_step, result)))
   state = TrainState()
   loss, stopping = parts_.train_epoch(state)
-  # 256 rows in batches of 32; each result reaches the hook once the next step is queued, the last at the end.
+  # 256 rows in batches of 32; each result reaches the hook once the next step has run (the optimizer's
+  # count), the last at the end; the state the hook is given stands at the result's step.
   assert (state.step, state.global_step, stopping) == (8, 8, False)
-  assert [(now, result.step, result.count) for now, result in seen] == [(n + 1, n, 32) for n in range(1, 8)] + \
+  assert [(now, result.step, result.count) for now, _, result in seen] == [(n + 1, n, 32) for n in range(1, 8)] + \
       [(8, 8, 32)]
-  assert loss == pytest.approx(sum(result.loss_sum for _, result in seen) / 256)
+  assert [at for _, at, _ in seen] == list(range(1, 9))
+  assert loss == pytest.approx(sum(result.loss_sum for _, _, result in seen) / 256)
   val_loss = parts_.validate()
   assert val_loss == pytest.approx(validation_loss(model), rel=1e-4)
   parts_.end_epoch(state, loss, val_loss, 1.0, epochs=2)

@@ -35,6 +35,13 @@ def output_folders(environ, job_dir, model, **flags):
   return job_dir, folders
 
 
+# 10 steps per call. A signal is acted on after up to two calls, within the pods' 120 s grace
+# period (k8s/base/job.yaml): the CNN at batch 32 takes ~0.15 s a step on 2 CPU cores, so a call
+# of 10 is ~1.5 s, and a batch or image ten times larger still leaves two calls far inside it,
+# where 100 would not. Most of the host overhead per step is gone at 10 already (BENCHMARKS.md).
+STEPS_PER_LOOP = 10
+LR_SCHEDULES = ("constant", "cosine")
+
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
 
@@ -118,6 +125,18 @@ class Config:
                                 "every N training steps; 0: about every 30 seconds.")
   profile_steps: str = option("", "START,END: record a profiler trace of these global steps on the chief into the "
                               "TensorBoard folder; empty: none.")
+  # Steps per call, learning-rate schedule, gradient clipping. Results are the same
+  # for any --steps_per_loop; a signal is read once per call, so a call must stay well inside a
+  # pod's termination grace period (k8s/base/job.yaml: 120 s) with the slowest model.
+  steps_per_loop: int = option(STEPS_PER_LOOP, "Training steps per host round trip; the same results for any "
+                               "value. A signal (preemption) waits for up to two calls: keep N steps well under "
+                               "a minute with your model.")
+  # Identity: the curve is the job's; --learning_rate (its peak) and --epochs (its length) may still change.
+  lr_schedule: str = option("constant", "Learning rate over the optimizer's steps: constant (the tutorial's), or "
+                            "cosine: decays to 0 at the end of --epochs.", identity=True, choices=LR_SCHEDULES)
+  warmup_steps: int = option(0, "Raise the learning rate linearly from 0 over this many steps first.", identity=True)
+  # Not identity: resuming a diverged job with clipping is what the divergence message suggests.
+  clip_norm: float = option(0.0, "Clip the gradient (all replicas' sum) to this global norm; 0: no clipping.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
@@ -137,6 +156,14 @@ class Config:
     if self.log_every_steps < 0:
       raise UserError(f"--log_every_steps must be 0 (about every 30 seconds) or more (got {self.log_every_steps})")
     self.profile_range  # noqa: B018 -- validates --profile_steps
+    if self.steps_per_loop < 1:
+      raise UserError(f"--steps_per_loop must be at least 1 (got {self.steps_per_loop})")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise UserError(f"--lr_schedule={self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+    if self.warmup_steps < 0:
+      raise UserError(f"--warmup_steps must be 0 (no warmup) or more (got {self.warmup_steps})")
+    if not self.clip_norm >= 0:
+      raise UserError(f"--clip_norm must be 0 (no clipping) or more (got {self.clip_norm})")
     if not self.learning_rate > 0:
       raise UserError(f"--learning_rate must be positive (got {self.learning_rate})")
     for name in ("validation_split", "test_split"):

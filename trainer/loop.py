@@ -4,9 +4,10 @@ A custom loop (strategy.run over datasets from distribute_datasets_from_function
 Keras `model.fit`, because Keras 3.15 `fit` fails under MultiWorkerMirroredStrategy
 (keras-team/keras#20585) and the same loop must serve one device, many GPUs and many workers.
 
-Split as Orbit splits a trainer from its controller: Steps holds the step functions, built once;
-Loop runs one epoch, one validation and the end of an epoch, reads each step's result one step
-late (OneStepLate) and saves when Checkpointing.due says; fit drives them over the epochs.
+Split as Orbit splits a trainer from its controller: trainer.steps.Steps holds the step functions
+(several steps per call), built once; Loop runs one epoch, one validation and the end of an epoch,
+reads each call's result one call late (OneStepLate) and saves when Checkpointing.due says; fit
+drives them over the epochs.
 Where training stands is one trainer.state.TrainState, which the checkpoints save.
 """
 
@@ -25,15 +26,19 @@ from trainer.checkpoints import Checkpoints
 from trainer.errors import Preempted, UserError
 from trainer.preemption import StopSignal
 from trainer.state import TrainState
+from trainer.steps import OneStepLate, Steps, StepResult  # noqa: F401 -- StepResult: what on_step is given
 
 
 class Diverged(UserError):
   """The loss became NaN or infinite; no checkpoint was written after it happened."""
 
   @classmethod
-  def at(cls, state, loss, step):
-    kept = (f"checkpoint {state.checkpoint} is kept; resume from it with a lower --learning_rate"
-            if state.checkpoint else "lower --learning_rate")
+  def at(cls, state, loss, step, clip_norm=None):
+    """clip_norm: the job's --clip_norm; without it, clipping gradients is suggested too (exploding
+    gradients, of recurrent networks especially, are what it bounds)."""
+    clip = "" if clip_norm else " or {} --clip_norm=1"
+    kept = (f"checkpoint {state.checkpoint} is kept; resume from it with a lower --learning_rate{clip.format('with')}"
+            if state.checkpoint else f"lower --learning_rate{clip.format('set')}")
     return cls(f"training diverged: the loss is {loss} at step {step} (epoch {state.epoch + 1}); {kept}")
 
 
@@ -47,13 +52,15 @@ class Checkpointing:
   stop: Optional[StopSignal] = None
   after_save: Optional[Callable[[], None]] = None
 
-  def due(self, global_step, *, stopping=False, epoch_end=False, done=False):
-    """The one rule for when to save: on a signal (then exit); every `every_steps` steps when asked
-    (short epochs on a remote store), else at every epoch's end; and always at the end of training,
-    so that a job restarted after training goes straight to evaluation."""
+  def due(self, global_step, *, steps=1, stopping=False, epoch_end=False, done=False):
+    """The one rule for when to save, at the end of a call of `steps` steps that ended at
+    `global_step`: on a signal (then exit); when the call reached or passed a multiple of
+    `every_steps` (short epochs on a remote store), else at every epoch's end; and always at the
+    end of training, so that a job restarted after training goes straight to evaluation."""
     if stopping or (epoch_end and (done or not self.every_steps)):
       return True
-    return not epoch_end and bool(self.every_steps) and global_step % self.every_steps == 0
+    return (not epoch_end and bool(self.every_steps)
+            and (global_step - steps) // self.every_steps < global_step // self.every_steps)
 
 
 def squared_error(targets, outputs):
@@ -80,117 +87,27 @@ def hits(labels, probabilities):
 VALIDATION_METRIC = {squared_error: absolute_error, cross_entropy: hits}
 
 
-def _summed(losses):
-  # Sum and count rather than a mean, so the epoch's loss is exact whatever the batch sizes.
-  return tf.stack([tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)])
-
-
-def _if_any(batch, compute, otherwise):
-  # A replica can get an empty batch: the last, partial global batch of an epoch may not reach
-  # every replica (an odd number of per-replica batches over two, or a worker whose shard ran
-  # out first). Keras' LSTM cell fails on one, and cuDNN kernels have; such a replica skips the
-  # model and adds nothing (zero gradients, no loss, no examples) to the step's all-reduce.
-  return tf.cond(tf.shape(batch)[0] > 0, compute, otherwise)
-
-
-class Steps:
-  """The step functions, traced once: `train(inputs, targets, stop_flag)` updates the model and
-  returns the step's all-reduced [loss sum, example count, stop flag]; `validate(inputs, targets)`
-  returns [loss sum, example count, metric sum] (VALIDATION_METRIC: absolute errors or hits). Every
-  change to what one call does (a learning-rate schedule, several steps per call) belongs here.
-
-  specs: the distributed dataset's element_spec. The batch dimension stays unknown in the traced
-  steps: traced with a static 0 for an empty batch, the LSTM fails before _if_any can skip it;
-  and the epoch's last, smaller batch then needs no second trace.
-  jit_compile: XLA-compile each replica's step (the cross-replica part stays outside XLA).
-  """
-
-  def __init__(self, model, optimizer, loss_fn, strategy, specs, jit_compile=False):
-    self.model, self.optimizer, self.loss_fn, self.strategy = model, optimizer, loss_fn, strategy
-    self._gradients = tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
-    self.train = tf.function(self._train, input_signature=[*specs, tf.TensorSpec([], tf.float32)])
-    self.validate = tf.function(self._validate, input_signature=list(specs))
-
-  def _gradients(self, inputs, targets):
-    with tf.GradientTape() as tape:
-      losses = self.loss_fn(targets, self.model(inputs, training=True))
-      # scale_loss: the loss scale of a LossScaleOptimizer (float16), the loss itself otherwise.
-      loss = self.optimizer.scale_loss(tf.nn.compute_average_loss(losses))
-    return tape.gradient(loss, self.model.trainable_variables), _summed(losses)
-
-  def _nothing_learnt(self):
-    return [tf.zeros_like(v) for v in self.model.trainable_variables], tf.zeros([2])
-
-  def _train(self, inputs, targets, stop_flag):
-    def step(inputs, targets):
-      grads, sums = _if_any(inputs, lambda: self._gradients(inputs, targets), self._nothing_learnt)
-      self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-      # The stop flag rides in the loss's all-reduce: every worker sees any worker's signal at the same step.
-      return tf.concat([sums, [stop_flag]], 0)
-    return self.strategy.reduce("SUM", self.strategy.run(step, (inputs, targets)), axis=None)
-
-  def _validate(self, inputs, targets):
-    metric = VALIDATION_METRIC.get(self.loss_fn, lambda y, outputs: tf.zeros_like(y, tf.float32))
-
-    def sums(x, y):
-      outputs = self.model(x, training=False)
-      return tf.concat([_summed(self.loss_fn(y, outputs)), [tf.reduce_sum(metric(y, outputs))]], 0)
-
-    def step(x, y):
-      return _if_any(x, lambda: sums(x, y), lambda: tf.zeros([3]))
-    return self.strategy.reduce("SUM", self.strategy.run(step, (inputs, targets)), axis=None)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-  """One training step's all-reduced result, read on the host."""
-  step: int  # global step
-  loss_sum: float
-  count: float
-  stop: bool  # whether any worker was signalled
-
-  @classmethod
-  def read(cls, sums, step):
-    loss_sum, count, flag = sums.numpy()
-    return cls(step, float(loss_sum), float(count), bool(flag > 0))
-
-
-class OneStepLate:
-  """Hands back each step's result once the next step is queued: reading the current one would
-  make the host wait for every step before it queues the next. All workers read the same values,
-  so all stop after the same step."""
-
-  def __init__(self):
-    self._pending = None
-
-  def swap(self, sums, step):
-    """Keeps step `step`'s result; returns the one before it (None after the first step)."""
-    previous, self._pending = self._pending, (sums, step)
-    return previous and StepResult.read(*previous)
-
-  def drain(self):
-    """The last step's result (None when there was no step)."""
-    previous, self._pending = self._pending, None
-    return previous and StepResult.read(*previous)
-
-
 class Loop:
   """The parts of training one epoch after another; fit drives them.
 
-  on_step(state, result): called with every step's StepResult, one step late (the last at the
-  end of the epoch), after its loss was found finite. on_epoch(state, loss, val_sums, train_seconds,
-  validation_seconds): called at the end of every epoch, after end_epoch recorded it; val_sums is
-  validate's [loss sum, example count, metric sum]."""
+  on_step(state, result): called with every training call's StepResult (trainer.steps), one call
+  late (the last at the end of the epoch), after its loss was found finite; state.global_step is
+  then result.step. on_epoch(state, loss, val_sums, train_seconds, validation_seconds): called at
+  the end of every epoch, after end_epoch recorded it; val_sums is validate's [loss sum, example
+  count, metric sum]. steps_per_loop, jit_compile, clip_norm: trainer.steps.Steps'."""
 
   def __init__(self, model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir=None,
-               jit_compile=False, checkpointing=None, on_step=None, on_epoch=None):
+               jit_compile=False, checkpointing=None, on_step=None, steps_per_loop=1, clip_norm=None,
+               on_epoch=None):
     self.model, self.strategy, self.make_dataset = model, strategy, make_dataset
     self.global_batch_size = global_batch_size
     self.checkpointing = checkpointing or Checkpointing()
     self.on_step, self.on_epoch = on_step, on_epoch
     self.val_sums = np.zeros(3)
     self.val_data = self.distributed("validation")
-    self.steps = Steps(model, optimizer, loss_fn, strategy, self.val_data.element_spec, jit_compile)
+    self.steps = Steps(model, optimizer, loss_fn, strategy, steps_per_loop, jit_compile, clip_norm,
+                       VALIDATION_METRIC.get(loss_fn))
+    self._flags = (tf.constant(0.0), tf.constant(1.0))  # made once: an eager op per call costs as much as a step
     self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
                     for split in ("train", "validation")} if log_dir else {}
 
@@ -208,55 +125,58 @@ class Loop:
 
   def train_epoch(self, state):
     """Trains the rest of epoch state.epoch + 1, saving within it when Checkpointing.due says;
-    returns (its mean loss, whether a worker was signalled at its last step). Raises Preempted
-    after saving on a signal read within the epoch."""
-    stop = self.checkpointing.stop
-    no_signal = tf.constant(0.0)
+    returns (its mean loss, whether a worker was signalled in its last call). Raises Preempted
+    after saving on a signal read within the epoch.
+
+    One call (Steps.train) runs steps_per_loop steps; its result is read one call late, so the
+    host queues the next call first. Only where a save may be due (a signal read, or a multiple of
+    every_steps within reach of the call just queued) is that call read too: a checkpoint holds
+    the state after it, never after a NaN."""
+    stop, per_call = self.checkpointing.stop, self.steps.steps_per_loop
     total = tf.constant(state.partial, tf.float32)
-    late = OneStepLate()
-    for inputs, targets in self.distributed("train", state.epoch + 1, state.step):
-      sums = self.steps.train(inputs, targets, stop.flag() if stop else no_signal)
-      state.step, state.global_step = state.step + 1, state.global_step + 1
-      total += sums[:2]
-      previous = late.swap(sums, state.global_step)
-      if previous:
+    late = OneStepLate(state.global_step)
+    iterator = iter(self.distributed("train", state.epoch + 1, state.step))
+    stopping = last = False
+    while not last:
+      total, sums = self.steps.train(iterator, total, self._flags[bool(stop and stop.signum is not None)])
+      previous = late.swap(sums)
+      if previous:  # None after the epoch's first call, and after a call read at once
         self._take(state, previous)
-      stopping = bool(previous and previous.stop)
-      if self.checkpointing.due(state.global_step, stopping=stopping):
-        self._check_finite(state, StepResult.read(sums, state.global_step))  # never save a diverged step
-        state.partial = [float(v) for v in total.numpy()]
-        self.save(state)
-        if stopping:
-          raise self.preempted(state)
-    last = late.drain()
-    if last:
-      self._take(state, last)
+        stopping, last = previous.stop, previous.steps < per_call
+      if not last and (stopping or self.checkpointing.due(late.global_step + per_call, steps=per_call)):
+        current = late.drain()
+        self._take(state, current)  # never save a diverged step
+        last = current.steps < per_call
+        if self.checkpointing.due(state.global_step, steps=current.steps, stopping=stopping):
+          state.partial = [float(v) for v in total.numpy()]
+          self.save(state)
+          if stopping:
+            raise self.preempted(state)
+    final = late.drain()  # an empty call when the one before was the epoch's last
+    if final:
+      self._take(state, final)
     loss_sum, count = total.numpy()
-    return loss_sum / max(count, 1), bool(last and last.stop)
+    return loss_sum / max(count, 1), stopping or bool(final and final.stop)
 
   def _take(self, state, result):
-    self._check_finite(state, result)
-    if self.on_step:
-      self.on_step(state, result)
-
-  @staticmethod
-  def _check_finite(state, result):
+    """Advances state by a call's result, after checking its loss, and hands it to on_step."""
+    state.step, state.global_step = state.step + result.steps, result.step
     if not math.isfinite(result.loss_sum):
-      raise Diverged.at(state, result.loss_sum, result.step)
+      raise Diverged.at(state, result.loss_sum, result.diverged_at or result.step, self.steps.clip_norm)
+    if self.on_step and result.steps:
+      self.on_step(state, result)
 
   def validate(self):
     """The mean loss over every validation example; its sums stay in self.val_sums for on_epoch."""
-    total = tf.zeros([3])
-    for inputs, targets in self.val_data:
-      total += self.steps.validate(inputs, targets)
-    self.val_sums = total.numpy().astype(np.float64)
+    self.val_sums = self.steps.validate(iter(self.val_data)).numpy().astype(np.float64)
     return float(self.val_sums[0] / max(self.val_sums[1], 1))
 
   def end_epoch(self, state, loss, val_loss, seconds, epochs, validation_seconds=0.0):
     """Records a trained and validated epoch: its losses (TensorBoard too), the best weights so
     far, the epoch's log line. Raises Diverged on a NaN or infinite loss."""
     if not (math.isfinite(loss) and math.isfinite(val_loss)):
-      raise Diverged.at(state, loss if not math.isfinite(loss) else f"{val_loss} on validation", state.global_step)
+      raise Diverged.at(state, loss if not math.isfinite(loss) else f"{val_loss} on validation", state.global_step,
+                       self.steps.clip_norm)
     improved = state.end_epoch(loss, val_loss)
     if improved:
       state.best_weights = self.model.get_weights()
@@ -277,7 +197,7 @@ class Loop:
     if checkpoints is None:
       return
     if not all(np.isfinite(w).all() for w in self.model.get_weights()):
-      raise Diverged.at(state, "finite but the weights are not", state.global_step)
+      raise Diverged.at(state, "finite but the weights are not", state.global_step, self.steps.clip_norm)
     started = time.time()
     checkpoints.save(state.global_step, state.to_json(), state.best_weights)
     state.checkpoint = checkpoints.path(state.global_step)
@@ -297,7 +217,8 @@ class Loop:
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
-        log_dir=None, jit_compile=False, checkpointing=None, state=None, on_step=None, on_epoch=None):
+        log_dir=None, jit_compile=False, checkpointing=None, state=None, on_step=None, steps_per_loop=1,
+        clip_norm=None, on_epoch=None):
   """Trains until `epochs` or until validation loss has not improved for `patience` epochs, then
   restores the best weights. Returns {"loss": [...], "val_loss": [...], "best_epoch": n, "global_step": n}.
 
@@ -306,7 +227,7 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   signal. The other arguments: Loop's.
   """
   loop = Loop(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir, jit_compile,
-              checkpointing, on_step, on_epoch)
+              checkpointing, on_step, steps_per_loop, clip_norm, on_epoch)
   state = state or TrainState()
   state.num_replicas = loop.replicas
   while not state.done(epochs, patience):

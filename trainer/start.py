@@ -67,7 +67,9 @@ def _resumed(config, restored, optimizer, strategy):
                     "that epoch skips as many examples but not the same ones", state.num_replicas, replicas,
                     state.epoch + 1)
   saved_rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # a MirroredVariable under a strategy
-  if saved_rate != np.float32(config.learning_rate):
+  # A schedule (--lr_schedule, --warmup_steps) is made from this run's flags and is not settable: nothing to replace.
+  scheduled = config.lr_schedule != "constant" or config.warmup_steps
+  if not scheduled and saved_rate != np.float32(config.learning_rate):
     logging.info("learning rate %g from the checkpoint replaced by --learning_rate=%g", saved_rate,
                  config.learning_rate)
     optimizer.learning_rate = config.learning_rate

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, families, hptuning, loop, report, start, storage, summaries, transfer
+from trainer import distribution, export, families, hptuning, loop, report, start, steps, storage, summaries, transfer
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
 from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
@@ -146,7 +146,7 @@ def _build(config, folders, strategy):
   try:
     with strategy.scope():
       model = MODELS[config.model](prepared.input_shape, prepared.num_outputs, config.bidirectional)
-      optimizer = OPTIMIZERS[config.model](config.learning_rate)
+      optimizer = OPTIMIZERS[config.model](_learning_rate(config, prepared))
       if policy == "mixed_float16":
         # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -159,6 +159,16 @@ def _build(config, folders, strategy):
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
                             publish=config.cluster.is_chief, info=identity)
   return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints, data_seconds)
+
+
+def _learning_rate(config, prepared):
+  """--learning_rate, or its schedule (trainer.steps.learning_rate) over --epochs of this data: an
+  epoch's steps from the data's summary (its training rows or images; no dataset is built), the
+  same on every worker even where their shards differ by a batch."""
+  if config.lr_schedule == "constant" and not config.warmup_steps:
+    return config.learning_rate
+  per_epoch = summaries.steps_per_epoch(prepared, config.batch_size)
+  return steps.learning_rate(config.lr_schedule, config.learning_rate, config.warmup_steps, config.epochs * per_epoch)
 
 
 def _fit(config, job, state, stop, timing):
@@ -175,7 +185,8 @@ def _fit(config, job, state, stop, timing):
     history = loop.fit(job.model, job.optimizer, loss, prepared.make_dataset, job.strategy, config.batch_size,
                        config.epochs, config.patience, log_dir=job.folders.local_logs,
                        jit_compile=config.jit_compile, checkpointing=checkpointing, state=state,
-                       on_step=watch.on_step, on_epoch=watch.on_epoch)
+                       on_step=watch.on_step, on_epoch=watch.on_epoch, steps_per_loop=config.steps_per_loop,
+                       clip_norm=config.clip_norm)
   finally:
     watch.close()
   sync_logs()
