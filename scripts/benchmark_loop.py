@@ -4,8 +4,8 @@ steps_per_execution 1 and N, on the same model, data and batch, in one process.
     python scripts/benchmark_loop.py        # dense, 100,000-row table, batch 32, N=100, ~3 minutes
 
 The table is the built-in regression table's generator at 100,000 rows (trainer.data.builtin),
-written to a CSV and prepared as `--model=dense --data=...` prepares it (trainer.data.tabular: 64,000 training rows, 16,000
-validation rows: 2,000 + 500 steps of 32), under the default strategy. Each setup trains a
+written to a CSV and prepared as `--model=dense --data=...` prepares it (trainer.data.tabular:
+64,000 training rows, 16,000 validation rows: 2,000 + 500 steps of 32), under the default strategy. Each setup trains a
 fresh dense model (RMSprop, 1e-3, mean squared error) for --epochs epochs; an epoch's time is its
 training pass and its validation pass (Keras: on_epoch_begin to on_epoch_end, which comes after
 validation). The setups take turns, one epoch each per round, so that the load of other work on a

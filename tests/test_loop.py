@@ -56,7 +56,8 @@ def test_early_stopping_keeps_the_best_weights():
 
 
 def test_divergence_stops_with_a_clear_error():
-  with pytest.raises(UserError, match=r"training diverged: the loss is (nan|inf) at step \d+ \(epoch 1\); lower --learning_rate"):
+  with pytest.raises(UserError,
+                     match=r"training diverged: the loss is (nan|inf) at step \d+ \(epoch 1\); lower --learning_rate"):
     train(epochs=20, patience=20, learning_rate=1e12)
 
 

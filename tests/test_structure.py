@@ -87,3 +87,11 @@ def test_no_module_imports_an_entry_point():
 def test_no_file_is_over_400_lines():
   lengths = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
   assert not {name: n for name, n in lengths.items() if n > MAX_LINES}, lengths
+
+
+def test_no_line_is_over_120_columns():
+  root = PACKAGE.parent
+  long = [f"{path.relative_to(root)}:{number}" for folder in ("trainer", "tests", "scripts")
+          for path in sorted((root / folder).rglob("*.py"))
+          for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+  assert not long, long

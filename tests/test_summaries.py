@@ -123,3 +123,21 @@ def test_watch_flags_are_checked(flag, message):
   with pytest.raises(UserError, match=re.escape(message)):
     Config(**flag)
   assert Config(profile_steps="3,6").profile_range == (3, 6) and Config().profile_range is None
+
+
+@pytest.mark.parametrize("per_call, start, end, step, expected", [
+    (1, 3, 6, 0, [("start", 1), ("stop", 6)]),  # step by step: step 3 is queued once on_step has seen step 1
+    (10, 3, 6, 0, [("start", -10), ("stop", 10)]),  # both in the first call: started before it
+    (10, 25, 40, 0, [("start", 10), ("stop", 40)]),  # steps 21-30 are queued once on_step has seen step 10
+    (10, 3, 6, 20, []),  # a job resumed past the range: no trace
+])
+def test_the_profile_covers_the_calls_that_hold_its_steps(monkeypatch, tmp_path, per_call, start, end, step,
+                                                          expected):
+  # When the profiler starts and stops, by the step on_step saw last (construction: the one before the first call).
+  seen, events = [step - per_call], []
+  monkeypatch.setattr(tf.profiler.experimental, "start", lambda log_dir: events.append(("start", seen[0])))
+  monkeypatch.setattr(tf.profiler.experimental, "stop", lambda: events.append(("stop", seen[0])))
+  profiler = summaries.Profiler(str(tmp_path), start, end, per_call, step)
+  for seen[0] in range(step + per_call, 100, per_call):
+    profiler(seen[0])
+  assert events == expected

@@ -62,25 +62,30 @@ def test_scalars(report):
 
 
 class Profiler:
-  """A profiler trace of global steps [start, end] into log_dir (tf.profiler.experimental). Results
-  reach on_step one call late, so the trace starts when the step before `start` is seen and
-  stops when `end` is."""
+  """A profiler trace of global steps [start, end] into log_dir (tf.profiler.experimental), on
+  whole calls of `per_call` steps, from global step `step` on. When on_step sees step s, the call
+  after s is already running and the next one queued covers steps s + per_call + 1 to
+  s + 2 * per_call: the trace starts at the first s from which that call reaches `start` (before
+  the first call when it does), unless that call begins after `end`, and stops once `end` is seen."""
 
-  def __init__(self, log_dir, start, end):
-    self.log_dir, self.start, self.end, self.active = log_dir, start, end, False
+  def __init__(self, log_dir, start, end, per_call=1, step=0):
+    self.log_dir, self.start, self.end, self.per_call = log_dir, start, end, per_call
+    self.active = self.done = False
+    self(step - per_call)  # before the first call, as if the call before it had just been read
 
   def __call__(self, step):
-    if not self.active and self.start - 1 <= step < self.end:
+    queued = step + self.per_call  # the next call queued runs steps queued + 1 ... queued + per_call
+    if not (self.active or self.done) and queued + self.per_call >= self.start and queued < self.end:
       tf.profiler.experimental.start(self.log_dir)
       self.active = True
-      logging.info("profiling from step %d to step %d into %s", step + 1, self.end, self.log_dir)
+      logging.info("profiling from step %d to step %d into %s", queued + 1, self.end, self.log_dir)
     elif self.active and step >= self.end:
       self.close()
 
   def close(self):
     if self.active:
       tf.profiler.experimental.stop()
-      self.active = False
+      self.active, self.done = False, True
 
 
 class Watch:
@@ -96,7 +101,8 @@ class Watch:
                     for name in ("steps", "epochs")} if chief and log_dir else {}
     self.progress = progress.Progress(config.epochs, global_step, config.log_every_steps, steps_per_epoch,
                                       log=chief, on_interval=self.interval if self.writers else None)
-    self.profiler = Profiler(log_dir, *config.profile_range) if chief and log_dir and config.profile_range else None
+    self.profiler = (Profiler(log_dir, *config.profile_range, config.steps_per_loop, global_step)
+                     if chief and log_dir and config.profile_range else None)
     self.trial = chief and hptuning.in_trial()
     self.training_seconds = self.validation_seconds = 0.0
 
