@@ -113,6 +113,9 @@ class Config:
                                        "end of every epoch (0).")
   keep_checkpoints: int = option(3, "Newest checkpoints to keep.")
   restart: bool = option(False, "Delete this job's checkpoints and train from scratch instead of resuming.")
+  # Checkpoints (issue 14): saves off the critical path.
+  async_checkpoints: bool = option(True, "Copy each checkpoint to host memory and write and upload it while training "
+                                   "goes on; false: training waits for each save.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())

@@ -159,7 +159,8 @@ def _fit(config, job, state, stop):
   """Trains from state (loop.fit), checkpointing as the flags say; returns fit's history."""
   sync_logs = functools.partial(_sync_logs, config, job.folders)
   loss = loop.cross_entropy if job.prepared.kind == "images" else loop.squared_error
-  checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
+  checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs,
+                                     config.async_checkpoints)
   history = loop.fit(job.model, job.optimizer, loss, job.prepared.make_dataset, job.strategy, config.batch_size,
                      config.epochs, config.patience, log_dir=job.folders.local_logs, jit_compile=config.jit_compile,
                      checkpointing=checkpointing, state=state)
