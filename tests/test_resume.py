@@ -113,7 +113,7 @@ def test_sigterm_during_a_background_save_waits_for_it_and_the_rerun_ends_as_if_
   flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}")
   job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{every}$", upload=rf"/ckpt-{every}/state\.json$",
                                    until_signal=True))
-  job.wait_for(rf"^STALLED \S+ckpt-{every}\S* in thread save ")
+  job.wait_for(rf"^STALLED \S+ckpt-{every}\S* in thread checkpoint saves")
   job.signal(signal.SIGTERM)
   assert job.finish() == 143, job.stderr[-3000:]
   stopped = re.fullmatch(r"trainer: stopped by SIGTERM at step (\d+); checkpoint (\S+) saved; run the same command "

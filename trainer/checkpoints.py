@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -66,7 +67,8 @@ class Checkpoints:
     weights = {id(w) for w in model.weights}
     objects = dict(model=model, optimizer=optimizer, random_state=[v for v in model.variables if id(v) not in weights])
     self._checkpoint = tf.train.Checkpoint(**objects)
-    self._host = _HostCopy(tf.train.Checkpoint(**objects))
+    self._host = _HostCopy(tf.train.Checkpoint(**objects), checked=model.weights)
+    self._saver = _Saver()
 
   def complete(self):
     """Global steps of the complete checkpoints, oldest first. Raises StorageError when the
@@ -134,13 +136,15 @@ class Checkpoints:
     Returns its Saving. background: copy what it holds to host memory (the variables, the best
     weights, the state as JSON) and write and publish it on a thread; the caller waits for the
     Saving before the next save and before it stops. Else the save is done on return (its errors
-    raised). then(seconds): called once the save is done, on the thread that did it."""
-    self._host.copy()
+    raised). then(seconds): called once the save is done, on the thread that did it. Raises
+    NotFinite, and saves nothing, when a weight of the model is NaN or infinite."""
+    if not self._host.copy():
+      raise NotFinite(f"checkpoint {self.path(step)} not saved: the model's weights are not finite")
     text = json.dumps({**self.info, **state}, indent=1)  # the state now: the loop goes on changing it
     best = list(best_weights or [])  # arrays the loop replaces, never changes in place
     saving = Saving(self.path(step), lambda: self._write(step, text, best), then)
     if background:
-      saving.start()
+      self._saver.start(saving)
     else:
       saving.run()
       saving.wait()
@@ -200,6 +204,10 @@ class Checkpoints:
         self._remove(name)
 
 
+class NotFinite(ValueError):
+  """A save of weights that are NaN or infinite, refused."""
+
+
 class _HostCopy:
   """The variables of a tf.train.Checkpoint, copied to host memory by copy(); write() writes a TF
   checkpoint of the copies, the same as the original's (same keys and values; restore reads it),
@@ -208,9 +216,10 @@ class _HostCopy:
   tensorflow/python/checkpoint/async_checkpoint_helper.py). The copy is made on the caller's
   thread, so a distributed variable is read where training's collectives run, never beside them."""
 
-  def __init__(self, checkpoint):
+  def __init__(self, checkpoint, checked):
     from tensorflow.python.util import object_identity  # noqa: PLC0415 -- what TF's saver keys its map with
     self._checkpoint, self._pairs = checkpoint, []
+    self._checked = [v for v in checked if tf.as_dtype(v.dtype).is_floating]
     mapped = object_identity.ObjectIdentityDictionary()
     with tf.device("/cpu:0"):
       for variable in tf.train.TrackableView(checkpoint).descendants():
@@ -222,26 +231,44 @@ class _HostCopy:
             mapped[variable.value] = host  # Keras saves its tf.Variable's tensors
     checkpoint._saver._object_map = mapped  # noqa: SLF001
 
+  @tf.function
   def copy(self):
+    """Copies every variable; returns whether the `checked` ones (the model's weights) are all
+    finite. One traced call: an eager assign a variable costs ten times as much on the host."""
     for variable, host in self._pairs:
       host.assign(variable.value if isinstance(variable, keras.Variable) else variable)
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v.value)) for v in self._checked])
 
   def write(self, prefix):
     self._checkpoint.write(prefix)
 
 
+class _Saver:
+  """One thread that runs the background saves one after another, started at the first: starting a
+  thread a save costs milliseconds on a busy host. A daemon: a second Ctrl-C exits at once, and a
+  publication cut short leaves no complete folder."""
+
+  def __init__(self):
+    self._queue, self._thread = queue.SimpleQueue(), None
+
+  def start(self, saving):
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._run, name="checkpoint saves", daemon=True)
+      self._thread.start()
+    self._queue.put(saving)
+
+  def _run(self):
+    while True:
+      self._queue.get().run()
+
+
 class Saving:
-  """A checkpoint save under way (Checkpoints.save): `path`, the folder it publishes; wait()
-  returns once it is done, or raises what failed it (StorageError for storage and file errors)."""
+  """A checkpoint save (Checkpoints.save): `path`, the folder it publishes; wait() returns once it
+  is done, or raises what failed it (StorageError for storage and file errors)."""
 
   def __init__(self, path, work, then=None):
     self.path, self._work, self._then = path, work, then
-    self._error, self._thread = None, None
-
-  def start(self):
-    # A daemon: a second Ctrl-C exits at once; a publication cut short leaves no complete folder.
-    self._thread = threading.Thread(target=self.run, name=f"save {self.path}", daemon=True)
-    self._thread.start()
+    self._error, self._done = None, threading.Event()
 
   def run(self):
     started = time.time()
@@ -249,16 +276,14 @@ class Saving:
       self._work()
     except Exception as e:  # noqa: BLE001 -- handed to the thread that waits (wait)
       self._error = e
-      return
-    if self._then:
-      self._then(time.time() - started)
-
-  def done(self):
-    return self._thread is None or not self._thread.is_alive()
+    else:
+      if self._then:
+        self._then(time.time() - started)
+    finally:
+      self._done.set()
 
   def wait(self):
-    if self._thread is not None:
-      self._thread.join()
+    self._done.wait()
     error, self._error = self._error, None
     if isinstance(error, (StorageError, OSError)):
       reason = (str(error).strip() or type(error).__name__).splitlines()[0]

@@ -17,11 +17,10 @@ import time
 from typing import Callable, Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.checkpoints import Checkpoints
+from trainer.checkpoints import Checkpoints, NotFinite
 from trainer.errors import Preempted, StorageError, UserError
 from trainer.preemption import StopSignal
 from trainer.state import TrainState
@@ -255,11 +254,12 @@ class Loop:
     if checkpoints is None:
       return
     self.settle(state)
-    if not all(np.isfinite(w).all() for w in self.model.get_weights()):
-      raise Diverged.at(state, "finite but the weights are not", state.global_step)
     where = (state.global_step, state.epoch + (state.step > 0), state.step)
-    self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
-                                    self.checkpointing.background, lambda seconds: _saved(checkpoints, *where, seconds))
+    try:
+      self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
+                                      self.checkpointing.background, lambda seconds: _saved(checkpoints, *where, seconds))
+    except NotFinite:
+      raise Diverged.at(state, "finite but the weights are not", state.global_step) from None
     if not self.checkpointing.background:
       self.settle(state)
     if self.checkpointing.after_save:
