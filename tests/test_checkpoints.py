@@ -370,3 +370,21 @@ def test_a_failed_background_save_stops_the_job_with_170_at_the_next_boundary(tm
   assert checkpoints.complete() == ([3] if failed > 3 else [])
   if failed > 3:
     assert Checkpoints(str(tmp_path), model, optimizer).restore_latest().state["global_step"] == 3
+
+
+def test_a_mirrored_model_saved_in_the_background_restores_outside_any_strategy(tmp_path):
+  """The host copy reads distributed variables (here mirrored on two logical CPUs) on the caller's thread."""
+  from trainer import distribution
+  from trainer.cluster import Cluster
+  strategy = distribution.make_strategy("mirrored", Cluster({}, "worker", 0, "none"), cpu_devices=2)
+  with strategy.scope():
+    model, optimizer, checkpoints = make(str(tmp_path))
+  rng = np.random.default_rng(0)
+  for v in model.weights:
+    v.assign(rng.standard_normal(v.shape).astype(np.float32))
+  saved = [v.numpy() for v in model.weights]
+  checkpoints.save(1, {"n": 1}, None, background=True).wait()
+  model2, _, checkpoints2 = make(str(tmp_path))
+  checkpoints2.restore_latest()
+  for a, b in zip(saved, model2.weights):
+    np.testing.assert_array_equal(a, b.numpy())
