@@ -11,8 +11,8 @@ been handled (by the handler the target installed), and the write goes on (later
 same path or call are not stalled again): a test signals the target at that exact point instead of
 racing it. A write on another thread than the main one (a checkpoint saved in the background) says
 "STALLED <what> in thread <name>"; with --until_signal its stall ends once a handler the target
-installed for SIGTERM or SIGINT has run, on the main thread, after that line. TARGET is a module, run as `python -m TARGET
-ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The writes themselves are the real ones.
+installed for SIGTERM or SIGINT has run, on the main thread, after that line. TARGET is a
+module, run as `python -m TARGET ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The writes themselves are the real ones.
 """
 
 import argparse

@@ -11,6 +11,7 @@ Where training stands is one trainer.state.TrainState, which the checkpoints sav
 """
 
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -257,7 +258,7 @@ class Loop:
     where = (state.global_step, state.epoch + (state.step > 0), state.step)
     try:
       self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
-                                      self.checkpointing.background, lambda seconds: _saved(checkpoints, *where, seconds))
+                                      self.checkpointing.background, functools.partial(_saved, checkpoints, *where))
     except NotFinite:
       raise Diverged.at(state, "finite but the weights are not", state.global_step) from None
     if not self.checkpointing.background:
