@@ -12,9 +12,9 @@ A save in the background (Checkpoints.save(background=True), the trainer's defau
 variables to host memory on the calling thread and returns a Saving; the write and the
 publication run on a thread of their own while training goes on, and Saving.wait reports them.
 TF's own asynchronous checkpoints (CheckpointOptions(experimental_enable_async_checkpoint=True))
-fail on Keras 3 variables: Keras' `_copy_trackable_to_cpu` makes a new tf.Variable inside TF's
-copying tf.function on every save after the first ("tf.function only supports singleton
-tf.Variables"). So _HostCopy does what TF's helper does, with copies made once: a second
+fail at the first save with Keras 3 variables: Keras' `_copy_trackable_to_cpu` makes a new
+tf.Variable at every copy, and TF copies inside a tf.function ("tf.function only supports
+singleton tf.Variables"). So _HostCopy does what TF's helper does, with copies made once: a second
 tf.train.Checkpoint over the same objects whose saver reads host copies in their place.
 """
 
