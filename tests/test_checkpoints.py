@@ -388,3 +388,29 @@ def test_a_mirrored_model_saved_in_the_background_restores_outside_any_strategy(
   checkpoints2.restore_latest()
   for a, b in zip(saved, model2.weights):
     np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_a_divergence_during_a_background_save_names_it_once_complete_and_nothing_is_saved_after(tmp_path,
+                                                                                                  monkeypatch):
+  """ckpt-4 (saves every 4 steps, keep 1) is stalled in its publication when step 5's loss is read as
+  NaN (injected): the divergence waits for it, names it, and no checkpoint follows."""
+  from trainer import loop
+  model, optimizer = MODELS["dense"]((5,)), OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer, keep=1)
+  release = stalled_at(monkeypatch, transfer, "publish_dir", lambda local, dest, last=(): dest.endswith("/ckpt-4"))
+  read = loop.StepResult.read.__func__
+
+  def nan_at_step_5(cls, sums, step):
+    result = read(cls, sums, step)
+    if step != 5:
+      return result
+    release.set()  # the save goes on only now: the NaN is read while it is under way
+    return loop.StepResult(step, float("nan"), result.count, result.stop)
+  monkeypatch.setattr(loop.StepResult, "read", classmethod(nan_at_step_5))
+  with pytest.raises(loop.Diverged) as diverged:
+    loop.fit(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32, 2, 2,
+             checkpointing=loop.Checkpointing(checkpoints, every_steps=4))
+  assert str(diverged.value) == (f"training diverged: the loss is nan at step 5 (epoch 1); checkpoint "
+                                 f"{tmp_path / 'ckpt-4'} is kept; resume from it with a lower --learning_rate")
+  assert checkpoints.complete() == [4]
