@@ -274,11 +274,10 @@ class Saving:
     started = time.time()
     try:
       self._work()
-    except Exception as e:  # noqa: BLE001 -- handed to the thread that waits (wait)
-      self._error = e
-    else:
       if self._then:
         self._then(time.time() - started)
+    except Exception as e:  # noqa: BLE001 -- handed to the thread that waits (wait); the saver thread lives on
+      self._error = e
     finally:
       self._done.set()
 
