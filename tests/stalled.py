@@ -9,8 +9,11 @@ may be repeated) prints "STALLED <what>" on stderr and sleeps for ten minutes, o
 of them have gone through. With --until_signal the stall ends as soon as a SIGTERM or SIGINT has
 been handled (by the handler the target installed), and the write goes on (later ones of the
 same path or call are not stalled again): a test signals the target at that exact point instead of
-racing it. TARGET is a module, run as `python -m TARGET
-ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The writes themselves are the real ones.
+racing it. A write on another thread than the main one (a checkpoint saved in the background) says
+"STALLED <what> in thread <name>"; with --until_signal its stall ends once a handler the target
+installed for SIGTERM or SIGINT has run, on the main thread, after that line. TARGET is a
+module, run as `python -m TARGET ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The
+writes themselves are the real ones.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import re
 import runpy
 import signal
 import sys
+import threading
 import time
 
 from google.cloud.storage import Blob
@@ -35,15 +39,19 @@ def main(argv):
   parser.add_argument("--until_signal", action="store_true")
   options = parser.parse_args(ours)
   seen, released = [], set()
+  if options.until_signal:
+    signal.signal = counting_handlers
 
   def stall(what):
     seen.append(what)
     if len(seen) > options.skip and what not in released:
+      in_thread = threading.current_thread() is not threading.main_thread()
       if options.until_signal:
-        until_signal(what)
+        (until_handled if in_thread else until_signal)(what)
         released.add(what)
       else:
-        print("STALLED", what, file=sys.stderr, flush=True)
+        print("STALLED", what, *(["in thread", threading.current_thread().name] if in_thread else []),
+              file=sys.stderr, flush=True)
         time.sleep(600)
 
   if options.rename:
@@ -84,6 +92,39 @@ def stall_calls(call, stall):
   setattr(module, name, stalled_call)
 
 
+_install = signal.signal
+# The signals that handlers installed through counting_handlers have handled, in order.
+HANDLED = []
+
+
+def counting_handlers(signum, handler):
+  """signal.signal for the target: its SIGTERM and SIGINT handlers also count what they handled
+  (HANDLED), which a stall on another thread waits for (only the main thread may set handlers)."""
+  if signum in (signal.SIGTERM, signal.SIGINT) and callable(handler):
+    def counted(signum, frame, handler=handler):
+      try:
+        handler(signum, frame)
+      finally:
+        HANDLED.append(signum)
+    counted.original = handler
+    previous = _install(signum, counted)
+  else:
+    previous = _install(signum, handler)
+  return getattr(previous, "original", previous)
+
+
+def until_handled(what):
+  """until_signal for a write on another thread: says STALLED, then sleeps (ten minutes at most)
+  until one of the target's handlers has handled a SIGTERM or SIGINT after that line."""
+  before = len(HANDLED)
+  print("STALLED", what, "in thread", threading.current_thread().name, file=sys.stderr, flush=True)
+  deadline = time.monotonic() + 600
+  while len(HANDLED) == before and time.monotonic() < deadline:
+    time.sleep(0.05)
+  print("RELEASED by", signal.Signals(HANDLED[before]).name if len(HANDLED) > before else "nothing",
+        file=sys.stderr, flush=True)
+
+
 def until_signal(what):
   """Says STALLED, then sleeps (ten minutes at most) until a SIGTERM or SIGINT has gone through the
   target's own handler; whatever that handler raises (a second Ctrl-C's KeyboardInterrupt) ends the
@@ -98,14 +139,14 @@ def until_signal(what):
       handled.append(signum)
   try:
     for signum in previous:
-      signal.signal(signum, handle)
+      _install(signum, handle)
     print("STALLED", what, file=sys.stderr, flush=True)
     deadline = time.monotonic() + 600
     while not handled and time.monotonic() < deadline:
       time.sleep(0.05)
   finally:
     for signum, handler in previous.items():
-      signal.signal(signum, handler)
+      _install(signum, handler)
   print("RELEASED by", signal.Signals(handled[0]).name if handled else "nothing", file=sys.stderr, flush=True)
 
 

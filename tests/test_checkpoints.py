@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import threading
 import types
 
 import numpy as np
@@ -297,3 +299,119 @@ def test_the_fingerprint_is_of_the_data_as_it_was_read(table_csv, tmp_path, monk
   train.train_and_evaluate(config, str(tmp_path / "job"))
   (state,) = (tmp_path / "job" / "checkpoints").glob("ckpt-*/state.json")
   assert json.loads(state.read_text())["data"]["data"]["checksum"] == read
+
+
+# Asynchronous saves (trainer.loop's default): the variables are copied on the caller's thread,
+# written and published on another.
+
+def stalled_at(monkeypatch, owner, name, when=lambda *args, **kwargs: True):
+  """Patches owner.name so that a call for which when(*args, **kwargs) holds waits until the test
+  releases it (the returned Event; two minutes at most), on whatever thread it runs."""
+  release, original = threading.Event(), getattr(owner, name)
+
+  def stalled(*args, **kwargs):
+    if when(*args, **kwargs):
+      assert release.wait(120), f"{name} never released"
+    return original(*args, **kwargs)
+  monkeypatch.setattr(owner, name, stalled)
+  return release
+
+
+def test_a_background_save_holds_the_variables_as_they_were_when_it_was_asked(root, monkeypatch):
+  model, optimizer, checkpoints = make(root)
+  train_a_step(model, optimizer)
+  saved = variables(model, optimizer)
+  # Stalled before anything is written: the save is under way, its staging folder not yet made.
+  release = stalled_at(monkeypatch, tempfile, "mkdtemp", lambda prefix=None: prefix == "trainer-ckpt-")
+  saving = checkpoints.save(1, {"n": 1}, None, background=True)
+  train_a_step(model, optimizer)  # training goes on meanwhile
+  release.set()
+  saving.wait()
+  model2, optimizer2, checkpoints2 = make(root)
+  checkpoints2.restore_latest()
+  for a, b in zip(saved, variables(model2, optimizer2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def linear_data(split, batch_size, input_context=None, epoch=0):
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  x = rng.standard_normal((256, 5)).astype(np.float32)
+  return tf.data.Dataset.from_tensor_slices((x, x.sum(axis=1))).batch(batch_size)  # 8 steps an epoch
+
+
+@pytest.mark.parametrize("failed, stops_at, boundary", [(3, 6, "the next save"), (6, 8, "the end of the epoch")])
+def test_a_failed_background_save_stops_the_job_with_170_at_the_next_boundary(tmp_path, monkeypatch, capsys,
+                                                                               failed, stops_at, boundary):
+  """Saves every 3 steps, epochs of 8: the upload of ckpt-<failed> fails on the save's thread while
+  training goes on; the job stops at `boundary` with one line, ckpt-3 (or none) left to resume from."""
+  from trainer import errors, loop
+  from trainer.state import TrainState
+  model, optimizer = MODELS["dense"]((5,)), OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer)
+  publish = transfer.publish_dir
+
+  def failing(local_dir, dest, last=()):
+    if dest.endswith(f"/ckpt-{failed}"):
+      raise StorageError(f"cannot write {dest}/state.json: injected")
+    return publish(local_dir, dest, last)
+  monkeypatch.setattr(transfer, "publish_dir", failing)
+  state = TrainState()
+  with pytest.raises(SystemExit) as stopped, errors.exiting():
+    loop.fit(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32, 2, 2,
+             checkpointing=loop.Checkpointing(checkpoints, every_steps=3), state=state)
+  assert stopped.value.code == errors.STORAGE_FAILURE
+  assert state.global_step == stops_at  # the boundary after the failed save, no further
+  line = capsys.readouterr().err
+  kept = f"checkpoint {tmp_path / 'ckpt-3'} is intact" if failed > 3 else "no checkpoint was saved before it"
+  assert line == (f"trainer: error: checkpoint {tmp_path / f'ckpt-{failed}'} was not saved: cannot write "
+                  f"{tmp_path / f'ckpt-{failed}'}/state.json: injected; {kept}: run the same command again to "
+                  "resume from it\n"), line
+  assert checkpoints.complete() == ([3] if failed > 3 else [])
+  if failed > 3:
+    assert Checkpoints(str(tmp_path), model, optimizer).restore_latest().state["global_step"] == 3
+
+
+def test_a_mirrored_model_saved_in_the_background_restores_outside_any_strategy(tmp_path):
+  """The host copy reads distributed variables (here mirrored on two logical CPUs) on the caller's thread."""
+  from trainer import distribution
+  from trainer.cluster import Cluster
+  strategy = distribution.make_strategy("mirrored", Cluster({}, "worker", 0, "none"), cpu_devices=2)
+  with strategy.scope():
+    model, optimizer, checkpoints = make(str(tmp_path))
+  rng = np.random.default_rng(0)
+  for v in model.weights:
+    v.assign(rng.standard_normal(v.shape).astype(np.float32))
+  saved = [v.numpy() for v in model.weights]
+  checkpoints.save(1, {"n": 1}, None, background=True).wait()
+  model2, _, checkpoints2 = make(str(tmp_path))
+  checkpoints2.restore_latest()
+  for a, b in zip(saved, model2.weights):
+    np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_a_divergence_during_a_background_save_names_it_once_complete_and_nothing_is_saved_after(tmp_path,
+                                                                                                  monkeypatch):
+  """ckpt-4 (saves every 4 steps, keep 1) is stalled in its publication when step 5's loss is read as
+  NaN (injected): the divergence waits for it, names it, and no checkpoint follows."""
+  from trainer import loop
+  model, optimizer = MODELS["dense"]((5,)), OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  checkpoints = Checkpoints(str(tmp_path), model, optimizer, keep=1)
+  release = stalled_at(monkeypatch, transfer, "publish_dir", lambda local, dest, last=(): dest.endswith("/ckpt-4"))
+  read = loop.StepResult.read.__func__
+
+  def nan_at_step_5(cls, sums, step):
+    result = read(cls, sums, step)
+    if step != 5:
+      return result
+    release.set()  # the save goes on only now: the NaN is read while it is under way
+    return loop.StepResult(step, float("nan"), result.count, result.stop)
+  monkeypatch.setattr(loop.StepResult, "read", classmethod(nan_at_step_5))
+  with pytest.raises(loop.Diverged) as diverged:
+    loop.fit(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32, 2, 2,
+             checkpointing=loop.Checkpointing(checkpoints, every_steps=4))
+  assert str(diverged.value) == (f"training diverged: the loss is nan at step 5 (epoch 1); checkpoint "
+                                 f"{tmp_path / 'ckpt-4'} is kept; resume from it with a lower --learning_rate "
+                                 "or with --clip_norm=1")
+  assert checkpoints.complete() == [4]

@@ -70,8 +70,10 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
   every = epoch_steps + epoch_steps // 2
   job_dir = f"{storage_root}/gru"
   # One step per call, so that step K is a call boundary and the flag is read one step late (calls of several
-  # steps: tests/test_steps.py). The uninterrupted run took the default: results are the same for any N.
-  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}", "--steps_per_loop=1")
+  # steps: tests/test_steps.py); synchronous saves, so that the stall holds training itself and the signal's
+  # step is known exactly. The uninterrupted run took the defaults: results are the same for any of these.
+  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}", "--steps_per_loop=1",
+                    "--async_checkpoints=false")
   job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{every}$", upload=rf"/ckpt-{every}/state\.json$",
                                    until_signal=True))
   job.wait_for("^STALLED")
@@ -100,6 +102,39 @@ def test_sigterm_mid_epoch_saves_exits_143_and_the_rerun_ends_as_if_never_stoppe
   for split in ("train", "validation"):
     assert [n for n in storage.list_dir(storage.join(job_dir, "logs", split)) if n.startswith("events.out")]
   assert storage.list_dir(storage.join(job_dir, "export")) == ["1"]
+
+
+def test_sigterm_during_a_background_save_waits_for_it_and_the_rerun_ends_as_if_never_stopped(
+    prices, storage_root, uninterrupted):
+  """The step checkpoint half way into epoch 1 is published on the save's thread while training goes
+  on; SIGTERM arrives while it is stalled there. The job stops at a later step (its flag rides in the
+  next step's all-reduce), waits for the stalled save, saves the signal's step and exits 143; the
+  rerun resumes from it exactly."""
+  uninterrupted, epoch_steps = uninterrupted
+  every = epoch_steps // 2
+  job_dir = f"{storage_root}/background"
+  flags = gru_flags(prices, job_dir, f"--checkpoint_every_steps={every}")
+  job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{every}$", upload=rf"/ckpt-{every}/state\.json$",
+                                   until_signal=True))
+  job.wait_for(rf"^STALLED \S+ckpt-{every}\S* in thread checkpoint saves")
+  job.signal(signal.SIGTERM)
+  assert job.finish() == 143, job.stderr[-3000:]
+  stopped = re.fullmatch(r"trainer: stopped by SIGTERM at step (\d+); checkpoint (\S+) saved; run the same command "
+                         r"again to resume \(exit code 143\)", job.last_line())
+  assert stopped, job.stderr[-2000:]
+  step = int(stopped.group(1))
+  assert step > every and stopped.group(2) == storage.join(job_dir, "checkpoints", f"ckpt-{step}")
+  # The stalled save was finished, not cut short, and the signal's came after it.
+  assert re.search(rf"checkpoint \S+ckpt-{every} saved", job.stderr), job.stderr[-3000:]
+  assert f"ckpt-{step}" in complete_checkpoints(job_dir) and f"ckpt-{every}" in complete_checkpoints(job_dir)
+
+  code, rerun = run(flags)
+  assert code == 0, rerun.stderr[-3000:]
+  assert re.search(rf"resuming from \S+ckpt-{step}: ", rerun.stderr), rerun.stderr[-3000:]
+  result = report(job_dir)
+  assert result["history"] == uninterrupted["history"]
+  assert result["weights_checksum"] == uninterrupted["weights_checksum"]
+  assert result["test"] == uninterrupted["test"]
 
 
 def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_one_before(storage_root, tmp_path):

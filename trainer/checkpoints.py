@@ -7,6 +7,15 @@ tf.io.gfile, which cannot reach a storage emulator and whose `latest_checkpoint`
 unreachable bucket into "no checkpoint" (it logs "Checkpoint ignored"), so every checkpoint is
 written to a local folder first and published through trainer.transfer: renamed into place
 locally, uploaded with `state.json` last on gs://. A folder without `state.json` is not a checkpoint.
+
+A save in the background (Checkpoints.save(background=True), the trainer's default) copies the
+variables to host memory on the calling thread and returns a Saving; the write and the
+publication run on a thread of their own while training goes on, and Saving.wait reports them.
+TF's own asynchronous checkpoints (CheckpointOptions(experimental_enable_async_checkpoint=True))
+fail at the first save with Keras 3 variables: Keras' `_copy_trackable_to_cpu` makes a new
+tf.Variable at every copy, and TF copies inside a tf.function ("tf.function only supports
+singleton tf.Variables"). So _HostCopy does what TF's helper does, with copies made once: a second
+tf.train.Checkpoint over the same objects whose saver reads host copies in their place.
 """
 
 import fnmatch
@@ -14,17 +23,21 @@ import hashlib
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
+import time
 from typing import List, NamedTuple, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from trainer import numbered, storage, transfer
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 
 STATE = "state.json"
 # ".new": the second copy of a step saved again (Checkpoints._publish).
@@ -52,8 +65,10 @@ class Checkpoints:
     # Dropout's random state lives outside model.weights and tf.train.Checkpoint skips it; without
     # it a resumed job would draw other dropout masks than the run it continues.
     weights = {id(w) for w in model.weights}
-    self._checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                           random_state=[v for v in model.variables if id(v) not in weights])
+    objects = dict(model=model, optimizer=optimizer, random_state=[v for v in model.variables if id(v) not in weights])
+    self._checkpoint = tf.train.Checkpoint(**objects)
+    self._host = _HostCopy(tf.train.Checkpoint(**objects), checked=model.weights)
+    self._saver = _Saver()
 
   def complete(self):
     """Global steps of the complete checkpoints, oldest first. Raises StorageError when the
@@ -116,14 +131,32 @@ class Checkpoints:
       if local != folder:
         shutil.rmtree(local, ignore_errors=True)
 
-  def save(self, step, state, best_weights):
-    """Writes checkpoint `step`; the chief publishes it whole, then keeps only the newest `keep`."""
+  def save(self, step, state, best_weights, background=False, then=None):
+    """Writes checkpoint `step`; the chief publishes it whole, then keeps only the newest `keep`.
+    Returns its Saving. background: copy what it holds to host memory (the variables, the best
+    weights, the state as JSON) and write and publish it on a thread; the caller waits for the
+    Saving before the next save and before it stops. Else the save is done on return (its errors
+    raised). then(seconds): called once the save is done, on the thread that did it. Raises
+    NotFinite, and saves nothing, when a weight of the model is NaN or infinite."""
+    if not self._host.copy():
+      raise NotFinite(f"checkpoint {self.path(step)} not saved: the model's weights are not finite")
+    text = json.dumps({**self.info, **state}, indent=1)  # the state now: the loop goes on changing it
+    best = list(best_weights or [])  # arrays the loop replaces, never changes in place
+    saving = Saving(self.path(step), lambda: self._write(step, text, best), then)
+    if background:
+      self._saver.start(saving)
+    else:
+      saving.run()
+      saving.wait()
+    return saving
+
+  def _write(self, step, text, best_weights):
     staging = tempfile.mkdtemp(prefix="trainer-ckpt-")
     try:
-      self._checkpoint.write(f"{staging}/ckpt")
-      np.savez(f"{staging}/best.npz", *(best_weights or []))
+      self._host.write(f"{staging}/ckpt")
+      np.savez(f"{staging}/best.npz", *best_weights)
       with open(f"{staging}/{STATE}", "w") as f:
-        json.dump({**self.info, **state}, f, indent=1)
+        f.write(text)
       if self.publish:
         folders = self._complete_folders()  # one listing for both: on gs:// each is a request
         self._publish(step, staging, folders.get(step, []))
@@ -169,6 +202,93 @@ class Checkpoints:
       old = step is not None and step < newest and (step not in kept or name not in complete)
       if old or _FOLDERS.is_leftover(name):
         self._remove(name)
+
+
+class NotFinite(ValueError):
+  """A save of weights that are NaN or infinite, refused."""
+
+
+class _HostCopy:
+  """The variables of a tf.train.Checkpoint, copied to host memory by copy(); write() writes a TF
+  checkpoint of the copies, the same as the original's (same keys and values; restore reads it),
+  on any thread, while training changes the originals. How: TF's saver serializes
+  `_saver._object_map[v]` in place of v (TF's asynchronous checkpoints rely on it:
+  tensorflow/python/checkpoint/async_checkpoint_helper.py). The copy is made on the caller's
+  thread, so a distributed variable is read where training's collectives run, never beside them."""
+
+  def __init__(self, checkpoint, checked):
+    from tensorflow.python.util import object_identity  # noqa: PLC0415 -- what TF's saver keys its map with
+    self._checkpoint, self._pairs = checkpoint, []
+    self._checked = [v for v in checked if tf.as_dtype(v.dtype).is_floating]
+    mapped = object_identity.ObjectIdentityDictionary()
+    with tf.device("/cpu:0"):
+      for variable in tf.train.TrackableView(checkpoint).descendants():
+        if isinstance(variable, (tf.Variable, keras.Variable)):
+          host = tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False)
+          self._pairs.append((variable, host))
+          mapped[variable] = host
+          if isinstance(variable, keras.Variable):
+            mapped[variable.value] = host  # Keras saves its tf.Variable's tensors
+    checkpoint._saver._object_map = mapped  # noqa: SLF001
+
+  @tf.function
+  def copy(self):
+    """Copies every variable; returns whether the `checked` ones (the model's weights) are all
+    finite. One traced call: an eager assign a variable costs ten times as much on the host."""
+    for variable, host in self._pairs:
+      host.assign(variable.value if isinstance(variable, keras.Variable) else variable)
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v.value)) for v in self._checked])
+
+  def write(self, prefix):
+    self._checkpoint.write(prefix)
+
+
+class _Saver:
+  """One thread that runs the background saves one after another, started at the first: starting a
+  thread a save costs milliseconds on a busy host. A daemon: a second Ctrl-C exits at once, and a
+  publication cut short leaves no complete folder."""
+
+  def __init__(self):
+    self._queue, self._thread = queue.SimpleQueue(), None
+
+  def start(self, saving):
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._run, name="checkpoint saves", daemon=True)
+      self._thread.start()
+    self._queue.put(saving)
+
+  def _run(self):
+    while True:
+      self._queue.get().run()
+
+
+class Saving:
+  """A checkpoint save (Checkpoints.save): `path`, the folder it publishes; wait() returns once it
+  is done, or raises what failed it (StorageError for storage and file errors)."""
+
+  def __init__(self, path, work, then=None):
+    self.path, self._work, self._then = path, work, then
+    self._error, self._done = None, threading.Event()
+
+  def run(self):
+    started = time.time()
+    try:
+      self._work()
+      if self._then:
+        self._then(time.time() - started)
+    except Exception as e:  # noqa: BLE001 -- handed to the thread that waits (wait); the saver thread lives on
+      self._error = e
+    finally:
+      self._done.set()
+
+  def wait(self):
+    self._done.wait()
+    error, self._error = self._error, None
+    if isinstance(error, (StorageError, OSError)):
+      reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+      raise StorageError(f"checkpoint {self.path} was not saved: {reason}") from error
+    if error is not None:
+      raise error
 
 
 def _read_every_file(folder):

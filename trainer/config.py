@@ -137,6 +137,9 @@ class Config:
   warmup_steps: int = option(0, "Raise the learning rate linearly from 0 over this many steps first.", identity=True)
   # Not identity: resuming a diverged job with clipping is what the divergence message suggests.
   clip_norm: float = option(0.0, "Clip the gradient (all replicas' sum) to this global norm; 0: no clipping.")
+  # Checkpoints off the critical path: may change on resume.
+  async_checkpoints: bool = option(True, "Copy each checkpoint to host memory and write and upload it while training "
+                                   "goes on; false: training waits for each save.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())

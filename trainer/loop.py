@@ -12,6 +12,7 @@ Where training stands is one trainer.state.TrainState, which the checkpoints sav
 """
 
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -22,8 +23,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer.checkpoints import Checkpoints
-from trainer.errors import Preempted, UserError
+from trainer.checkpoints import Checkpoints, NotFinite
+from trainer.errors import Preempted, StorageError, UserError
 from trainer.preemption import StopSignal
 from trainer.state import TrainState
 from trainer.steps import OneStepLate, Steps, StepResult  # noqa: F401 -- StepResult: what on_step is given
@@ -46,11 +47,13 @@ class Diverged(UserError):
 class Checkpointing:
   """When and where fit saves: `checkpoints` (trainer.checkpoints.Checkpoints, None: never) when
   `due` says; `stop` (trainer.preemption.StopSignal) asks for a save and an exit; `after_save()`
-  runs after each save (the trainer syncs TensorBoard logs there)."""
+  runs after each save (the trainer syncs TensorBoard logs there); `background`: saves are written
+  and published while training goes on (--async_checkpoints)."""
   checkpoints: Optional[Checkpoints] = None
   every_steps: int = 0
   stop: Optional[StopSignal] = None
   after_save: Optional[Callable[[], None]] = None
+  background: bool = True
 
   def due(self, global_step, *, steps=1, stopping=False, epoch_end=False, done=False):
     """The one rule for when to save, at the end of a call of `steps` steps that ended at
@@ -104,6 +107,7 @@ class Loop:
     self.checkpointing = checkpointing or Checkpointing()
     self.on_step, self.on_epoch = on_step, on_epoch
     self.val_sums = np.zeros(3)
+    self._saving = None  # the save under way (trainer.checkpoints.Saving)
     self.val_data = self.distributed("validation")
     self.steps = Steps(model, optimizer, loss_fn, strategy, steps_per_loop, jit_compile, clip_norm,
                        VALIDATION_METRIC.get(loss_fn))
@@ -162,6 +166,7 @@ class Loop:
     """Advances state by a call's result, after checking its loss, and hands it to on_step."""
     state.step, state.global_step = state.step + result.steps, result.step
     if not math.isfinite(result.loss_sum):
+      self.settle(state, quietly=True)  # the message names the newest complete checkpoint
       raise Diverged.at(state, result.loss_sum, result.diverged_at or result.step, self.steps.clip_norm)
     if self.on_step and result.steps:
       self.on_step(state, result)
@@ -191,29 +196,67 @@ class Loop:
       self.on_epoch(state, loss, self.val_sums, seconds - validation_seconds, validation_seconds)
 
   def save(self, state):
-    """Saves a checkpoint of step state.global_step (nothing without checkpoints); it becomes
-    state.checkpoint, the one a divergence or a signal names."""
+    """Saves a checkpoint of step state.global_step (nothing without checkpoints), in the background
+    when Checkpointing.background says; once done (settle) it becomes state.checkpoint, the one a
+    divergence or a signal names. One save at a time: this waits for the one before."""
     checkpoints = self.checkpointing.checkpoints
     if checkpoints is None:
       return
-    if not all(np.isfinite(w).all() for w in self.model.get_weights()):
-      raise Diverged.at(state, "finite but the weights are not", state.global_step, self.steps.clip_norm)
-    started = time.time()
-    checkpoints.save(state.global_step, state.to_json(), state.best_weights)
-    state.checkpoint = checkpoints.path(state.global_step)
-    where = (state.epoch + (state.step > 0), state.step, time.time() - started)
-    if checkpoints.publish:
-      logging.info("checkpoint %s saved (epoch %d, step %d; %.2f s)", state.checkpoint, *where)
-    else:
-      # Every worker writes its part of a collective save; the chief's copy alone is published.
-      logging.info("checkpoint of step %d written for the collective save and discarded: the chief publishes %s "
-                   "(epoch %d, step %d; %.2f s)", state.global_step, state.checkpoint, *where)
+    self.settle(state)
+    where = (state.global_step, state.epoch + (state.step > 0), state.step)
+    try:
+      self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
+                                      self.checkpointing.background, functools.partial(_saved, checkpoints, *where))
+    except NotFinite:
+      raise Diverged.at(state, "finite but the weights are not", state.global_step, self.steps.clip_norm) from None
+    if not self.checkpointing.background:
+      self.settle(state)
     if self.checkpointing.after_save:
       self.checkpointing.after_save()
 
+  def train_and_settle(self, state):
+    """train_epoch, then the end of the save under way (it has had the epoch to finish): the boundary
+    where a failed background save stops the job. An error in the epoch waits for it too."""
+    try:
+      result = self.train_epoch(state)
+    except Exception:
+      self.settle(state, quietly=True)
+      raise
+    self.settle(state)
+    return result
+
+  def settle(self, state, quietly=False):
+    """Waits for the save under way, if any; once it is done it is state.checkpoint. A failed one
+    raises StorageError (exit 170), naming the checkpoint before it, which is intact; quietly (the
+    job already stops for another reason): logs it instead."""
+    saving, self._saving = self._saving, None
+    if saving is None:
+      return
+    try:
+      saving.wait()
+    except StorageError as e:
+      kept = f"checkpoint {state.checkpoint} is intact" if state.checkpoint else "no checkpoint was saved before it"
+      if not quietly:
+        raise StorageError(f"{e}; {kept}: run the same command again to resume from it") from e
+      logging.warning("%s; %s", e, kept)
+      return
+    state.checkpoint = saving.path
+
   def preempted(self, state):
+    self.settle(state)  # the signal's checkpoint, done
     stop = self.checkpointing.stop
     return Preempted(stop.signum or signal.SIGTERM, state.global_step, state.checkpoint)
+
+
+def _saved(checkpoints, global_step, epoch, step, seconds):
+  """Logs a finished save (on the thread that wrote it)."""
+  where = (epoch, step, seconds)
+  if checkpoints.publish:
+    logging.info("checkpoint %s saved (epoch %d, step %d; %.2f s)", checkpoints.path(global_step), *where)
+  else:
+    # Every worker writes its part of a collective save; the chief's copy alone is published.
+    logging.info("checkpoint of step %d written for the collective save and discarded: the chief publishes %s "
+                 "(epoch %d, step %d; %.2f s)", global_step, checkpoints.path(global_step), *where)
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
@@ -232,7 +275,7 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
   state.num_replicas = loop.replicas
   while not state.done(epochs, patience):
     started = time.time()
-    loss, stopping = loop.train_epoch(state)
+    loss, stopping = loop.train_and_settle(state)
     trained = time.time()
     val_loss = loop.validate()
     loop.end_epoch(state, loss, val_loss, time.time() - started, epochs, validation_seconds=time.time() - trained)
@@ -244,6 +287,7 @@ def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, ep
     if done and state.epoch < epochs:
       logging.info("early stopping: val_loss has not improved for %d epochs; keeping epoch %d", patience,
                    state.best_epoch)
+  loop.settle(state)  # the last save, before evaluation and export
   if state.best_weights is not None:
     model.set_weights(state.best_weights)
   return state.history()

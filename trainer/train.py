@@ -176,7 +176,8 @@ def _fit(config, job, state, stop, timing):
   returns fit's history and the Watch. Adds training_s and validation_s to timing."""
   sync_logs = functools.partial(_sync_logs, config, job.folders)
   loss = loop.cross_entropy if job.prepared.kind == "images" else loop.squared_error
-  checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs)
+  checkpointing = loop.Checkpointing(job.checkpoints, config.checkpoint_every_steps, stop, sync_logs,
+                                     config.async_checkpoints)
   prepared = job.prepared
   watch = summaries.Watch(config, job.folders.local_logs, job.optimizer, prepared.kind, prepared.preprocessing,
                           state.global_step,
