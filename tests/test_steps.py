@@ -185,10 +185,11 @@ def test_a_nan_within_a_call_is_named_at_its_own_step():
 @pytest.mark.slow
 def test_sigterm_with_several_steps_per_call_and_a_cosine_schedule_resumes_exactly(tmp_path):
   """Dense, built-in table: 200 steps an epoch, in calls of 3. The signal arrives while ckpt-150 (a
-  call boundary) is published; the next call carries the flag, read one call late: the job saves step
-  156 and stops. The rerun resumes there with the schedule where the optimizer's step count left it."""
+  call boundary) is published, synchronously (the stall holds training); the next call carries the
+  flag, read one call late: the job saves step 156 and stops. The rerun resumes there with the
+  schedule where the optimizer's step count left it."""
   flags = ["--model=dense", "--epochs=2", "--steps_per_loop=3", "--lr_schedule=cosine", "--warmup_steps=50",
-           "--checkpoint_every_steps=150"]
+           "--checkpoint_every_steps=150", "--async_checkpoints=false"]
   code, reference = run([*flags, f"--job_dir={tmp_path / 'reference'}"])
   assert code == 0, reference.stderr[-3000:]
   job_dir = str(tmp_path / "stopped")

@@ -153,7 +153,11 @@ def test_vertex_ai_variables_decide_where_a_job_writes(tmp_path):
   assert sorted(os.listdir(out / "model" / "1")) == ["assets", "fingerprint.pb", "model.keras",
                                                      "saved_model.pb", "trainer_export.json", "variables"]
   assert os.listdir(out / "checkpoints") == ["ckpt-200"]
-  assert sorted(os.listdir(out / "tensorboard")) == ["train", "validation"]
+  # Epoch losses, intervals, epochs, and the run's own events (HParams, test metrics, plots): trainer.summaries.
+  folders = sorted(p.name for p in (out / "tensorboard").iterdir() if p.is_dir())
+  assert folders == ["epochs", "steps", "train", "validation"]
+  assert [p.name.split(".")[:3] for p in (out / "tensorboard").iterdir() if p.is_file()] == [["events", "out",
+                                                                                               "tfevents"]]
   assert not os.path.exists(tmp_path / "runs")
 
 
@@ -196,8 +200,11 @@ def test_tensorboard_logs_reach_gcs_during_training(tmp_path, table_csv, gcs_buc
   from trainer import storage
   import tensorflow as tf
   job_dir = f"{gcs_bucket}/job"
+  # Synchronous saves: the stall holds training at the second epoch's save (a background save would
+  # let the second epoch's logs be synced too, or not, as the threads go).
   kill_when(stalled("trainer.task", "--model=dense", f"--data={table_csv(rows=200)}", "--target_column=y",
-                    "--epochs=3", f"--job_dir={job_dir}", upload=r"/checkpoints/ckpt-\d+/state\.json$", skip=1))
+                    "--epochs=3", f"--job_dir={job_dir}", "--async_checkpoints=false",
+                    upload=r"/checkpoints/ckpt-\d+/state\.json$", skip=1))
   assert not storage.exists(f"{job_dir}/report.json")  # stopped in training
   logs = storage.join(job_dir, "logs")
   for split in ("train", "validation"):
