@@ -10,7 +10,7 @@ of them have gone through. With --until_signal the stall ends as soon as a SIGTE
 been handled (by the handler the target installed), and the write goes on (later ones of the
 same path or call are not stalled again): a test signals the target at that exact point instead of
 racing it. A write on another thread than the main one (a checkpoint saved in the background) says
-"STALLED <what> in thread <name>"; with --until_signal its stall ends once a handler the target
+"STALLED <what> in thread <name> (id <its native id>)"; with --until_signal its stall ends once a handler the target
 installed for SIGTERM or SIGINT has run, on the main thread, after that line. TARGET is a
 module, run as `python -m TARGET ARGS...` runs it, or MODULE:FUNCTION, called with ARGS. The
 writes themselves are the real ones.
@@ -50,8 +50,8 @@ def main(argv):
         (until_handled if in_thread else until_signal)(what)
         released.add(what)
       else:
-        print("STALLED", what, *(["in thread", threading.current_thread().name] if in_thread else []),
-              file=sys.stderr, flush=True)
+        print("STALLED", what, *(["in thread", threading.current_thread().name, f"(id {threading.get_native_id()})"]
+                                 if in_thread else []), file=sys.stderr, flush=True)
         time.sleep(600)
 
   if options.rename:

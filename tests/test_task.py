@@ -1,5 +1,6 @@
 """The real command line in a subprocess: bad input ends in one clear line and a non-zero exit."""
 
+import ctypes
 import json
 import os
 import re
@@ -215,18 +216,27 @@ def test_tensorboard_logs_reach_gcs_during_training(tmp_path, table_csv, gcs_buc
     assert steps == [(1, "epoch_loss")], (split, steps)
 
 
+def tgkill(pid, tid, signum):
+  """Sends signum to one thread of a process (Linux tgkill(2); Python has no call for another process's thread)."""
+  libc = ctypes.CDLL(None, use_errno=True)
+  assert libc.syscall(234, pid, tid, signum) == 0, os.strerror(ctypes.get_errno())  # 234: SYS_tgkill on x86-64
+
+
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
-  """The first Ctrl-C asks for a checkpoint; a second one, while that checkpoint is written (stalled
-  there), stops at once: one line, exit 130, no traceback, and the unfinished checkpoint is no
-  checkpoint (the next run starts from the last complete one, here none)."""
+  """The first Ctrl-C asks for a checkpoint; a second one, while the job waits for the background
+  save under way (stalled in its thread), stops at once: one line, exit 130, no traceback, and the
+  unfinished checkpoint is no checkpoint (the next run starts from the last complete one, here
+  none). The second goes to the saving thread, as the kernel may deliver a process's signal to any
+  of its threads: the main thread, blocked in its wait for that save, must still run the handler."""
   job_dir = tmp_path / "job"
   job = Job(["--model=dense", "--epochs=5", f"--job_dir={job_dir}"],
             command=stalled("trainer.task", rename=r"/ckpt-\d+$"))
-  job.wait_for("^STALLED")
+  saver = int(re.search(r"\(id (\d+)\)$", job.wait_for(r"^STALLED .* in thread checkpoint saves")).group(1))
   job.signal(signal.SIGINT)
   job.wait_for("SIGINT received: saving a checkpoint")  # handled: the next SIGINT is a second one
-  job.signal(signal.SIGINT)
-  assert job.finish() == 130
+  job.wait_for(r"waiting for checkpoint \S+ to be saved")  # the main thread is in its wait
+  tgkill(job.process.pid, saver, signal.SIGINT)
+  assert job.finish(timeout=60) == 130
   assert "Traceback" not in job.stderr, job.stderr[-3000:]
   assert job.last_line() == ("trainer: stopped at once by a second Ctrl-C, without a checkpoint of this step; the "
                              "last complete checkpoint, if any, is kept (exit code 130)")

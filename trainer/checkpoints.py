@@ -282,7 +282,13 @@ class Saving:
       self._done.set()
 
   def wait(self):
-    self._done.wait()
+    if not self._done.is_set():
+      logging.info("waiting for checkpoint %s to be saved", self.path)
+    # In slices: the kernel may deliver a signal to any thread, and its handler (a second Ctrl-C
+    # stops at once) runs only when the main thread runs Python code again, which a wait without
+    # a timeout never does while the save is stuck.
+    while not self._done.wait(0.5):
+      pass
     error, self._error = self._error, None
     if isinstance(error, (StorageError, OSError)):
       reason = (str(error).strip() or type(error).__name__).splitlines()[0]
