@@ -283,7 +283,7 @@ class Saving:
 
   def wait(self):
     if not self._done.is_set():
-      logging.info("waiting for checkpoint %s to be saved", self.path)
+      logging.info("waiting for the background save of %s to finish", self.path.rstrip("/").rsplit("/", 1)[-1])
     # In slices: the kernel may deliver a signal to any thread, and its handler (a second Ctrl-C
     # stops at once) runs only when the main thread runs Python code again, which a wait without
     # a timeout never does while the save is stuck.
