@@ -7,6 +7,7 @@ import sys
 
 import forked
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -83,6 +84,26 @@ def test_a_table_regressors_validation_metrics_are_in_the_targets_units(table_cs
   x, y = (np.concatenate(part) for part in zip(*prepared.make_dataset("validation", 1000)))
   mean, std = prepared.preprocessing["target_mean"], prepared.preprocessing["target_std"]
   expected = report.metrics(mean + std * y, mean + std * model(x).numpy()[:, 0])
+  assert got == {"val_rmse": pytest.approx(expected["rmse"], rel=1e-4),
+                 "val_mae": pytest.approx(expected["mae"], rel=1e-4)}
+
+
+def test_a_forecasters_validation_metrics_are_in_the_prices_units(prices_csv):
+  # The network predicts a standardised relative change; a price error is that error times the
+  # price the forecast starts from and the change's std, which differs from day to day.
+  prepared = timeseries.prepare(Config(model="gru", data=prices_csv(rows=300), target_column="Close",
+                                       date_column="Date", window=10))
+  model = MODELS["gru"](prepared.input_shape)
+  parts = loop.Loop(model, OPTIMIZERS["gru"](1e-3), loop.squared_error, prepared.make_dataset,
+                    tf.distribute.get_strategy(), 32)
+  parts.validate()
+  got = summaries.validation_metrics("forecast", prepared.preprocessing, parts.val_sums)
+  split, rows = prepared.summary["split"], prepared.summary["rows"]
+  first = rows - split["test"]["rows"] - split["validation"]["rows"]  # the first validation target's row
+  prices = pd.read_csv(prices_csv(rows=300))["Close"].to_numpy(np.float64)
+  forecasts = timeseries.forecast(model, prepared.preprocessing, prices[first - 1 - 10:, None])
+  expected = report.metrics(prices[first:first + split["validation"]["rows"]],
+                            forecasts[:split["validation"]["rows"]])
   assert got == {"val_rmse": pytest.approx(expected["rmse"], rel=1e-4),
                  "val_mae": pytest.approx(expected["mae"], rel=1e-4)}
 

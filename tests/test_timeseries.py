@@ -15,8 +15,8 @@ def reference_windows(series, first, last, window):
 
 
 def collect(dataset):
-  xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
-  return np.concatenate(xs), np.concatenate(ys)
+  """The dataset's elements (windows, targets and, for validation, the scale to prices) as arrays."""
+  return [np.concatenate(part) for part in zip(*[[t.numpy() for t in element] for element in dataset])]
 
 
 @pytest.mark.parametrize("length, window, batch", [
@@ -98,8 +98,8 @@ def test_nothing_from_the_test_period_leaks_into_training(prices_csv, tmp_path):
     # Unshuffled, the same windows in the same order.
     first_a = collect(a.make_dataset(split, 1000).take(1))
     first_b = collect(b.make_dataset(split, 1000).take(1))
-    np.testing.assert_array_equal(first_a[0], first_b[0])
-    np.testing.assert_array_equal(first_a[1], first_b[1])
+    for got, expected in zip(first_a, first_b, strict=True):
+      np.testing.assert_array_equal(got, expected)
   assert not np.array_equal(a.test_targets, b.test_targets)
 
 

@@ -86,8 +86,9 @@ def hits(labels, probabilities):
   return tf.cast(tf.equal(tf.argmax(probabilities, axis=-1), tf.cast(labels, tf.int64)), tf.float32)
 
 
-# What validation sums besides the loss, per loss: the mean absolute error, or the hits of accuracy.
-VALIDATION_METRIC = {squared_error: absolute_error, cross_entropy: hits}
+# What validation sums besides the loss, per loss: squared and absolute errors (in the data's units
+# where the validation batches say them: trainer.steps), or the hits of accuracy.
+VALIDATION_METRICS = {squared_error: (squared_error, absolute_error), cross_entropy: (hits,)}
 
 
 class Loop:
@@ -97,7 +98,7 @@ class Loop:
   late (the last at the end of the epoch), after its loss was found finite; state.global_step is
   then result.step. on_epoch(state, loss, val_sums, train_seconds, validation_seconds): called at
   the end of every epoch, after end_epoch recorded it; val_sums is validate's [loss sum, example
-  count, metric sum]. steps_per_loop, jit_compile, clip_norm: trainer.steps.Steps'."""
+  count, a sum per VALIDATION_METRICS]. steps_per_loop, jit_compile, clip_norm: trainer.steps.Steps'."""
 
   def __init__(self, model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, log_dir=None,
                jit_compile=False, checkpointing=None, on_step=None, steps_per_loop=1, clip_norm=None,
@@ -106,11 +107,11 @@ class Loop:
     self.global_batch_size = global_batch_size
     self.checkpointing = checkpointing or Checkpointing()
     self.on_step, self.on_epoch = on_step, on_epoch
-    self.val_sums = np.zeros(3)
+    self.val_sums = np.zeros(2)
     self._saving = None  # the save under way (trainer.checkpoints.Saving)
     self.val_data = self.distributed("validation")
     self.steps = Steps(model, optimizer, loss_fn, strategy, steps_per_loop, jit_compile, clip_norm,
-                       VALIDATION_METRIC.get(loss_fn))
+                       VALIDATION_METRICS.get(loss_fn, ()))
     self._flags = (tf.constant(0.0), tf.constant(1.0))  # made once: an eager op per call costs as much as a step
     self.writers = {split: tf.summary.create_file_writer(f"{log_dir}/{split}")
                     for split in ("train", "validation")} if log_dir else {}

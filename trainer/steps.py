@@ -39,8 +39,10 @@ class Steps:
   """The step functions, traced once: `train(iterator, total, stop_flag)` runs up to
   `steps_per_loop` training steps on the distributed iterator and returns (the epoch's running
   [loss sum, example count] with theirs added, the call's vector: LOSS, COUNT, STOP, STEPS,
-  DIVERGED); `validate(iterator)` returns [loss sum, example count, metric sum] over the whole
-  iterator (metric_fn: per-example values to sum besides the loss, e.g. absolute errors; none: 0).
+  DIVERGED); `validate(iterator)` returns [loss sum, example count, one sum per metric] over the
+  whole iterator (metrics: functions of (targets, outputs) giving per-example values to sum
+  besides the loss, e.g. absolute errors). A validation batch's optional third element scales a
+  regressor's targets and outputs per example into the data's units before the metrics see them.
 
   A call ends early when the iterator is exhausted on every worker (get_next_as_optional agrees
   across workers and hands an empty batch to a replica whose data ran out first, see _if_any): a
@@ -57,9 +59,9 @@ class Steps:
   """
 
   def __init__(self, model, optimizer, loss_fn, strategy, steps_per_loop=1, jit_compile=False, clip_norm=None,
-               metric_fn=None):
+               metrics=()):
     self.model, self.optimizer, self.loss_fn, self.strategy = model, optimizer, loss_fn, strategy
-    self.metric_fn = metric_fn or (lambda targets, outputs: tf.zeros_like(targets, tf.float32))
+    self.metrics = tuple(metrics)
     self.steps_per_loop, self.clip_norm = steps_per_loop, clip_norm or None
     self._gradients = tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
     self._train_function, self._validate_function = tf.function(self._train), tf.function(self._validate)
@@ -122,14 +124,19 @@ class Steps:
       diverged = tf.where((diverged == 0) & ~tf.math.is_finite(step[0]), steps, diverged)
     return total, tf.concat([sums, [steps, diverged]], 0)
 
-  def _validation_step(self, x, y):
+  def _validation_step(self, x, y, units=None):
     def sums():
       outputs = self.model(x, training=False)
-      return tf.concat([_summed(self.loss_fn(y, outputs)), [tf.reduce_sum(self.metric_fn(y, outputs))]], 0)
-    return _if_any(x, sums, lambda: tf.zeros([3]))
+      loss = _summed(self.loss_fn(y, outputs))
+      targets = y
+      if units is not None:
+        # The error of a regressor in the data's units: both sides scaled alike.
+        outputs, targets = tf.cast(outputs, tf.float32) * units[:, None], y * units
+      return tf.concat([loss, [tf.reduce_sum(metric(targets, outputs)) for metric in self.metrics]], 0)
+    return _if_any(x, sums, lambda: tf.zeros([2 + len(self.metrics)]))
 
   def _validate(self, iterator):
-    total = tf.zeros([3])
+    total = tf.zeros([2 + len(self.metrics)])
     for _ in tf.range(_EVERY_BATCH):
       batch = iterator.get_next_as_optional()
       if not batch.has_value():

@@ -23,17 +23,16 @@ from trainer import hptuning, progress
 
 
 def validation_metrics(kind, preprocessing, val_sums):
-  """The epoch's validation metric in the data's units from Loop.validate's [loss sum, count, metric
-  sum]. Tables: the target was standardised (trainer.data.tabular), so errors scale by its standard
-  deviation. Forecasts: the network predicts the next relative change, standardised
-  (trainer.data.timeseries); a price error divided by the day's price is the change error, so
-  these are the forecast's error as a share of the price (0.01: 1%). Images: accuracy."""
-  loss_sum, count, metric_sum = val_sums
-  count = max(count, 1)
+  """The epoch's validation metric in the data's units from Loop.validate's [loss sum, count, a sum
+  per loop.VALIDATION_METRICS]. Tables: the target was standardised (trainer.data.tabular), so errors
+  scale by its standard deviation. Forecasts: the validation batches carry each day's scale
+  (trainer.data.timeseries), so the sums are in the prices' units already. Images: accuracy."""
+  count = max(val_sums[1], 1)
   if kind == "images":
-    return {"val_accuracy": metric_sum / count}
-  scale = preprocessing["target_std"] if kind == "table" else preprocessing["change_std"][0]
-  return {"val_rmse": scale * math.sqrt(loss_sum / count), "val_mae": scale * metric_sum / count}
+    return {"val_accuracy": val_sums[2] / count}
+  squared, absolute = val_sums[2:4]
+  scale = preprocessing["target_std"] if kind == "table" else 1.0
+  return {"val_rmse": scale * math.sqrt(squared / count), "val_mae": scale * absolute / count}
 
 
 def learning_rate(optimizer):

@@ -11,6 +11,8 @@ class Prepared:
   """What the training loop and the report need from a data source, whatever its kind."""
   # make_dataset(split, per_replica_batch_size, input_context, epoch) -> batched (inputs, target)
   # pairs; split is "train" (shuffled in an order fixed by the seed and the epoch) or "validation".
+  # A regressor's validation batches may carry a third element: per example, the data's units per
+  # unit of the target the network sees (trainer.steps: the validation metric in the data's units).
   make_dataset: Callable[..., Any]
   input_shape: Tuple[int, ...]
   # Saved beside the model: everything inference needs besides the weights.

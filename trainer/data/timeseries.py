@@ -28,9 +28,10 @@ def relative_changes(values):
 GATHER_CHUNK = 2048
 
 
-def window_dataset(series, first, last, window, batch_size, shuffle_seed=None, input_context=None):
+def window_dataset(series, first, last, window, batch_size, shuffle_seed=None, input_context=None, units=None):
   """Batches of (series[t - window:t], series[t, 0]) for every t in [first, last): each window
-  of every column, and the next value of the first column (the target) as its label.
+  of every column, and the next value of the first column (the target) as its label; with
+  `units` (one value per row of the series), (window, label, units[t]) triples.
 
   Only the target indices t are held, as one tensor; windows are gathered chunk by chunk from
   the one copy of the series, so memory stays that of the series however many windows there
@@ -45,9 +46,10 @@ def window_dataset(series, first, last, window, batch_size, shuffle_seed=None, i
     indices = tf.random.experimental.stateless_shuffle(indices, tf.constant(shuffle_seed, tf.int64))
   if input_context is not None:
     indices = indices[input_context.input_pipeline_id::input_context.num_input_pipelines]
+  columns = (series[:, 0],) if units is None else (series[:, 0], tf.constant(units, tf.float32))
   return (tf.data.Dataset.range(0, tf.size(indices, tf.int64), GATHER_CHUNK)
           .map(lambda i: indices[i:i + GATHER_CHUNK])
-          .map(lambda t: (tf.gather(series, t[:, None] + offsets), tf.gather(series[:, 0], t)),
+          .map(lambda t: (tf.gather(series, t[:, None] + offsets), *(tf.gather(c, t) for c in columns)),
                num_parallel_calls=tf.data.AUTOTUNE)
           .rebatch(batch_size)
           .prefetch(tf.data.AUTOTUNE))
@@ -106,11 +108,17 @@ def prepare(config):
                     "there is nothing to learn from it")
   normalised = ((changes - mean) / std).astype(np.float32)
 
+  # A forecast's price error is its error in standardised change times the price it starts from
+  # times the change's std: validation batches carry that factor (trainer.steps), so the
+  # validation metric is in the prices' units.
+  dollars = (values[:-1, 0] * std[0]).astype(np.float32)
+
   def make_dataset(split, batch_size, input_context=None, epoch=0):
-    lo, hi = (first, val_first) if split == "train" else (val_first, test_first)
-    return window_dataset(normalised, lo, hi, window, batch_size,
-                          shuffle_seed=(config.seed, epoch) if split == "train" else None,
-                          input_context=input_context)
+    if split == "train":
+      return window_dataset(normalised, first, val_first, window, batch_size, shuffle_seed=(config.seed, epoch),
+                            input_context=input_context)
+    return window_dataset(normalised, val_first, test_first, window, batch_size, input_context=input_context,
+                          units=dollars)
 
   preprocessing = {"kind": "forecast", "window": window, "columns": columns, "target": target,
                    "change_mean": mean.tolist(), "change_std": std.tolist(),
