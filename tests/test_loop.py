@@ -2,6 +2,7 @@ import logging
 import os
 import signal
 
+import linear
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,14 +17,7 @@ from trainer.preemption import StopSignal
 from trainer.state import TrainState
 
 
-def linear_data(split, batch_size, input_context=None, epoch=0):
-  rng = np.random.default_rng(0 if split == "train" else 1)
-  x = rng.standard_normal((256, 5)).astype(np.float32)
-  y = (x @ np.arange(5, dtype=np.float32)) / 5
-  dataset = tf.data.Dataset.from_tensor_slices((x, y))
-  if input_context is not None:
-    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return dataset.batch(batch_size)
+linear_data = linear.make(rows=256)
 
 
 def train(epochs, patience, learning_rate=1e-2, log_dir=None):

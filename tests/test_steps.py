@@ -7,6 +7,7 @@ import re
 import signal
 
 import keras
+import linear
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -24,16 +25,9 @@ from trainer.state import TrainState
 ALONE = Cluster(spec={}, task_type="worker", task_index=0, source="none")
 
 
-def uneven(split, batch_size, input_context=None, epoch=0):
-  """232 rows: 8 steps of a global batch of 32 (not a multiple of 3); under two replicas of 16, 15
-  per-replica batches, so the last step hands replica 1 an empty batch. The order changes with the epoch."""
-  rng = np.random.default_rng(0 if split == "train" else 1)
-  x = rng.standard_normal((232, 5)).astype(np.float32)
-  y = (x @ np.arange(5, dtype=np.float32)) / 5
-  dataset = tf.data.Dataset.from_tensor_slices((x, y))
-  if input_context is not None:
-    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return dataset.shuffle(232, seed=epoch).batch(batch_size)
+# 232 rows: 8 steps of a global batch of 32 (not a multiple of 3); under two replicas of 16, 15
+# per-replica batches, so the last step hands replica 1 an empty batch. The order changes with the epoch.
+uneven = linear.make(rows=232, shuffle=True)
 
 
 def model_and_optimizer(strategy, loss_scaling=False):
