@@ -1,6 +1,7 @@
 import logging
 import os
 import signal
+import threading
 
 import linear
 import numpy as np
@@ -10,7 +11,7 @@ import tensorflow as tf
 from trainer import distribution, loop
 from trainer.checkpoints import Checkpoints
 from trainer.cluster import Cluster
-from trainer.errors import UserError
+from trainer.errors import StorageError, UserError
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.errors import Preempted
 from trainer.preemption import StopSignal
@@ -120,6 +121,28 @@ def test_a_worker_that_does_not_publish_never_logs_a_checkpoint_as_saved(tmp_pat
   assert lines and not [line for line in lines if " saved" in line], lines
   assert "checkpoint of step 8 written for the collective save and discarded: the chief publishes " \
       f"{tmp_path / 'ckpt-8'} (epoch 1, step 0;" in lines[0]
+
+
+def test_tensorboard_logs_are_copied_after_each_save_on_the_saving_thread_and_a_failed_copy_does_not_stop_it(
+    tmp_path, caplog):
+  # On gs:// a copy of the logs is a request per changed file: on the training thread it would stall
+  # training after every save, as a synchronous save does.
+  model, optimizer = MODELS["dense"]((5,)), OPTIMIZERS["dense"](1e-2)
+  optimizer.build(model.trainable_variables)
+  copies = []
+
+  def copy_logs():
+    copies.append(threading.current_thread().name)
+    if len(copies) == 1:
+      raise StorageError("gs://bucket/logs: 503 Service Unavailable")
+
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    loop.fit(model, optimizer, loop.squared_error, linear_data, tf.distribute.get_strategy(), 32, 2, 2,
+             checkpointing=loop.Checkpointing(Checkpoints(str(tmp_path), model, optimizer), after_save=copy_logs))
+  assert copies == ["checkpoint saves"] * 2
+  assert [r.getMessage() for r in caplog.records] == [
+      "TensorBoard logs not copied after checkpoint ckpt-8: gs://bucket/logs: 503 Service Unavailable; "
+      "tried again after the next save and at the end"]
 
 
 # The parts of the loop, one by one.

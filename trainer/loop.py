@@ -47,7 +47,8 @@ class Diverged(UserError):
 class Checkpointing:
   """When and where fit saves: `checkpoints` (trainer.checkpoints.Checkpoints, None: never) when
   `due` says; `stop` (trainer.preemption.StopSignal) asks for a save and an exit; `after_save()`
-  runs after each save (the trainer syncs TensorBoard logs there); `background`: saves are written
+  runs after each save is done, on the thread that saved (the trainer copies TensorBoard logs to
+  gs:// there; a StorageError is logged, not raised); `background`: saves are written
   and published while training goes on (--async_checkpoints)."""
   checkpoints: Optional[Checkpoints] = None
   every_steps: int = 0
@@ -207,13 +208,12 @@ class Loop:
     where = (state.global_step, state.epoch + (state.step > 0), state.step)
     try:
       self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
-                                      self.checkpointing.background, functools.partial(_saved, checkpoints, *where))
+                                      self.checkpointing.background,
+                                      functools.partial(_saved, checkpoints, *where, self.checkpointing.after_save))
     except NotFinite:
       raise Diverged.at(state, "finite but the weights are not", state.global_step, self.steps.clip_norm) from None
     if not self.checkpointing.background:
       self.settle(state)
-    if self.checkpointing.after_save:
-      self.checkpointing.after_save()
 
   def train_and_settle(self, state):
     """train_epoch, then the end of the save under way (it has had the epoch to finish): the boundary
@@ -249,8 +249,10 @@ class Loop:
     return Preempted(stop.signum or signal.SIGTERM, state.global_step, state.checkpoint)
 
 
-def _saved(checkpoints, global_step, epoch, step, seconds):
-  """Logs a finished save (on the thread that wrote it)."""
+def _saved(checkpoints, global_step, epoch, step, after_save, seconds):
+  """Logs a finished save, then runs after_save, on the thread that wrote it: a copy of the logs to
+  gs:// (a request per changed file) stays off the training thread, as the save does. A failed
+  copy stops nothing: the next one copies what it missed."""
   where = (epoch, step, seconds)
   if checkpoints.publish:
     logging.info("checkpoint %s saved (epoch %d, step %d; %.2f s)", checkpoints.path(global_step), *where)
@@ -258,6 +260,12 @@ def _saved(checkpoints, global_step, epoch, step, seconds):
     # Every worker writes its part of a collective save; the chief's copy alone is published.
     logging.info("checkpoint of step %d written for the collective save and discarded: the chief publishes %s "
                  "(epoch %d, step %d; %.2f s)", global_step, checkpoints.path(global_step), *where)
+  if after_save:
+    try:
+      after_save()
+    except StorageError as e:
+      logging.warning("TensorBoard logs not copied after checkpoint ckpt-%d: %s; tried again after the next save "
+                      "and at the end", global_step, e)
 
 
 def fit(model, optimizer, loss_fn, make_dataset, strategy, global_batch_size, epochs, patience,
