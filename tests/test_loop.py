@@ -145,6 +145,35 @@ def test_tensorboard_logs_are_copied_after_each_save_on_the_saving_thread_and_a_
       "tried again after the next save and at the end"]
 
 
+def test_finished_iterators_are_destroyed_on_a_thread_of_their_own_each_once_the_next_arrives():
+  # Destroying a tf.data iterator waits for its autotuning thread to stop (up to 0.4 s here).
+  destroyed, gone = [], threading.Event()
+
+  class Iterator:
+    def __init__(self, name):
+      self.name = name
+
+    def __del__(self):
+      destroyed.append((self.name, threading.current_thread().name))
+      gone.set()
+
+  discard = loop.Discard()
+  discard(Iterator("first"))
+  assert destroyed == []  # held until the next arrives: whoever handed it over may still hold it
+  discard(Iterator("second"))
+  assert gone.wait(timeout=60)
+  assert destroyed == [("first", "finished iterators")]
+
+
+def test_an_epoch_hands_its_iterators_over_to_be_destroyed(monkeypatch):
+  handed = []
+  monkeypatch.setattr(loop, "discard", handed.append)
+  model, parts_ = parts()
+  parts_.train_epoch(TrainState())
+  parts_.validate()
+  assert [bool(i.get_next_as_optional().has_value()) for i in handed] == [False, False]  # both finished
+
+
 # The parts of the loop, one by one.
 
 @pytest.mark.parametrize("every, step, kwargs, due", [

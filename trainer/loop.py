@@ -14,7 +14,9 @@ Where training stands is one trainer.state.TrainState, which the checkpoints sav
 import dataclasses
 import functools
 import math
+import queue
 import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -92,6 +94,32 @@ def hits(labels, probabilities):
 VALIDATION_METRICS = {squared_error: (squared_error, absolute_error), cross_entropy: (hits,)}
 
 
+class Discard:
+  """Destroys the dataset iterators it is handed on a daemon thread of its own, each once the next
+  arrives: by then whoever handed it over holds it no more, so the last reference is surely the
+  thread's. Destroying a tf.data iterator waits for its autotuning thread to stop (0 to 0.4 s
+  here, about every other epoch, with the GIL released): on the training thread that was a
+  quarter of a small model's epoch at --steps_per_loop=100 (scripts/benchmark_loop.py)."""
+
+  def __init__(self):
+    self._queue, self._thread, self._lock = queue.SimpleQueue(), None, threading.Lock()
+
+  def __call__(self, iterator):
+    with self._lock:
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._run, name="finished iterators", daemon=True)
+        self._thread.start()
+    self._queue.put(iterator)
+
+  def _run(self):
+    held = None
+    while True:
+      held = self._queue.get()  # noqa: F841 -- the one held before is destroyed here
+
+
+discard = Discard()
+
+
 class Loop:
   """The parts of training one epoch after another; fit drives them.
 
@@ -159,6 +187,7 @@ class Loop:
           if stopping:
             raise self.preempted(state)
     final = late.drain()  # an empty call when the one before was the epoch's last
+    discard(iterator)
     if final:
       self._take(state, final)
     loss_sum, count = total.numpy()
@@ -175,7 +204,9 @@ class Loop:
 
   def validate(self):
     """The mean loss over every validation example; its sums stay in self.val_sums for on_epoch."""
-    self.val_sums = self.steps.validate(iter(self.val_data)).numpy().astype(np.float64)
+    iterator = iter(self.val_data)
+    self.val_sums = self.steps.validate(iterator).numpy().astype(np.float64)
+    discard(iterator)
     return float(self.val_sums[0] / max(self.val_sums[1], 1))
 
   def end_epoch(self, state, loss, val_loss, seconds, epochs, validation_seconds=0.0):

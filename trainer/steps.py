@@ -16,9 +16,9 @@ import tensorflow as tf
 # Validation runs the whole split in one call: nothing is read or decided between its batches.
 _EVERY_BATCH = 2 ** 31 - 1
 
-# What a training call returns besides the running total: its loss sum, example count and stop
-# flag (each summed over its steps and replicas), its number of steps, and the 1-based index
-# within the call of its first step whose loss was not finite (0: none).
+# What a training call returns besides the running total: its loss sum and example count (what
+# it added to the running total, over its steps and replicas), its stop flag (summed over
+# replicas), its number of steps, and the 1-based index within the call of its first step whose loss was not finite (0: none).
 LOSS, COUNT, STOP, STEPS, DIVERGED = range(5)
 
 
@@ -27,11 +27,15 @@ def _summed(losses):
   return tf.stack([tf.reduce_sum(losses), tf.cast(tf.size(losses), tf.float32)])
 
 
-def _if_any(batch, compute, otherwise):
+def _if_any(batch, compute, otherwise, replicas):
   # A replica can get an empty batch: the last, partial global batch of an epoch may not reach
   # every replica (an odd number of per-replica batches over two, or a worker whose shard ran
   # out first). Keras' LSTM cell fails on one, and cuDNN kernels have; such a replica skips the
   # model and adds nothing (zero gradients, no loss, no examples) to the step's all-reduce.
+  # A lone replica never gets one (a batch it is handed has an example), and the check costs it
+  # about a tenth of a small model's step (scripts/benchmark_loop.py at --steps_per_loop=100).
+  if replicas == 1:
+    return compute()
   return tf.cond(tf.shape(batch)[0] > 0, compute, otherwise)
 
 
@@ -104,14 +108,17 @@ class Steps:
     return [g / context.num_replicas_in_sync for g in grads]
 
   def _train_step(self, inputs, targets, stop_flag):
-    grads, sums = _if_any(inputs, lambda: self._gradients(inputs, targets), self._nothing_learnt)
+    grads, sums = _if_any(inputs, lambda: self._gradients(inputs, targets), self._nothing_learnt,
+                          self.strategy.num_replicas_in_sync)
     if self.clip_norm:
       grads = self._clipped(grads)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     return tf.concat([sums, [stop_flag]], 0)
 
   def _train(self, iterator, total, stop_flag):
-    sums, steps, diverged = tf.zeros([3]), tf.constant(0.0), tf.constant(0.0)
+    # Per step only what must be: a small model's step is a few hundred microseconds on the host,
+    # and each op of this bookkeeping costs a few.
+    before, step, steps, finite = total, tf.zeros([3]), tf.constant(0.0), tf.constant(0.0)
     for _ in tf.range(self.steps_per_loop):
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
@@ -119,10 +126,11 @@ class Steps:
       inputs, targets = batch.get_value()
       step = self.strategy.reduce("SUM", self.strategy.run(self._train_step, (inputs, targets, stop_flag)), axis=None)
       total += step[:2]
-      sums += step
       steps += 1
-      diverged = tf.where((diverged == 0) & ~tf.math.is_finite(step[0]), steps, diverged)
-    return total, tf.concat([sums, [steps, diverged]], 0)
+      # A running loss that is NaN or infinite stays so: the steps it was finite after come before the first bad one.
+      finite += tf.cast(tf.math.is_finite(total[0]), tf.float32)
+    # The stop flag is the same in every step of a call (and the last step's is all-reduced).
+    return total, tf.concat([total - before, [step[2], steps, tf.where(finite < steps, finite + 1, 0.0)]], 0)
 
   def _validation_step(self, x, y, units=None):
     def sums():
@@ -133,7 +141,7 @@ class Steps:
         # The error of a regressor in the data's units: both sides scaled alike.
         outputs, targets = tf.cast(outputs, tf.float32) * units[:, None], y * units
       return tf.concat([loss, [tf.reduce_sum(metric(targets, outputs)) for metric in self.metrics]], 0)
-    return _if_any(x, sums, lambda: tf.zeros([2 + len(self.metrics)]))
+    return _if_any(x, sums, lambda: tf.zeros([2 + len(self.metrics)]), self.strategy.num_replicas_in_sync)
 
   def _validate(self, iterator):
     total = tf.zeros([2 + len(self.metrics)])
