@@ -18,7 +18,8 @@ _EVERY_BATCH = 2 ** 31 - 1
 
 # What a training call returns besides the running total: its loss sum and example count (what
 # it added to the running total, over its steps and replicas), its stop flag (summed over
-# replicas), its number of steps, and the 1-based index within the call of its first step whose loss was not finite (0: none).
+# replicas), its number of steps, and the 1-based index within the call of its first step whose
+# loss was not finite (0: none).
 LOSS, COUNT, STOP, STEPS, DIVERGED = range(5)
 
 
