@@ -1,8 +1,10 @@
 import logging
 import os
 import signal
+import sys
 import threading
 
+import forked
 import linear
 import numpy as np
 import pytest
@@ -163,6 +165,24 @@ def test_finished_iterators_are_destroyed_on_a_thread_of_their_own_each_once_the
   discard(Iterator("second"))
   assert gone.wait(timeout=60)
   assert destroyed == [("first", "finished iterators")]
+
+
+def test_at_exit_the_last_iterator_is_destroyed_before_the_interpreter_goes():
+  # A daemon thread still inside TensorFlow's C++ (destroying an iterator) when the interpreter
+  # finalises is killed there: "terminate called ... FATAL: exception not rethrown", an abort a
+  # cluster retries. So exit waits for the thread to destroy what it holds, and it then ends.
+  script = """if True:
+    import threading
+    from trainer import loop
+
+    class Iterator:
+      def __del__(self):
+        print("destroyed on", threading.current_thread().name, flush=True)
+
+    loop.discard(Iterator())
+  """
+  done = forked.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert (done.returncode, done.stdout) == (0, "destroyed on finished iterators\n"), done.stderr
 
 
 def test_an_epoch_hands_its_iterators_over_to_be_destroyed(monkeypatch):

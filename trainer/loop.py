@@ -11,6 +11,7 @@ drives them over the epochs.
 Where training stands is one trainer.state.TrainState, which the checkpoints save.
 """
 
+import atexit
 import dataclasses
 import functools
 import math
@@ -99,22 +100,39 @@ class Discard:
   arrives: by then whoever handed it over holds it no more, so the last reference is surely the
   thread's. Destroying a tf.data iterator waits for its autotuning thread to stop (0 to 0.4 s
   here, about every other epoch, with the GIL released): on the training thread that was a
-  quarter of a small model's epoch at --steps_per_loop=100 (scripts/benchmark_loop.py)."""
+  quarter of a small model's epoch at --steps_per_loop=100 (scripts/benchmark_loop.py).
+
+  At exit (close) the thread destroys what it holds and ends, and the exit waits for it: a thread
+  still inside TensorFlow's C++ when the interpreter finalises is killed there ("terminate
+  called ... FATAL: exception not rethrown"), an abort that a cluster retries."""
+
+  _END = object()
 
   def __init__(self):
     self._queue, self._thread, self._lock = queue.SimpleQueue(), None, threading.Lock()
 
   def __call__(self, iterator):
     with self._lock:
-      if self._thread is None:
+      # Not alive in a forked child: the thread was its parent's.
+      if self._thread is None or not self._thread.is_alive():
         self._thread = threading.Thread(target=self._run, name="finished iterators", daemon=True)
         self._thread.start()
+        atexit.register(self.close)
     self._queue.put(iterator)
 
   def _run(self):
     held = None
-    while True:
-      held = self._queue.get()  # noqa: F841 -- the one held before is destroyed here
+    while held is not self._END:
+      held = self._queue.get()  # the one held before is destroyed here
+
+  def close(self, timeout=60):
+    with self._lock:
+      thread, self._thread = self._thread, None
+    if thread is not None and thread.is_alive():
+      self._queue.put(self._END)
+      thread.join(timeout)
+      if thread.is_alive():
+        logging.warning("a finished dataset iterator was still being destroyed after %d s at exit", timeout)
 
 
 discard = Discard()
