@@ -15,6 +15,7 @@ from processes import run, run_cluster
 from trainer import distribution, loop
 from trainer.checkpoints import Checkpoints
 from trainer.cluster import Cluster
+from trainer.config import Config
 from trainer.models import MODELS, OPTIMIZERS
 
 ALONE = Cluster(spec={}, task_type="worker", task_index=0, source="none")
@@ -56,11 +57,12 @@ def scale_of(optimizer):
   return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
 
 
-def train_one_epoch(strategy, checkpointing=None):
+def train_one_epoch(strategy, checkpoint_dir=None):
   model, optimizer = float16_model_and_optimizer(strategy)
   initial = model.get_weights()
+  checkpoints = Checkpoints(checkpoint_dir, model, optimizer) if checkpoint_dir else None
   loop.fit(model, optimizer, loop.squared_error, overflow_in_second_half, strategy, 64, 1, 1,
-           checkpointing=checkpointing)
+           checkpointing=loop.Checkpointing(checkpoints))
   return model, optimizer, initial
 
 
@@ -77,6 +79,22 @@ def test_an_overflow_on_one_replica_skips_the_step_on_every_replica():
     assert not np.allclose(initial[0], model.get_weights()[0]), name
   for a, b in zip(runs["default"][0].get_weights(), runs["mirrored"][0].get_weights()):
     np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-4)  # float16 gradients, summed in another order
+
+
+
+def test_a_checkpoint_keeps_the_dynamic_scale(tmp_path):
+  """A resumed float16 job goes on with the scale it had reached (halved here), not the initial one, and
+  with the count of good steps towards its next doubling."""
+  strategy = distribution.make_strategy("mirrored", ALONE, 2)
+  model, optimizer, _ = train_one_epoch(strategy, str(tmp_path))
+  resumed_model, resumed = float16_model_and_optimizer(strategy)
+  assert scale_of(resumed) == INITIAL_SCALE
+  assert Checkpoints(str(tmp_path), resumed_model, resumed).restore_latest().step == 2
+  assert scale_of(resumed) == scale_of(optimizer) == INITIAL_SCALE / 2
+  assert [int(keras.ops.convert_to_numpy(o.step_counter)) for o in (resumed, optimizer)] == [1, 1]
+  assert int(keras.ops.convert_to_numpy(resumed.iterations)) == 1
+  for a, b in zip(resumed_model.get_weights(), model.get_weights()):
+    np.testing.assert_array_equal(a, b)
 
 
 # Run as each worker of a cluster: one epoch of the overflow above, worker 1's batch overflowing (rows 32-63 of
@@ -117,3 +135,40 @@ def test_an_overflow_on_one_worker_skips_the_step_on_every_worker(tmp_path):
   answers = [w.stdout.split() for w in workers]
   assert answers[0] == answers[1]
   assert (float(answers[0][0]), int(answers[0][1])) == (INITIAL_SCALE / 2, 1)
+
+
+def test_the_precision_is_compared_where_the_checkpoint_records_it():
+  config = Config(mixed_precision=True)
+  now = config.resume_identity("mixed_float16")
+  assert config.resume_mismatch(config.resume_identity("mixed_float16"), now) is None
+  assert config.resume_mismatch(config.resume_identity(), now) is None  # written before it was recorded
+  assert config.resume_mismatch(config.resume_identity("mixed_bfloat16"), now) == \
+      ("mixed_precision", "mixed_bfloat16", "mixed_float16")
+  assert Config().resume_mismatch(config.resume_identity("mixed_float16"), Config().resume_identity("float32")) == \
+      ("mixed_precision", True, False)  # the flag first, as before
+
+
+# `python -m trainer.task` with --mixed_precision computing in float16 as on a GPU host (with a
+# LossScaleOptimizer), whatever the devices.
+FLOAT16_TASK = """
+import sys
+from trainer import distribution, task
+distribution.precision_policy = lambda mixed_precision: "mixed_float16" if mixed_precision else "float32"
+sys.argv[0] = "trainer"
+task.run()
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_precision_is_refused_in_one_line(tmp_path):
+  """--mixed_precision is bfloat16 on a host without a GPU and float16 (loss-scaled: the optimizer holds
+  other variables) on one with: a job that moves between them must not resume from the other's
+  checkpoints. Trained in float16 on two replicas, resumed on a CPU host."""
+  flags = ["--model=dense", "--epochs=1", "--mixed_precision", f"--job_dir={tmp_path}"]
+  code, job = run([*flags, "--strategy=mirrored", "--cpu_devices=2"], command=(sys.executable, "-c", FLOAT16_TASK))
+  assert code == 0, job.stderr[-3000:]
+  code, resumed = run([*flags, "--epochs=2"])
+  assert code == 2, resumed.stderr[-3000:]
+  assert resumed.last_line() == (f"trainer: error: {tmp_path}/checkpoints holds checkpoints of another job: "
+                                 "--mixed_precision was 'mixed_float16', now 'mixed_bfloat16'; use another "
+                                 "--job_dir, or --restart to discard them")

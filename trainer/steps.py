@@ -61,6 +61,7 @@ class Steps:
   needs no second trace.
   jit_compile: XLA-compile each replica's gradient (the cross-replica part stays outside XLA).
   clip_norm: clip the all-reduced gradient to this global norm (None or 0: no clipping).
+  A LossScaleOptimizer (float16) skips a step on every replica when any replica's gradient overflowed.
   """
 
   def __init__(self, model, optimizer, loss_fn, strategy, steps_per_loop=1, jit_compile=False, clip_norm=None,
