@@ -57,20 +57,23 @@ def scale_of(optimizer):
   return float(keras.ops.convert_to_numpy(optimizer.dynamic_scale))
 
 
-def train_one_epoch(strategy, checkpoint_dir=None):
+def train_one_epoch(strategy, checkpoint_dir=None, clip_norm=None):
   model, optimizer = float16_model_and_optimizer(strategy)
   initial = model.get_weights()
   checkpoints = Checkpoints(checkpoint_dir, model, optimizer) if checkpoint_dir else None
   loop.fit(model, optimizer, loop.squared_error, overflow_in_second_half, strategy, 64, 1, 1,
-           checkpointing=loop.Checkpointing(checkpoints))
+           checkpointing=loop.Checkpointing(checkpoints), clip_norm=clip_norm)
   return model, optimizer, initial
 
 
-def test_an_overflow_on_one_replica_skips_the_step_on_every_replica():
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(clip_norm):
   """Keras' LossScaleOptimizer checks each replica's gradient before the all-reduce and follows replica
   0's answer: replica 1's infinite gradient was summed into the weights. Now the step is skipped on both
-  replicas, as one replica of 64 skips it, and the second step is taken alike."""
-  runs = {name: train_one_epoch(distribution.make_strategy(name, ALONE, 2 if name == "mirrored" else 0))
+  replicas, as one replica of 64 skips it, and the second step is taken alike; with clipping too (the
+  gradient is summed before it is clipped)."""
+  runs = {name: train_one_epoch(distribution.make_strategy(name, ALONE, 2 if name == "mirrored" else 0),
+                                clip_norm=clip_norm)
           for name in ("default", "mirrored")}
   for name, (model, optimizer, initial) in runs.items():
     assert all(np.isfinite(w).all() for w in model.get_weights()), name
