@@ -113,12 +113,13 @@ class Steps:
   def _agreed(self, grads):
     # Keras 3's LossScaleOptimizer decides whether to take a step from each replica's own gradient,
     # before the all-reduce, and follows replica 0's answer (LossScaleOptimizer._tf_apply in
-    # keras/src/optimizers/loss_scale_optimizer.py; TFOptimizer._backend_update_step all-reduces
-    # only inside the step it takes): another replica's overflow was summed into the weights, and
-    # under MultiWorkerMirroredStrategy a worker that skipped left the others in the all-reduce.
-    # So the replicas count their non-finite gradients in one scalar all-reduce (ReduceOp has no
-    # MIN), and every replica hands the optimizer a gradient that is not finite when any is: all
-    # skip together and halve the scale alike. (Summed gradients, _clipped's, agree already.)
+    # github.com/keras-team/keras keras/src/optimizers/loss_scale_optimizer.py, 3.15; the all-reduce,
+    # TFOptimizer._backend_update_step, runs inside the step it takes): another replica's overflow
+    # was summed into the weights, and under MultiWorkerMirroredStrategy a worker that skipped left
+    # the others in the all-reduce. So the replicas count their non-finite gradients in one scalar
+    # all-reduce (ReduceOp has no MIN), and every replica hands the optimizer a gradient that is not
+    # finite when any is: all skip together and halve the scale alike. Summing the gradients first,
+    # as _clipped does (they then agree), would all-reduce them twice a step.
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
     overflows = tf.distribute.get_replica_context().all_reduce("SUM", 1.0 - tf.cast(finite, tf.float32))
     return tf.cond(overflows > 0, lambda: [tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)) for g in grads],
