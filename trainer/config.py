@@ -211,21 +211,25 @@ class Config:
       except ValueError:
         raise UserError(f"--test_start={self.test_start!r} is not a date; write it as YYYY-MM-DD") from None
 
-  def resume_identity(self):
+  def resume_identity(self, precision=None):
     """The flags that make this job this job (the fields marked identity), as JSON saves them: a
-    checkpoint keeps them, and resume_mismatch compares against them."""
-    return {name: list(value) if isinstance(value, tuple) else value
-            for name, value in ((name, getattr(self, name)) for name in IDENTITY)}
+    checkpoint keeps them, and resume_mismatch compares against them. precision: the Keras dtype
+    policy --mixed_precision became on this host (trainer.distribution.precision_policy), kept too:
+    float16 (GPUs) has a LossScaleOptimizer, bfloat16 (CPUs) not, and neither restores the other."""
+    identity = {name: list(value) if isinstance(value, tuple) else value
+                for name, value in ((name, getattr(self, name)) for name in IDENTITY)}
+    return {**identity, "precision": precision} if precision else identity
 
-  def resume_mismatch(self, saved):
+  def resume_mismatch(self, saved, identity=None):
     """The first flag whose value differs from `saved` (a checkpoint's config) in a way that makes
     its checkpoints useless or misleading for this job, as (flag, saved value, value), or None.
     --epochs, --patience and --learning_rate may change: going on for longer, or going on with a
     smaller step after a divergence, is what resuming is for. A flag that `saved` lacks (a
-    checkpoint written before the flag was part of the identity) is not compared."""
-    for name, value in self.resume_identity().items():
+    checkpoint written before the flag was part of the identity) is not compared. identity: this
+    job's, with its precision (default: the flags alone); a precision named by its flag."""
+    for name, value in (identity or self.resume_identity()).items():
       if name in saved and value != saved[name]:
-        return name, saved[name], value
+        return "mixed_precision" if name == "precision" else name, saved[name], value
     return None
 
   @property

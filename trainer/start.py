@@ -89,7 +89,7 @@ def _check_same_job(config, checkpoints, state_json):
   """Refuses a checkpoint (its state.json, read before its variables, which would only fail to
   load as if corrupt) written with other flags or on other data: a file rewritten since (a
   nightly ETL between a preemption and the retry) would resume on other rows and statistics."""
-  mismatch = config.resume_mismatch(state_json.get("config", {}))
+  mismatch = config.resume_mismatch(state_json.get("config", {}), checkpoints.info.get("config"))
   if mismatch:
     name, before, now = mismatch
     raise UserError(f"{checkpoints.directory} holds checkpoints of another job: --{name} was {before!r}, now "

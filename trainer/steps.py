@@ -61,6 +61,7 @@ class Steps:
   needs no second trace.
   jit_compile: XLA-compile each replica's gradient (the cross-replica part stays outside XLA).
   clip_norm: clip the all-reduced gradient to this global norm (None or 0: no clipping).
+  A LossScaleOptimizer (float16) skips a step on every replica when any replica's gradient overflowed.
   """
 
   def __init__(self, model, optimizer, loss_fn, strategy, steps_per_loop=1, jit_compile=False, clip_norm=None,
@@ -68,6 +69,7 @@ class Steps:
     self.model, self.optimizer, self.loss_fn, self.strategy = model, optimizer, loss_fn, strategy
     self.metrics = tuple(metrics)
     self.steps_per_loop, self.clip_norm = steps_per_loop, clip_norm or None
+    self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     self._gradients = tf.function(self._gradients, jit_compile=True) if jit_compile else self._gradients
     self._train_function, self._validate_function = tf.function(self._train), tf.function(self._validate)
     self._traced = {}
@@ -108,11 +110,28 @@ class Steps:
     grads, _ = tf.clip_by_global_norm(grads, self.optimizer.scale_loss(tf.constant(self.clip_norm, tf.float32)))
     return [g / context.num_replicas_in_sync for g in grads]
 
+  def _agreed(self, grads):
+    # Keras 3's LossScaleOptimizer decides whether to take a step from each replica's own gradient,
+    # before the all-reduce, and follows replica 0's answer (LossScaleOptimizer._tf_apply in
+    # github.com/keras-team/keras keras/src/optimizers/loss_scale_optimizer.py, 3.15; the all-reduce,
+    # TFOptimizer._backend_update_step, runs inside the step it takes): another replica's overflow
+    # was summed into the weights, and under MultiWorkerMirroredStrategy a worker that skipped left
+    # the others in the all-reduce. So the replicas count their non-finite gradients in one scalar
+    # all-reduce (ReduceOp has no MIN), and every replica hands the optimizer a gradient that is not
+    # finite when any is: all skip together and halve the scale alike. Summing the gradients first,
+    # as _clipped does (they then agree), would all-reduce them twice a step.
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    overflows = tf.distribute.get_replica_context().all_reduce("SUM", 1.0 - tf.cast(finite, tf.float32))
+    return tf.cond(overflows > 0, lambda: [tf.fill(tf.shape(g), tf.constant(float("nan"), g.dtype)) for g in grads],
+                   lambda: grads)
+
   def _train_step(self, inputs, targets, stop_flag):
     grads, sums = _if_any(inputs, lambda: self._gradients(inputs, targets), self._nothing_learnt,
                           self.strategy.num_replicas_in_sync)
     if self.clip_norm:
       grads = self._clipped(grads)
+    elif self._loss_scaled and self.strategy.num_replicas_in_sync > 1:
+      grads = self._agreed(grads)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     return tf.concat([sums, [stop_flag]], 0)
 

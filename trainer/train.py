@@ -155,7 +155,7 @@ def _build(config, folders, strategy):
   finally:
     keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
-  identity = {"config": config.resume_identity(), "data": with_extent(fingerprint, prepared.summary)}
+  identity = {"config": config.resume_identity(policy), "data": with_extent(fingerprint, prepared.summary)}
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
                             publish=config.cluster.is_chief, info=identity)
   return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints, data_seconds)
