@@ -48,15 +48,11 @@ class Failed(Exception):
 
 
 def devices():
-  """(GPU names, the build's line). Physical devices only: this process must not take GPU memory."""
+  """(GPU names, the build and the GPUs in words). Physical devices only: this process takes no GPU memory."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import tensorflow as tf
-  build = tf.sysconfig.get_build_info()
-  gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-          for gpu in tf.config.list_physical_devices("GPU")]
-  cuda = (f"CUDA {build.get('cuda_version')}, cuDNN {build.get('cudnn_version')}" if build.get("is_cuda_build")
-          else "no CUDA")
-  return gpus, f"TensorFlow {tf.__version__} ({cuda}); {len(gpus)} GPU(s){': ' if gpus else ''}{', '.join(gpus)}"
+  from trainer import devices as trainer_devices
+  gpus, build = trainer_devices.summary()
+  return gpus, f"{build}; {len(gpus)} GPU(s){': ' if gpus else ''}{', '.join(gpus)}"
 
 
 def trainer(folder, name, *flags):

@@ -21,17 +21,24 @@ def describe():
   cuInit" first: abseil writes every message logged before it is initialised, so no
   TF_CPP_MIN_LOG_LEVEL below 3 removes them, and 3 would hide real errors too. One line says
   what they mean instead."""
+  gpus, build = summary()
+  if gpus:
+    logging.info("%s: %d GPU(s): %s", build, len(gpus), ", ".join(gpus))
+  else:
+    logging.info("%s: no GPU found, training on the CPU%s", build,
+                 " (TensorFlow's CUDA lines above say only that)" if "CUDA" in build else "")
+  return gpus
+
+
+def summary():
+  """(the GPUs' names, "TensorFlow <version> (CUDA <version>, cuDNN <version>)"). Physical devices
+  only: no GPU memory is taken, and a multi-worker strategy can still be made."""
   build = tf.sysconfig.get_build_info()
   cuda = (f"CUDA {build.get('cuda_version')}, cuDNN {build.get('cudnn_version')}" if build.get("is_cuda_build")
           else "no CUDA")
   gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
           for gpu in tf.config.list_physical_devices("GPU")]
-  if gpus:
-    logging.info("TensorFlow %s (%s): %d GPU(s): %s", tf.__version__, cuda, len(gpus), ", ".join(gpus))
-  else:
-    logging.info("TensorFlow %s (%s): no GPU found, training on the CPU%s", tf.__version__, cuda,
-                 " (TensorFlow's CUDA lines above say only that)" if build.get("is_cuda_build") else "")
-  return gpus
+  return gpus, f"TensorFlow {tf.__version__} ({cuda})"
 
 
 def make_deterministic(enabled):
