@@ -1,6 +1,7 @@
 """trainer.devices: no XLA for cuDNN's recurrent layers, --deterministic, and what a job says at start
 about TensorFlow's build and its GPUs (here: none)."""
 
+import os
 import subprocess
 import sys
 
@@ -22,9 +23,9 @@ def test_models_with_cudnn_recurrent_layers_are_not_xla_compiled(model, bidirect
   assert devices.jit_compile(MODELS[model](shape, 1, bidirectional), False) is False
 
 
-def trainer(tmp_path, *flags):
+def trainer(tmp_path, *flags, env=None):
   done = forked.run([sys.executable, "-m", "trainer.task", f"--job_dir={tmp_path / 'job'}", "--epochs=1", *flags],
-                    cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                    cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stderr
 
@@ -36,10 +37,13 @@ def trainer(tmp_path, *flags):
 def test_jit_compile_is_dropped_for_an_lstm_in_one_line(tmp_path, prices_csv, model, flags, dropped):
   if model == "lstm":
     flags += [f"--data={prices_csv(rows=120)}", "--target_column=Close", "--date_column=Date"]
-  stderr = trainer(tmp_path, f"--model={model}", "--jit_compile", *flags)
+  # XLA writes each module it compiles there: the gradient's, when the step is compiled.
+  stderr = trainer(tmp_path, f"--model={model}", "--jit_compile", *flags,
+                   env={"XLA_FLAGS": f"--xla_dump_to={tmp_path / 'xla'}"})
   lines = [line for line in stderr.splitlines() if NOT_FOR_THIS_MODEL in line]
   assert len(lines) == (1 if dropped else 0), stderr[-3000:]
   assert not dropped or dropped in lines[0]
+  assert bool(list(tmp_path.glob("xla/*_gradients_*"))) == (not dropped)
 
 
 @pytest.mark.slow
