@@ -120,7 +120,7 @@ def bfloat16_step():
   rng = np.random.default_rng(0)
   batch = 32 * strategy.num_replicas_in_sync
   loss = model.train_on_batch(rng.random((batch, 64, 64, 3), np.float32), rng.integers(0, 6, batch))
-  print(f"loss {float(loss):.4f} on {strategy.num_replicas_in_sync} GPU(s)")
+  print(f"mixed_bfloat16, {strategy.num_replicas_in_sync} replica(s), loss {float(loss):.4f}")
   return 0 if np.isfinite(loss) else 1
 
 

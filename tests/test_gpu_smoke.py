@@ -38,3 +38,10 @@ def test_any_failure_exits_1_after_the_whole_table():
   assert rows == {"devices": "ok", **{name: "FAIL" for name in CPU_CHECKS[1:]}}, done.stdout
   assert "exit 2: trainer: error: TF_CONFIG" in done.stdout
   assert "gpu_smoke: failed: lstm, lstm xla" in done.stderr
+
+
+def test_the_bfloat16_step_of_gpu_hosts_runs():
+  # A GPU host's check of its own; here it runs on the CPU, which is enough to catch a broken step.
+  done = forked.run([sys.executable, SCRIPT, "--bfloat16_step"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert re.fullmatch(r"mixed_bfloat16, 1 replica\(s\), loss [0-9.]+", done.stdout.strip())
