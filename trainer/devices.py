@@ -43,7 +43,8 @@ def summary():
 
 def make_deterministic(enabled):
   """--deterministic: the same results from the same inputs on a GPU too (its reductions otherwise
-  add in any order), at a cost in speed. Before any op runs: ops made earlier keep their kernels."""
+  add in any order), at a cost in speed. Call it before any op runs, as enable_op_determinism's
+  documentation asks; it only sets a flag, so a multi-worker strategy can still be made after it."""
   if enabled:
     tf.config.experimental.enable_op_determinism()
     logging.info("--deterministic: TensorFlow ops run deterministically (slower on GPUs)")

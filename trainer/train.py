@@ -100,7 +100,7 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   whose weights a new job begins from when it is the same network, or a state.WarmStart saying
   why there is none. A divergence is returned (Trained.diverged), not raised."""
   started = time.time()
-  devices.make_deterministic(config.deterministic)  # before any op: ops made earlier keep their kernels
+  devices.make_deterministic(config.deterministic)  # first: TensorFlow's docs ask for it before any op runs
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
   strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
