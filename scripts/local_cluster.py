@@ -11,6 +11,11 @@ give it: `{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}}
 task writes is printed as it comes, prefixed with the task ("[worker 1] ...", "[chief] ..."): its
 stdout to our stdout, its stderr to our stderr.
 
+GPUs: TensorFlow takes all the memory of every GPU it sees, so two tasks that see one GPU run out
+of memory. Each task gets a CUDA_VISIBLE_DEVICES of its own: the host's GPUs (our own
+CUDA_VISIBLE_DEVICES, else those nvidia-smi lists) split evenly, in order; with fewer GPUs than
+tasks, or none, every task sees none and trains on the CPU. One line says which.
+
 Exit code: 0 when every task exits 0. Otherwise the first non-zero code (128+n for a task killed by
 signal n): the other tasks get SIGTERM, SIGKILL after --grace_seconds, and a last line names the
 task that failed. Ctrl-C or SIGTERM stops every task the same way and exits 130 or 143; a second
@@ -90,6 +95,28 @@ def tf_configs(task_list, ports):
     # A chief-only cluster has no "worker" key at all: an empty list is not a valid TF_CONFIG.
     cluster.setdefault(task_type, []).append(f"{HOST}:{port}")
   return [{"cluster": cluster, "task": {"type": task_type, "index": index}} for task_type, index in task_list]
+
+
+def host_gpus(environ):
+  """The GPUs the tasks may use: CUDA_VISIBLE_DEVICES when set (empty: none), else nvidia-smi's list."""
+  if "CUDA_VISIBLE_DEVICES" in environ:
+    return [gpu.strip() for gpu in environ["CUDA_VISIBLE_DEVICES"].split(",") if gpu.strip()]
+  try:
+    listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                            text=True, timeout=60, env=environ)
+  except (OSError, subprocess.TimeoutExpired):
+    return []  # no driver: no GPU
+  return listed.stdout.split() if listed.returncode == 0 else []
+
+
+def split_gpus(gpus, task_list):
+  """(each task's CUDA_VISIBLE_DEVICES, the line that says so): an equal share of `gpus` each, or none."""
+  share = len(gpus) // len(task_list)
+  if not share:
+    why = f"{len(gpus)} GPU(s) for {len(task_list)} tasks, which would share them" if gpus else "no GPU found"
+    return [""] * len(task_list), f"{why}: every task trains on the CPU (CUDA_VISIBLE_DEVICES empty)"
+  visible = [",".join(gpus[i * share:(i + 1) * share]) for i in range(len(task_list))]
+  return visible, "CUDA_VISIBLE_DEVICES " + ", ".join(f"{label(task)} {v}" for task, v in zip(task_list, visible))
 
 
 def label(task):
@@ -200,13 +227,15 @@ def main(argv=None):
 
   task_list = tasks(args.workers, args.chief)
   configs = tf_configs(task_list, free_ports(len(task_list)))
+  visible, says = split_gpus(host_gpus(os.environ), task_list)
+  print(f"local_cluster: {says}", file=sys.stderr, flush=True)
   processes, readers, lock = [], [], threading.Lock()
   preexec = die_with_launcher()
   failed = None
   try:
-    for config in configs:
+    for config, gpus in zip(configs, visible):
       # Unbuffered: a task's lines must reach us as it writes them, not when its buffer fills.
-      env = dict(os.environ, TF_CONFIG=json.dumps(config), PYTHONUNBUFFERED="1")
+      env = dict(os.environ, TF_CONFIG=json.dumps(config), PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=gpus)
       # Its own session: Ctrl-C at a terminal reaches only the launcher, which then stops the tasks
       # in order instead of each one dying at a different point.
       processes.append(subprocess.Popen(

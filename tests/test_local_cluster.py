@@ -21,7 +21,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local_cluster.py"
 
-# Prints one JSON line (pid, argv, TF_CONFIG) on stdout and one line on stderr, then follows its flags:
+# Prints one JSON line (pid, argv, TF_CONFIG, CUDA_VISIBLE_DEVICES) on stdout and one line on stderr, then follows its flags:
 #   --exit_<type>_<index>=CODE  that task exits with CODE (a negative CODE: kills itself with that signal),
 #                               once every task has said it is ready; the other tasks sleep --sleep seconds
 #   --ignore_term=<type>_<index> that task ignores SIGTERM
@@ -36,7 +36,8 @@ if flags.get("ignore_term") == me:
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for i in range(int(flags.get("lines", 0))):
   print(me, i, "x" * 400)
-print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "tf_config": config}))
+print(json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "tf_config": config,
+                  "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}))
 print("stderr of", me, file=sys.stderr)
 ready_dir = os.environ["FAKE_READY_DIR"]
 open(os.path.join(ready_dir, me), "w").close()
@@ -125,6 +126,24 @@ def test_each_task_gets_its_place_and_a_port_of_its_own(cluster_env, workers, ch
     assert report["tf_config"]["task"] == {"type": task_type, "index": int(index or 0)}
     assert report["argv"] == flags  # after --, unchanged
   assert stderr[-1] == f"local_cluster: all {workers} tasks exited 0"
+
+
+@pytest.mark.parametrize("host, workers, expected, says", [
+    ("3,5,6,7", 2, {"chief": "3,5", "worker 0": "6,7"}, "CUDA_VISIBLE_DEVICES chief 3,5, worker 0 6,7"),
+    ("0,1,2", 2, {"chief": "0", "worker 0": "1"}, "CUDA_VISIBLE_DEVICES chief 0, worker 0 1"),
+    ("0,1", 3, {"chief": "", "worker 0": "", "worker 1": ""}, "2 GPU(s) for 3 tasks, which would share them"),
+    ("", 2, {"chief": "", "worker 0": ""}, "no GPU found"),
+    (None, 2, {"chief": "", "worker 0": ""}, "no GPU found"),  # no nvidia-smi on PATH: no driver
+])
+def test_each_task_gets_gpus_of_its_own_or_none(cluster_env, host, workers, expected, says):
+  # Every task would otherwise take every GPU's memory, and the second run out of it.
+  env = {name: value for name, value in cluster_env.items() if name != "CUDA_VISIBLE_DEVICES"}
+  env.update({"CUDA_VISIBLE_DEVICES": host} if host is not None else {"PATH": os.path.dirname(sys.executable)})
+  code, stdout, stderr, _ = run(env, f"--workers={workers}", "--chief")
+  assert code == 0, stderr
+  assert {task: report["cuda_visible_devices"] for task, report in reports(stdout).items()} == expected
+  lines = [line for line in stderr if says in line]
+  assert len(lines) == 1 and lines[0].startswith("local_cluster: "), stderr
 
 
 def test_every_line_is_prefixed_and_whole(cluster_env):

@@ -105,7 +105,12 @@ class Config:
   # Identity: its optimizer (a LossScaleOptimizer on GPUs) holds other variables.
   mixed_precision: bool = option(False, "Mixed precision: float16 with loss scaling on GPUs, bfloat16 on CPUs.",
                                  identity=True)
-  jit_compile: bool = option(False, "XLA-compile each replica's training step.")
+  jit_compile: bool = option(False, "XLA-compile each replica's training step (not for gru and lstm: cuDNN has no "
+                             "XLA kernels; nor with --deterministic).")
+  # Issue 15, devices and determinism (gpu-checks). Not identity: a checkpoint restores the same with or without
+  # it; the README's identical weights after a resume need it on every attempt on GPUs.
+  deterministic: bool = option(False, "Deterministic TensorFlow ops: the same weights from the same inputs on GPUs too "
+                               "(slower; CPUs are deterministic without it).")
   # This process's place in the cluster (trainer.cluster.resolve, from the environment and trainer.cli's
   # --indexed_job_hosts and --num_workers); None: alone.
   cluster: Optional[cluster_lib.Cluster] = option(None, "This process's place in the cluster.", flag=False)

@@ -6,7 +6,8 @@ train.train_and_evaluate; nothing else. Exit codes: trainer.errors.
 
 import os
 
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) hides the job's own output.
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU instruction notes) hides the job's own output. Not
+# all: a host without a GPU still gets abseil's early CUDA lines, which trainer.devices.describe explains.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribution, export, families, hptuning, loop, report, start, steps, storage, summaries, transfer
+from trainer import (devices, distribution, export, families, hptuning, loop, report, start, steps, storage, summaries,
+                     transfer)
 from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
 from trainer.data import Prepared
 from trainer.models import MODELS, OPTIMIZERS
@@ -99,9 +100,11 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   whose weights a new job begins from when it is the same network, or a state.WarmStart saying
   why there is none. A divergence is returned (Trained.diverged), not raised."""
   started = time.time()
+  devices.make_deterministic(config.deterministic)  # first: TensorFlow's docs ask for it before any op runs
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
   strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
+  devices.describe()
   replicas = strategy.num_replicas_in_sync
   placement = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
                "num_replicas": replicas, "global_batch_size": config.batch_size,
@@ -182,10 +185,11 @@ def _fit(config, job, state, stop, timing):
   watch = summaries.Watch(config, job.folders.local_logs, job.optimizer, prepared.kind, prepared.preprocessing,
                           state.global_step,
                           summaries.steps_per_epoch(prepared, config.batch_size, config.cluster.num_workers))
+  jit_compile = devices.jit_compile(job.model, config.jit_compile)
   try:
     history = loop.fit(job.model, job.optimizer, loss, prepared.make_dataset, job.strategy, config.batch_size,
                        config.epochs, config.patience, log_dir=job.folders.local_logs,
-                       jit_compile=config.jit_compile, checkpointing=checkpointing, state=state,
+                       jit_compile=jit_compile, checkpointing=checkpointing, state=state,
                        on_step=watch.on_step, on_epoch=watch.on_epoch, steps_per_loop=config.steps_per_loop,
                        clip_norm=config.clip_norm)
   finally:
