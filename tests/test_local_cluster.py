@@ -21,7 +21,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local_cluster.py"
 
-# Prints one JSON line (pid, argv, TF_CONFIG, CUDA_VISIBLE_DEVICES) on stdout and one line on stderr, then follows its flags:
+# Prints one JSON line (pid, argv, TF_CONFIG, CUDA_VISIBLE_DEVICES) on stdout and one line on stderr,
+# then follows its flags:
 #   --exit_<type>_<index>=CODE  that task exits with CODE (a negative CODE: kills itself with that signal),
 #                               once every task has said it is ready; the other tasks sleep --sleep seconds
 #   --ignore_term=<type>_<index> that task ignores SIGTERM
