@@ -101,7 +101,7 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   started = time.time()
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
-  strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
+  strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices, config.communication)
   replicas = strategy.num_replicas_in_sync
   placement = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,
                "num_replicas": replicas, "global_batch_size": config.batch_size,
