@@ -68,7 +68,8 @@ def test_refusals_are_one_line_and_exit_2(tmp_path):
     done = forked.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1", *flags,
                        f"--job_dir={tmp_path / 'job'}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == errors.USER_ERROR, (flags, done.stderr[-2000:])
-    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("trainer: error: --"), flags
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and last.startswith("trainer: error: --"), flags
 
 
 def test_a_cluster_needs_the_multi_worker_strategy():

@@ -84,7 +84,9 @@ def odd_batches(model_name):
   two replicas the last step hands replica 1 an empty batch."""
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     rng = np.random.default_rng(0 if split == "train" else 1)
-    x = rng.standard_normal((40, *SHAPES[model_name])).astype(np.float32)
+    # Images as the trainer's loop gets them: uint8, turned into floats by the step on each replica (an empty one too).
+    x = (rng.integers(0, 256, (40, *SHAPES[model_name]), dtype=np.uint8) if model_name == "cnn" else
+         rng.standard_normal((40, *SHAPES[model_name])).astype(np.float32))
     y = (rng.integers(0, 3, 40) if model_name == "cnn" else rng.standard_normal(40)).astype(np.float32)
     # A regressor's validation batches carry the data's units, as the forecasts' do (trainer.data.Prepared).
     units = (np.full(40, 2.0, np.float32),) if split == "validation" and model_name != "cnn" else ()
