@@ -1,6 +1,7 @@
 """Strategies on logical CPUs (two, from conftest.py), batch splitting, and who writes where."""
 
 import os
+import sys
 
 import forked
 import pytest
@@ -28,6 +29,47 @@ def test_strategy_by_flag(name, cpu_devices, expected, replicas):
   strategy = distribution.make_strategy(name, ALONE, cpu_devices)
   assert distribution.strategy_name(strategy) == expected
   assert strategy.num_replicas_in_sync == replicas
+
+
+@pytest.mark.parametrize("workers, gpus, cpu_devices, expected", [
+    (1, 0, 0, "default"),
+    (1, 1, 0, "one_device"),  # one GPU: batches prefetched to it, which the default strategy does not do
+    (1, 2, 0, "mirrored"),
+    (1, 0, 2, "mirrored"),
+    (2, 1, 0, "multi_worker_mirrored"),
+])
+def test_auto_picks_one_device_on_one_gpu(workers, gpus, cpu_devices, expected):
+  assert distribution.auto_strategy(workers, gpus, cpu_devices) == expected
+
+
+def test_mirrored_without_a_gpu_or_cpu_devices_is_refused():
+  # The GPU image sometimes registers no GPU: a mirrored job would train on the CPU unnoticed.
+  with pytest.raises(UserError, match="^--strategy=mirrored found no GPU; .* or give --cpu_devices=N"):
+    distribution.make_strategy("mirrored", ALONE, 0)
+
+
+@pytest.mark.parametrize("strategy, communication, message", [
+    ("multi_worker_mirrored", "nccl", "^--communication=nccl needs a GPU on every worker and this one has none"),
+    ("mirrored", "ring", "^--communication=ring is multi_worker_mirrored's"),
+])
+def test_communication_that_cannot_work_here_is_refused(strategy, communication, message):
+  with pytest.raises(UserError, match=message):
+    distribution.make_strategy(strategy, ALONE, 2, communication)
+
+
+@pytest.mark.parametrize("flag, implementation", [("auto", "AUTO"), ("ring", "RING"), ("nccl", "NCCL")])
+def test_communication_options(flag, implementation):
+  options = distribution.communication_options(flag)
+  assert options.implementation == tf.distribute.experimental.CommunicationImplementation[implementation]
+
+
+def test_refusals_are_one_line_and_exit_2(tmp_path):
+  for flags in (["--strategy=mirrored"], ["--communication=nccl"]):
+    done = forked.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1", *flags,
+                       f"--job_dir={tmp_path / 'job'}"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == errors.USER_ERROR, (flags, done.stderr[-2000:])
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and last.startswith("trainer: error: --"), flags
 
 
 def test_a_cluster_needs_the_multi_worker_strategy():
@@ -149,9 +191,12 @@ def test_two_workers_on_localhost_train_as_one_job(tmp_path, model):
     data = [f"--data={tmp_path / 'prices.csv'}", "--target_column=Close", "--date_column=Date", "--window=10"]
   scratch = tmp_path / "scratch"
   scratch.mkdir()
+  communication = {"dense": "auto", "gru": "ring"}[model]
   workers = run_cluster([sys.executable, "-m", "trainer.task", f"--model={model}", *data, "--epochs=2",
-                         "--batch_size=32", f"--job_dir={tmp_path / 'job'}"], 2, env={"TMPDIR": str(scratch)})
+                         "--batch_size=32", f"--communication={communication}", f"--job_dir={tmp_path / 'job'}"], 2,
+                        env={"TMPDIR": str(scratch)})
   assert [w.returncode for w in workers] == [0, 0], workers[0].stderr[-3000:] + workers[1].stderr[-3000:]
+  assert all(f"all-reduce between workers: {communication.upper()}" in w.stderr for w in workers)
   losses = [re.findall(r"epoch \d+/2  loss (\S+)", w.stderr) for w in workers]
   assert len(losses[0]) == 2 and losses[0] == losses[1]
   checksums = [re.findall(r"final weights checksum (\S+)", w.stderr) for w in workers]

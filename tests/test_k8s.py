@@ -267,6 +267,12 @@ def test_strategy_and_batch_fit_the_workload(overlay, tmp_path):
     values, _ = trainer_flags(pod, docs, tmp_path)
     container, = pod.spec["containers"]
     per_task = gpus(container) or values.cpu_devices or 1
+    if gpus(container):
+      # NCCL's warnings (a fallback from NVLink or InfiniBand to TCP) belong in a GPU pod's log.
+      env = {variable["name"]: variable.get("value") for variable in container.get("env", [])}
+      assert env.get("NCCL_DEBUG") == "WARN", f"{overlay}: {pod.where}: no NCCL_DEBUG=WARN"
+      if pod.tasks > 1:  # across workers auto is a ring through the hosts
+        assert values.communication == "nccl", f"{overlay}: {pod.where}: --communication={values.communication}"
     if pod.tasks > 1:
       assert values.strategy in ("auto", "multi_worker_mirrored"), f"{pod.where}: {pod.tasks} workers"
     elif per_task > 1:

@@ -86,9 +86,13 @@ def odd_batches(model_name):
   two replicas the last step hands replica 1 an empty batch."""
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     rng = np.random.default_rng(0 if split == "train" else 1)
-    x = rng.standard_normal((40, *SHAPES[model_name])).astype(np.float32)
+    # Images as the trainer's loop gets them: uint8, turned into floats by the step on each replica (an empty one too).
+    x = (rng.integers(0, 256, (40, *SHAPES[model_name]), dtype=np.uint8) if model_name == "cnn" else
+         rng.standard_normal((40, *SHAPES[model_name])).astype(np.float32))
     y = (rng.integers(0, 3, 40) if model_name == "cnn" else rng.standard_normal(40)).astype(np.float32)
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+    # A regressor's validation batches carry the data's units, as the forecasts' do (trainer.data.Prepared).
+    units = (np.full(40, 2.0, np.float32),) if split == "validation" and model_name != "cnn" else ()
+    return tf.data.Dataset.from_tensor_slices((x, y, *units)).batch(batch_size)
   return make_dataset
 
 
@@ -102,9 +106,16 @@ def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
     optimizer = OPTIMIZERS[model_name](1e-3)
     optimizer.build(model.trainable_variables)  # as the trainer does: no variable is created inside a step
   loss = loop.cross_entropy if model_name == "cnn" else loop.squared_error
-  history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 1, 1)
+  validated = []
+  # Clipping all-reduces the gradient inside the step, a second collective that the empty replica must join;
+  # two steps per call take the epoch's last step inside a call, as the trainer's default of 10 does.
+  history = loop.fit(model, optimizer, loss, odd_batches(model_name), strategy, 32, 1, 1, clip_norm=1.0,
+                     steps_per_loop=2, on_epoch=lambda state, loss, val_sums, *_: validated.append(val_sums))
   assert np.isfinite(history["loss"] + history["val_loss"]).all()
   assert history["global_step"] == 2  # 32 examples, then 8 on replica 0 alone
+  # Validation too: every example counted once (the empty replica adds nothing), and every metric finite.
+  assert validated[0][1] == 40 and np.isfinite(validated[0]).all() and len(validated[0]) == 2 + len(
+      loop.VALIDATION_METRICS[loss])
 
 
 def test_a_worker_that_does_not_publish_never_logs_a_checkpoint_as_saved(tmp_path, caplog):

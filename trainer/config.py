@@ -16,6 +16,7 @@ from trainer import cluster as cluster_lib
 from trainer import families
 from trainer.errors import UserError
 
+COMMUNICATIONS = ("auto", "ring", "nccl")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored")
 # Vertex AI custom training says where a job should write through these variables; a flag given
 # on the command line wins.
@@ -100,8 +101,12 @@ class Config:
   strategy: str = option("auto", "tf.distribute strategy; auto: multi_worker_mirrored when the cluster environment "
                          "names several tasks, mirrored with several GPUs (or --cpu_devices), else default.",
                          choices=STRATEGIES)
-  # Rehearsals and tests of mirrored training.
+  # Devices and communication (issue 15, ENGINEER C). Rehearsals and tests of mirrored training.
   cpu_devices: int = option(0, "Split the CPU into this many logical devices (mirrored without GPUs).")
+  # How gradients are all-reduced; not identity: any value trains the same model.
+  communication: str = option("auto", "All-reduce between replicas: nccl (GPU clusters: every worker needs a GPU), "
+                              "ring (through the hosts), auto (TensorFlow's choice: ring across workers).",
+                              choices=COMMUNICATIONS)
   # Identity: its optimizer (a LossScaleOptimizer on GPUs) holds other variables.
   mixed_precision: bool = option(False, "Mixed precision: float16 with loss scaling on GPUs, bfloat16 on CPUs.",
                                  identity=True)
@@ -152,6 +157,8 @@ class Config:
       self.cluster = cluster_lib.alone()
     if self.strategy not in STRATEGIES:
       raise UserError(f"--strategy={self.strategy!r} is unknown; choose one of: {', '.join(STRATEGIES)}")
+    if self.communication not in COMMUNICATIONS:
+      raise UserError(f"--communication={self.communication!r} is unknown; choose one of: {', '.join(COMMUNICATIONS)}")
     if self.cpu_devices < 0:
       raise UserError(f"--cpu_devices must be 0 (no split) or more (got {self.cpu_devices})")
     if self.model not in families.NAMES:

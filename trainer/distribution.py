@@ -38,36 +38,72 @@ def split_cpu(devices):
                       f"with {len(tf.config.list_logical_devices('CPU'))} CPUs; start a new process") from None
 
 
-def make_strategy(name, cluster, cpu_devices=0):
-  """The tf.distribute strategy for --strategy=name in this cluster (trainer.cluster.Cluster)."""
+def auto_strategy(num_workers, gpus, cpu_devices):
+  """What --strategy=auto picks: several workers -> multi_worker_mirrored; several GPUs (or
+  --cpu_devices) -> mirrored; one GPU -> one_device, whose distributed datasets prefetch each
+  batch to the GPU while the step before it runs (the default strategy's do not); else default."""
+  if num_workers > 1:
+    return "multi_worker_mirrored"
+  if gpus > 1 or cpu_devices > 1:
+    return "mirrored"
+  return "one_device" if gpus == 1 else "default"
+
+
+def make_strategy(name, cluster, cpu_devices=0, communication="auto"):
+  """The tf.distribute strategy for --strategy=name in this cluster (trainer.cluster.Cluster), its
+  replicas exchanging gradients by --communication."""
   if cpu_devices > 1:
     split_cpu(cpu_devices)
   # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after
   # which MultiWorkerMirroredStrategy fails ("Collective ops must be configured at program startup").
   gpus = tf.config.list_physical_devices("GPU")
   if name == "auto":
-    name = ("multi_worker_mirrored" if cluster.num_workers > 1 else
-            "mirrored" if len(gpus) > 1 or cpu_devices > 1 else "default")
+    name = auto_strategy(cluster.num_workers, len(gpus), cpu_devices)
   if cluster.num_workers > 1 and name != "multi_worker_mirrored":
     raise UserError(f"the cluster environment ({cluster.source}) names {cluster.num_workers} tasks, but "
                     f"--strategy={name} runs on one host; use --strategy=multi_worker_mirrored or auto")
+  if name == "mirrored" and not gpus and cpu_devices < 1:
+    # The GPU image sometimes registers no GPU (tensorflow/tensorflow#62412): a job that asked for
+    # GPUs would train on the CPU for hours, unnoticed.
+    raise UserError("--strategy=mirrored found no GPU; check the GPU driver and image (nvidia-smi), or give "
+                    "--cpu_devices=N to mirror over N CPU devices on purpose")
+  if communication == "nccl" and not gpus:
+    raise UserError("--communication=nccl needs a GPU on every worker and this one has none; use "
+                    "--communication=auto or ring")
+  if communication == "ring" and name == "mirrored":
+    raise UserError("--communication=ring is multi_worker_mirrored's; mirrored on one host uses NCCL between "
+                    "GPUs by itself: use --communication=auto or nccl")
   if name == "default":
     return tf.distribute.get_strategy()
   if name not in _made:
-    _made[name] = _new_strategy(name, cluster, gpus)
+    _made[name] = _new_strategy(name, cluster, gpus, communication)
   return _made[name]
 
 
-def _new_strategy(name, cluster, gpus):
+def _new_strategy(name, cluster, gpus, communication):
   if name == "multi_worker_mirrored":
     if cluster.tf_config is not None:
       # TensorFlow reads the cluster from TF_CONFIG only; an Indexed Job's is built by trainer.cluster.
       os.environ["TF_CONFIG"] = json.dumps(cluster.tf_config)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    options = communication_options(communication)
+    logging.info("all-reduce between workers: %s (--communication=%s)", options.implementation.name, communication)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
   if name == "mirrored":
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([d.name for d in devices])
+    # auto: TensorFlow's own choice, NcclAllReduce when every device is a GPU and NCCL is built in,
+    # else through the host (cross_device_ops.select_cross_device_ops in tensorflow/python/distribute);
+    # nccl: NCCL or an error, never the silent fallback.
+    cross_device_ops = tf.distribute.NcclAllReduce() if communication == "nccl" else None
+    return tf.distribute.MirroredStrategy([d.name for d in devices], cross_device_ops=cross_device_ops)
   return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+
+
+def communication_options(communication):
+  """--communication for MultiWorkerMirroredStrategy's all-reduces. AUTO is RING in practice: the
+  runtime picks NCCL only when the hint or the session config asks for it (tensorflow/core/common_runtime/
+  collective_param_resolver_local.cc, AssignCollectiveType), so GPU clusters ask for nccl."""
+  implementation = tf.distribute.experimental.CommunicationImplementation[communication.upper()]
+  return tf.distribute.experimental.CommunicationOptions(implementation=implementation)
 
 
 def precision_policy(mixed_precision):

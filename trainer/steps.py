@@ -40,6 +40,12 @@ def _if_any(batch, compute, otherwise, replicas):
   return tf.cond(tf.shape(batch)[0] > 0, compute, otherwise)
 
 
+def pixels(inputs):
+  """uint8 images (trainer.data.images: the loop's input stays uint8 up to the device) -> float32
+  in [0, 1], the model's input, computed where the replica runs; other inputs as they are."""
+  return tf.image.convert_image_dtype(inputs, tf.float32) if getattr(inputs, "dtype", None) == tf.uint8 else inputs
+
+
 class Steps:
   """The step functions, traced once: `train(iterator, total, stop_flag)` runs up to
   `steps_per_loop` training steps on the distributed iterator and returns (the epoch's running
@@ -144,7 +150,8 @@ class Steps:
       if not batch.has_value():
         break
       inputs, targets = batch.get_value()
-      step = self.strategy.reduce("SUM", self.strategy.run(self._train_step, (inputs, targets, stop_flag)), axis=None)
+      step = self.strategy.reduce("SUM", self.strategy.run(lambda x, y, flag: self._train_step(pixels(x), y, flag),
+                                                           (inputs, targets, stop_flag)), axis=None)
       total += step[:2]
       steps += 1
       # A running loss that is NaN or infinite stays so: the steps it was finite after come before the first bad one.
@@ -169,7 +176,8 @@ class Steps:
       batch = iterator.get_next_as_optional()
       if not batch.has_value():
         break
-      total += self.strategy.reduce("SUM", self.strategy.run(self._validation_step, batch.get_value()), axis=None)
+      total += self.strategy.reduce("SUM", self.strategy.run(lambda x, *rest: self._validation_step(pixels(x), *rest),
+                                                             batch.get_value()), axis=None)
     return total
 
 

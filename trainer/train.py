@@ -103,7 +103,7 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   devices.make_deterministic(config.deterministic)  # first: TensorFlow's docs ask for it before any op runs
   # First: a multi-worker strategy must exist before other TensorFlow work, and a split CPU
   # before TensorFlow sets up its devices.
-  strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices)
+  strategy = distribution.make_strategy(config.strategy, config.cluster, config.cpu_devices, config.communication)
   devices.describe()
   replicas = strategy.num_replicas_in_sync
   placement = {"strategy": distribution.strategy_name(strategy), "num_workers": config.cluster.num_workers,

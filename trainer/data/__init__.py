@@ -13,6 +13,9 @@ class Prepared:
   # pairs; split is "train" (shuffled in an order fixed by the seed and the epoch) or "validation".
   # A regressor's validation batches may carry a third element: per example, the data's units per
   # unit of the target the network sees (trainer.steps: the validation metric in the data's units).
+  # Images, with an input_context (the training loop's distributed input): uint8 pixels, a quarter
+  # of float32's bytes to copy to a GPU, turned into floats on each replica's device by the step
+  # (trainer.steps.pixels); without one, float pixels in [0, 1], what the model and its export take.
   make_dataset: Callable[..., Any]
   input_shape: Tuple[int, ...]
   # Saved beside the model: everything inference needs besides the weights.

@@ -141,17 +141,18 @@ def decoded(examples, size):
           .cache())
 
 
-def training_batches(examples, batch_size, epoch_seed, augmented=True, **augment_options):
-  """One epoch of training batches of float pixels from decoded examples: shuffled, and each
-  batch augmented with one stateless seed per (epoch_seed, batch number), so an epoch is the
-  same whenever it is replayed. augment_options go to augment.random_transforms."""
+def training_batches(examples, batch_size, epoch_seed, augmented=True, floats=True, **augment_options):
+  """One epoch of training batches of float pixels (floats=False: uint8) from decoded examples:
+  shuffled, and each batch augmented with one stateless seed per (epoch_seed, batch number), so an
+  epoch is the same whenever it is replayed. augment_options go to augment.random_transforms."""
   def pixels(index, batch):
     images, labels = batch
     if augmented:
-      # Still uint8: a quarter of the bytes to move as float32.
+      # Still uint8: a quarter of the bytes to move as float32. Augmentation stays here, on the
+      # host's tf.data threads, where it overlaps the step: on a CPU the step would wait for it.
       images = augment.random_transforms(images, tf.stack([tf.constant(epoch_seed, tf.int64), index]),
                                          **augment_options)
-    return to_float(images, labels)
+    return to_float(images, labels) if floats else (images, labels)
 
   options = tf.data.Options()
   # Each batch's transforms run whole on the tf.data thread that maps it instead of being split
@@ -179,10 +180,14 @@ def prepare(config):
     return cached[key]
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
+    # The training loop's input (it gives an input_context) stays uint8 up to the device, where
+    # the step converts it (trainer.steps.pixels): a quarter of the bytes over PCIe.
+    floats = input_context is None
     if split == "train":
-      return training_batches(examples(split, input_context), batch_size, seed * 100_003 + epoch, config.augment)
-    return (examples(split, input_context)
-            .map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+      return training_batches(examples(split, input_context), batch_size, seed * 100_003 + epoch, config.augment,
+                              floats)
+    batches = examples(split, input_context)
+    return ((batches.map(to_float, num_parallel_calls=tf.data.AUTOTUNE) if floats else batches)
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE))
 
