@@ -101,7 +101,7 @@ class Config:
   strategy: str = option("auto", "tf.distribute strategy; auto: multi_worker_mirrored when the cluster environment "
                          "names several tasks, mirrored with several GPUs (or --cpu_devices), else default.",
                          choices=STRATEGIES)
-  # Devices and communication (issue 15, ENGINEER C). Rehearsals and tests of mirrored training.
+  # Rehearsals and tests of mirrored training.
   cpu_devices: int = option(0, "Split the CPU into this many logical devices (mirrored without GPUs).")
   # How gradients are all-reduced; not identity: any value trains the same model.
   communication: str = option("auto", "All-reduce between replicas: nccl (GPU clusters: every worker needs a GPU), "
@@ -112,8 +112,8 @@ class Config:
                                  identity=True)
   jit_compile: bool = option(False, "XLA-compile each replica's training step (not for gru and lstm: cuDNN has no "
                              "XLA kernels; nor with --deterministic).")
-  # Issue 15, devices and determinism (gpu-checks). Not identity: a checkpoint restores the same with or without
-  # it; the README's identical weights after a resume need it on every attempt on GPUs.
+  # Not identity: a checkpoint restores the same with or without it; on GPUs, the identical weights after
+  # a resume that the README promises need it on every attempt.
   deterministic: bool = option(False, "Deterministic TensorFlow ops: the same weights from the same inputs on GPUs too "
                                "(slower; CPUs are deterministic without it).")
   # This process's place in the cluster (trainer.cluster.resolve, from the environment and trainer.cli's
