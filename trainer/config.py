@@ -42,6 +42,7 @@ def output_folders(environ, job_dir, model, **flags):
 # where 100 would not. Most of the host overhead per step is gone at 10 already (BENCHMARKS.md).
 STEPS_PER_LOOP = 10
 LR_SCHEDULES = ("constant", "cosine")
+CACHES = ("auto", "memory", "disk", "none")
 
 # Three 3x3 convolutions, each followed by a 2x2 pooling, need at least this many pixels.
 MIN_IMAGE_SIZE = 22
@@ -150,6 +151,14 @@ class Config:
   # Checkpoints off the critical path: may change on resume.
   async_checkpoints: bool = option(True, "Copy each checkpoint to host memory and write and upload it while training "
                                    "goes on; false: training waits for each save.")
+  # Data beyond memory (trainer/data/budget.py, trainer/data/images.py).
+  cache: str = option("auto", "cnn: where decoded images are kept between epochs: memory, disk (local scratch: TMPDIR, "
+                      "else /tmp), none (decoded every epoch), or auto: the first of these that fits.",
+                      choices=CACHES)
+  memory_budget_mb: int = option(0, "Memory (MiB) the data may take; 0: the container's memory limit, else the "
+                                 "machine's available memory, less what TensorFlow and the model need.")
+  disk_budget_mb: int = option(0, "Local scratch disk (MiB) the data may take (set it to the pod's ephemeral-storage "
+                               "or emptyDir size); 0: the free space of the scratch folder.")
 
   def __post_init__(self):
     self.feature_columns = tuple(self.feature_columns or ())
@@ -175,6 +184,9 @@ class Config:
       raise UserError(f"--steps_per_loop must be at least 1 (got {self.steps_per_loop})")
     if self.lr_schedule not in LR_SCHEDULES:
       raise UserError(f"--lr_schedule={self.lr_schedule!r} is unknown; choose one of: {', '.join(LR_SCHEDULES)}")
+    for name in ("memory_budget_mb", "disk_budget_mb"):
+      if getattr(self, name) < 0:
+        raise UserError(f"--{name} must be 0 (measure it) or more (got {getattr(self, name)})")
     if self.warmup_steps < 0:
       raise UserError(f"--warmup_steps must be 0 (no warmup) or more (got {self.warmup_steps})")
     if not self.clip_norm >= 0:
