@@ -162,3 +162,16 @@ def test_the_profile_covers_the_calls_that_hold_its_steps(monkeypatch, tmp_path,
   for seen[0] in range(step + per_call, 100, per_call):
     profiler(seen[0])
   assert events == expected
+
+
+@pytest.mark.parametrize("schedule", [None, "cosine"])
+def test_the_learning_rate_of_a_mirrored_optimizer_is_read(schedule):
+  """Under MirroredStrategy a constant learning rate is a MirroredVariable, which float() refused: the
+  first progress line (30 s into a mirrored job) stopped it with a TypeError."""
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  rate = tf.keras.optimizers.schedules.CosineDecay(1e-3, 100) if schedule else 1e-3
+  with strategy.scope():
+    model = MODELS["dense"]((5,))
+    optimizer = OPTIMIZERS["dense"](rate)
+    optimizer.build(model.trainable_variables)
+  assert summaries.learning_rate(optimizer) == pytest.approx(1e-3)

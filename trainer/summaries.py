@@ -15,6 +15,7 @@ job's TensorBoard folder (synced to gs:// as the logs are, trainer.train):
 import math
 import os
 
+import keras
 import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hp
@@ -36,8 +37,9 @@ def validation_metrics(kind, preprocessing, val_sums):
 
 
 def learning_rate(optimizer):
-  # Keras evaluates a schedule at the optimizer's step count when asked; a LossScaleOptimizer forwards it.
-  return float(optimizer.learning_rate)
+  # Keras evaluates a schedule at the optimizer's step count when asked; a LossScaleOptimizer forwards it. A
+  # constant rate made under MirroredStrategy is a MirroredVariable, which float() refuses; NumPy reads it.
+  return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 def hparams(config):
