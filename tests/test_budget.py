@@ -1,0 +1,82 @@
+"""Memory and disk budgets (trainer.data.budget): what --cache=auto picks, what an explicit cache
+that cannot fit says, where the numbers come from (flags, cgroup v2 and v1 files, /proc/meminfo,
+the scratch folder's free space), and a table too large for memory refused before training."""
+
+import logging
+import shutil
+import sys
+import tempfile
+
+import forked
+import pytest
+
+from trainer import config as config_module
+from trainer.data import budget
+from trainer.errors import UserError
+
+MIB = budget.MIB
+
+
+def make_config(**flags):
+  return config_module.Config(**{"model": "cnn", **flags})
+
+
+def choose(caplog, config, decoded_bytes):
+  """choose_cache's answer and its one log line."""
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    chosen = budget.choose_cache(config, decoded_bytes, "1,000 images of 64x64 px")
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache:")]
+  assert len(lines) == 1, lines
+  return chosen, lines[0]
+
+
+@pytest.mark.parametrize("decoded_mib, expected, reasons", [
+    (5, "memory", ["5.0 MiB decoded", "within the memory budget of 10 MiB (--memory_budget_mb=10)"]),
+    (50, "disk", ["50 MiB decoded", "over the memory budget of 10 MiB", "within the disk budget of 100 MiB "
+                  "(--disk_budget_mb=100)"]),
+    (500, "none", ["500 MiB decoded", "over the memory budget of 10 MiB (--memory_budget_mb=10) and the disk "
+                   "budget of 100 MiB (--disk_budget_mb=100)", "decoded again every epoch"]),
+])
+def test_auto_picks_the_first_that_fits(caplog, decoded_mib, expected, reasons):
+  chosen, line = choose(caplog, make_config(memory_budget_mb=10, disk_budget_mb=100), decoded_mib * MIB)
+  assert chosen == expected
+  assert line.startswith(f"cache: {expected} (--cache=auto): 1,000 images of 64x64 px take"), line
+  for reason in reasons:
+    assert reason in line, line
+
+
+def test_auto_measures_the_scratch_folders_free_space(caplog, tmp_path, monkeypatch):
+  """Without --disk_budget_mb the disk budget is the free space of the scratch folder (TMPDIR)."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  config = make_config(memory_budget_mb=1)
+  free = shutil.disk_usage(tmp_path).free
+  chosen, line = choose(caplog, config, free // 2)
+  assert chosen == "disk" and f"(free space of {tmp_path})" in line, line
+  # More than the whole folder's file system holds: nothing may be cached.
+  chosen, line = choose(caplog, config, shutil.disk_usage(tmp_path).total + MIB)
+  assert chosen == "none" and f"(free space of {tmp_path})" in line, line
+
+
+def test_explicit_choices_are_kept_when_they_fit(caplog):
+  config = dict(memory_budget_mb=10, disk_budget_mb=100)
+  assert choose(caplog, make_config(cache="memory", **config), 10 * MIB)[0] == "memory"
+  assert choose(caplog, make_config(cache="disk", **config), 1 * MIB)[0] == "disk"  # fits memory: still disk
+  chosen, line = choose(caplog, make_config(cache="none", **config), 1 * MIB)
+  assert chosen == "none" and "(--cache=none)" in line, line
+
+
+@pytest.mark.parametrize("cache, decoded_mib, expected", [
+    ("memory", 11, ["--cache=memory: 1,000 images of 64x64 px take 11 MiB decoded, over the memory budget of "
+                    "10 MiB (--memory_budget_mb=10)", "--cache=disk", "--memory_budget_mb"]),
+    ("disk", 101, ["--cache=disk: 1,000 images of 64x64 px take 101 MiB decoded, over the disk budget of 100 MiB "
+                   "(--disk_budget_mb=100)", "--cache=none", "--disk_budget_mb"]),
+])
+def test_an_explicit_cache_that_cannot_fit_is_refused(cache, decoded_mib, expected):
+  config = make_config(cache=cache, memory_budget_mb=10, disk_budget_mb=100)
+  with pytest.raises(UserError) as refused:
+    budget.choose_cache(config, decoded_mib * MIB, "1,000 images of 64x64 px")
+  message = str(refused.value)
+  assert "\n" not in message
+  for text in expected:
+    assert text in message, message
