@@ -80,3 +80,73 @@ def test_an_explicit_cache_that_cannot_fit_is_refused(cache, decoded_mib, expect
   assert "\n" not in message
   for text in expected:
     assert text in message, message
+
+
+GIB = 1024 * MIB
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+  """A fake /sys/fs/cgroup, /proc/meminfo and /proc/self/status the module reads instead: a machine
+  of 16 GiB with 8 GiB available, this process holding 512 MiB. Returns the cgroup folder."""
+  cgroup = tmp_path / "cgroup"
+  (cgroup / "memory").mkdir(parents=True)
+  (tmp_path / "meminfo").write_text(f"MemTotal:       {16 * GIB // 1024} kB\nMemFree:         1000 kB\n"
+                                    f"MemAvailable:    {8 * GIB // 1024} kB\n")
+  (tmp_path / "status").write_text(f"Name:\tpython\nVmHWM:\t  900000 kB\nVmRSS:\t  {512 * MIB // 1024} kB\n")
+  monkeypatch.setattr(budget, "CGROUP", str(cgroup))
+  monkeypatch.setattr(budget, "MEMINFO", str(tmp_path / "meminfo"))
+  monkeypatch.setattr(budget, "SELF_STATUS", str(tmp_path / "status"))
+  return cgroup
+
+
+def measured():
+  return budget.memory_budget(make_config())
+
+
+def test_the_budget_flag_wins_over_what_is_measured(machine):
+  assert budget.memory_budget(make_config(memory_budget_mb=300)) == (300 * MIB, "--memory_budget_mb=300")
+
+
+def test_without_a_cgroup_limit_the_machines_available_memory_less_the_reserve(machine):
+  still_needed = budget.RESERVE - 512 * MIB  # what this process holds already counts towards the reserve
+  size, how = measured()
+  assert size == 8 * GIB - still_needed
+  assert how == (f"8,192 MiB available on this machine ({budget.MEMINFO} MemAvailable), "
+                 f"less {budget.mib(still_needed)} for TensorFlow and the model")
+
+
+@pytest.mark.parametrize("files, inactive", [
+    ({"memory.max": "2147483648\n", "memory.current": "1073741824\n"}, "inactive_file"),
+    ({"memory/memory.limit_in_bytes": "2147483648\n", "memory/memory.usage_in_bytes": "1073741824\n"},
+     "total_inactive_file"),
+], ids=["v2", "v1"])
+def test_a_cgroup_limit_less_the_working_set(machine, files, inactive):
+  for name, text in files.items():
+    (machine / name).write_text(text)
+  # Reclaimable file cache is not part of what the limit kills for.
+  stat = machine / (name.rpartition("/")[0] or ".") / "memory.stat"
+  stat.write_text(f"anon 100\nactive_file 5\n{inactive} {256 * MIB}\n")
+  size, how = measured()
+  assert size == 2 * GIB - (GIB - 256 * MIB) - (budget.RESERVE - 512 * MIB)
+  limit_file = [n for n in files if "max" in n or "limit" in n][0]
+  assert how.startswith(f"1,280 MiB left under the container's limit of 2,048 MiB ({machine}/{limit_file}), less "), how
+
+
+@pytest.mark.parametrize("files", [
+    {"memory.max": "max\n", "memory.current": "1073741824\n"},
+    {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1073741824\n"},
+    # A limit above what the machine has available: the machine's memory is what runs out first.
+    {"memory.max": f"{12 * GIB}\n", "memory.current": f"{GIB}\n"},
+], ids=["v2-max", "v1-unlimited", "over-available"])
+def test_no_cgroup_limit_or_a_larger_one_leaves_the_machines_memory(machine, files):
+  for name, text in files.items():
+    (machine / name).write_text(text)
+  size, how = measured()
+  assert size == 8 * GIB - (budget.RESERVE - 512 * MIB)
+  assert "MemAvailable" in how, how
+
+
+def test_this_machines_own_files_are_read():
+  size, how = measured()
+  assert size >= 0 and "for TensorFlow and the model" in how, how
