@@ -1,6 +1,7 @@
 """--cache=memory, disk and none: the same training batches, in an order drawn from (seed, epoch),
 and exact resume under each (trainer/data/images.py, trainer/data/decoded.py)."""
 
+import json
 import os
 import re
 import signal
@@ -75,3 +76,112 @@ def _train_files(config):
   rest, _ = image_folder.stratified_split(labels, config.test_split, config.seed)
   train, _ = image_folder.stratified_split(labels[rest], config.validation_split, config.seed + 1)
   return list(np.array(scan.paths)[rest][train]), list(labels[rest][train])
+
+
+# Exact resume under every policy: real trainer processes, SIGTERM'd at a named write ------------------------------
+
+def _write_images(root, per_class=12, size=22):
+  rng = np.random.default_rng(0)
+  for k, name in enumerate(("red", "green", "blue")):
+    os.makedirs(os.path.join(root, name))
+    for i in range(per_class):
+      pixels = rng.integers(0, 60, (size, size, 3))
+      pixels[..., k] += 180
+      with open(os.path.join(root, name, f"{i}.png"), "wb") as f:
+        f.write(tf.io.encode_png(pixels.astype(np.uint8)).numpy())
+  return root
+
+
+@pytest.fixture(scope="session")
+def image_sets(tmp_path_factory):
+  """{"folder": a class folder of 36 tiny images, "shards": the same as two TFRecord shards}."""
+  root = tmp_path_factory.mktemp("cache_data")
+  folder = _write_images(str(root / "folder"))
+  image_tfrecords.write_shards(image_folder.scan(folder), str(root / "shards"), num_shards=2)
+  return {"folder": folder, "shards": str(root / "shards")}
+
+
+def cnn_flags(data, job_dir, *extra):
+  return ["--model=cnn", f"--data={data}", "--image_size=22", "--batch_size=4", f"--job_dir={job_dir}", *extra]
+
+
+def report(job_dir):
+  return json.loads(storage.read_text(storage.join(job_dir, "report.json")))
+
+
+def uninterrupted(data, job_dir, epochs, cache):
+  """(report, steps per epoch) of a job run from start to end."""
+  code, job = run(cnn_flags(data, job_dir, f"--epochs={epochs}", f"--cache={cache}"))
+  assert code == 0, job.stderr[-3000:]
+  steps = sorted(int(n[5:]) for n in os.listdir(os.path.join(job_dir, "checkpoints")) if re.fullmatch(r"ckpt-\d+", n))
+  assert steps[-1] == epochs * steps[0]  # each epoch's end
+  assert steps[0] > 4  # so that a checkpoint half way into an epoch is 2 steps or more before its end
+  return report(job_dir), steps[0]
+
+
+def sigtermed(flags, step):
+  """Runs flags SIGTERM'd while the checkpoint of `step` is published: it stops 2 steps later, exit 143."""
+  job = Job(flags, command=stalled("trainer.task", rename=rf"/ckpt-{step}$", until_signal=True))
+  job.wait_for("^STALLED")
+  job.signal(signal.SIGTERM)
+  assert job.finish() == 143, job.stderr[-3000:]
+  assert re.search(rf"stopped by SIGTERM at step {step + 2}", job.last_line()), job.stderr[-3000:]
+
+
+def resumed(flags, step):
+  """The report of flags run to the end, resumed from `step`."""
+  code, job = run(flags)
+  assert code == 0, job.stderr[-3000:]
+  assert re.search(rf"resuming from \S+ckpt-{step}: ", job.stderr), job.stderr[-3000:]
+  return report(next(f for f in flags if f.startswith("--job_dir="))[len("--job_dir="):])
+
+
+def assert_same_training(result, expected):
+  assert result["history"] == expected["history"]
+  assert result["weights_checksum"] == expected["weights_checksum"]
+
+
+@pytest.mark.slow  # four short trainer processes: a policy's resume is only shown by real signals and checkpoints
+def test_every_policy_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_run(image_sets, tmp_path):
+  """Every policy gives the same batches, so a job may even resume under another one (with
+  --cache=auto the budget may have changed between the runs). Three epochs, checkpoints every
+  half epoch: the job starts under none and is SIGTERM'd in epoch 2, resumes under memory and is
+  SIGTERM'd in epoch 3, resumes under disk and ends with the weights of a run never stopped."""
+  expected, epoch_steps = uninterrupted(image_sets["folder"], str(tmp_path / "reference"), 3, "memory")
+  half = epoch_steps // 2
+  flags = lambda cache: cnn_flags(image_sets["folder"], str(tmp_path / "job"), "--epochs=3", f"--cache={cache}",
+                                  f"--checkpoint_every_steps={half}", "--steps_per_loop=1",
+                                  "--async_checkpoints=false")
+  sigtermed(flags("none"), epoch_steps + half)
+  # The stall is at a checkpoint of a multiple of `half`: 2 steps after the first is not one.
+  second = next(s for s in range(2 * epoch_steps, 3 * epoch_steps) if s % half == 0 and s > 2 * epoch_steps)
+  resumed_flags = flags("memory")
+  job = Job(resumed_flags, command=stalled("trainer.task", rename=rf"/ckpt-{second}$", until_signal=True))
+  job.wait_for("^STALLED")
+  job.signal(signal.SIGTERM)
+  assert job.finish() == 143, job.stderr[-3000:]
+  assert re.search(rf"resuming from \S+ckpt-{epoch_steps + half + 2}: 1 epochs done", job.stderr), job.stderr[-3000:]
+  result = resumed(flags("disk"), second + 2)
+  assert result["data"]["cache"] == "disk"
+  assert result["resumed_from"]["epoch"] == 2 and result["resumed_from"]["step"] > 0  # mid-epoch
+  assert_same_training(result, expected)
+
+
+@pytest.mark.slow  # three short trainer processes and a refused one
+def test_a_stream_under_none_resumes_exactly_and_refuses_a_cached_order(image_sets, tmp_path):
+  """TFRecords under --cache=none come through a shuffle buffer seeded by (seed, epoch): a resume
+  sees the same order. A cached copy would be shuffled by index, another order: refused in one line."""
+  expected, epoch_steps = uninterrupted(image_sets["shards"], str(tmp_path / "reference"), 2, "none")
+  step = epoch_steps + epoch_steps // 2
+  flags = lambda cache: cnn_flags(image_sets["shards"], str(tmp_path / "job"), "--epochs=2", f"--cache={cache}",
+                                  f"--checkpoint_every_steps={step}", "--steps_per_loop=1",
+                                  "--async_checkpoints=false")
+  sigtermed(flags("none"), step)
+  code, refused = run(flags("memory"))
+  assert code == 2, refused.stderr[-3000:]
+  assert re.fullmatch(r"trainer: error: \S+ holds checkpoints of another job: --cache was 'none: streamed, shuffled in a "
+                      r"buffer', now 'memory or disk: by index'; use another --job_dir, or --restart to discard them",
+                      refused.last_line()), refused.stderr[-3000:]
+  result = resumed(flags("none"), step + 2)
+  assert result["resumed_from"]["epoch"] == 1 and result["resumed_from"]["step"] > 0  # mid-epoch
+  assert_same_training(result, expected)

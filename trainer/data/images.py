@@ -308,8 +308,10 @@ def prepare(config):
       # first pass fills the store that the first epoch would have filled.
       splits.counts[split] = np.bincount(labels(split), minlength=n).tolist()
   majority = int(np.argmax(splits.counts["train"]))
-  # How an epoch is ordered: a resume must keep it (trainer.train binds checkpoints to it).
-  order = "by index" if policy != "none" or "train" in splits.indexed else "streamed"
+  # A stream's epochs are ordered by index once cached, by the stream and its buffer under none: a
+  # checkpoint is bound to the one it was written under (trainer.train), which a resume must keep.
+  order = {} if "train" in splits.indexed else {
+      "stream_order": "none: streamed, shuffled in a buffer" if policy == "none" else "memory or disk: by index"}
   logging.info("%s: %d classes (%s); test images: %d", splits.description, len(splits.class_names),
                ", ".join(splits.class_names), len(test_labels))
 
@@ -340,6 +342,6 @@ def prepare(config):
       test_index=list(range(len(test_labels))),
       summary={"path": splits.description, "classes": splits.class_names, "image_size": size,
                "augment": config.augment, "counts": splits.counts, "test_images": int(len(test_labels)),
-               "skipped_files": splits.skipped_files, "cache": policy, "order": order},
+               "skipped_files": splits.skipped_files, "cache": policy, **order},
       kind="images",
       num_outputs=len(splits.class_names))
