@@ -69,6 +69,21 @@ def test_an_epoch_is_a_permutation_of_the_examples_drawn_from_seed_and_epoch(mak
   np.testing.assert_array_equal(y, store.labels[order])
 
 
+@pytest.mark.parametrize("cache", POLICIES)
+def test_each_input_pipeline_gets_its_own_share_of_a_stream(make_image_folder, tmp_path, scratch, cache):
+  """Two workers: each trains on its own share, even where prepare() read the whole stream first
+  to count its classes (that count's store is not the first worker's share)."""
+  scan = image_folder.scan(make_image_folder({"a": 10, "b": 10}))
+  image_tfrecords.write_shards(scan, str(tmp_path / "shards"), num_shards=2)
+  prepared = images.prepare(Config(model="cnn", data=str(tmp_path / "shards"), image_size=24, cache=cache))
+  shares = []
+  for worker in (0, 1):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker)
+    shares.append(np.concatenate([x.numpy() for x, _ in prepared.make_dataset("validation", 4, context)]))
+  assert len(shares[0]) + len(shares[1]) == sum(prepared.summary["counts"]["validation"])
+  assert not {bytes(x) for x in shares[0]} & {bytes(x) for x in shares[1]}
+
+
 def _train_files(config):
   """The training split's (paths, labels) as images.prepare splits a folder."""
   scan = image_folder.scan(config.data)
