@@ -84,6 +84,22 @@ def test_each_input_pipeline_gets_its_own_share_of_a_stream(make_image_folder, t
   assert not {bytes(x) for x in shares[0]} & {bytes(x) for x in shares[1]}
 
 
+@pytest.mark.parametrize("budgets, chosen", [((100, 100), "memory"), ((1, 100), "disk"), ((1, 1), "none")])
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_auto_counts_the_images_before_decoding_and_takes_the_first_policy_that_fits(
+    make_image_folder, tmp_path, scratch, kind, budgets, chosen):
+  """36 images at 150 px: 2.4 MiB decoded, over budgets of 1 MiB (folders: counted by the scan;
+  shards: from metadata.json, before any is read)."""
+  data = make_image_folder({"a": 12, "b": 12, "c": 12})
+  if kind == "shards":
+    image_tfrecords.write_shards(image_folder.scan(data), str(tmp_path / "shards"), num_shards=2)
+    data = str(tmp_path / "shards")
+  memory, disk = budgets
+  prepared = images.prepare(Config(model="cnn", data=data, cache="auto", memory_budget_mb=memory,
+                                   disk_budget_mb=disk))
+  assert prepared.summary["cache"] == chosen
+
+
 def _train_files(config):
   """The training split's (paths, labels) as images.prepare splits a folder."""
   scan = image_folder.scan(config.data)
