@@ -100,6 +100,13 @@ def machine(tmp_path, monkeypatch):
   return cgroup
 
 
+def test_the_reserve_grows_with_the_cnns_batches():
+  """What TensorFlow and the model need: the same for tables and series, more for larger CNN batches."""
+  assert budget.reserve(make_config(model="dense")) == budget.reserve(make_config(model="lstm")) == budget.RESERVE
+  small, large = budget.reserve(make_config(image_size=150)), budget.reserve(make_config(image_size=224))
+  assert budget.RESERVE < small < large < budget.reserve(make_config(image_size=224, batch_size=64))
+
+
 def measured():
   return budget.memory_budget(make_config())
 
@@ -109,7 +116,7 @@ def test_the_budget_flag_wins_over_what_is_measured(machine):
 
 
 def test_without_a_cgroup_limit_the_machines_available_memory_less_the_reserve(machine):
-  still_needed = budget.RESERVE - 512 * MIB  # what this process holds already counts towards the reserve
+  still_needed = budget.reserve(make_config()) - 512 * MIB  # what this process holds already counts towards the reserve
   size, how = measured()
   assert size == 8 * GIB - still_needed
   assert how == (f"8,192 MiB available on this machine ({budget.MEMINFO} MemAvailable), "
@@ -128,7 +135,7 @@ def test_a_cgroup_limit_less_the_working_set(machine, files, inactive):
   stat = machine / (name.rpartition("/")[0] or ".") / "memory.stat"
   stat.write_text(f"anon 100\nactive_file 5\n{inactive} {256 * MIB}\n")
   size, how = measured()
-  assert size == 2 * GIB - (GIB - 256 * MIB) - (budget.RESERVE - 512 * MIB)
+  assert size == 2 * GIB - (GIB - 256 * MIB) - (budget.reserve(make_config()) - 512 * MIB)
   limit_file = [n for n in files if "max" in n or "limit" in n][0]
   assert how.startswith(f"1,280 MiB left under the container's limit of 2,048 MiB ({machine}/{limit_file}), less "), how
 
@@ -143,10 +150,45 @@ def test_no_cgroup_limit_or_a_larger_one_leaves_the_machines_memory(machine, fil
   for name, text in files.items():
     (machine / name).write_text(text)
   size, how = measured()
-  assert size == 8 * GIB - (budget.RESERVE - 512 * MIB)
+  assert size == 8 * GIB - (budget.reserve(make_config()) - 512 * MIB)
   assert "MemAvailable" in how, how
 
 
 def test_this_machines_own_files_are_read():
   size, how = measured()
   assert size >= 0 and "for TensorFlow and the model" in how, how
+
+
+def test_a_table_within_the_budget_passes(table_csv):
+  budget.check_table(make_config(model="dense", memory_budget_mb=1), [("--data", table_csv(rows=100)),
+                                                                      ("--test_data", None)])
+
+
+def test_a_table_on_cloud_storage_is_sized_from_its_metadata(gcs_bucket, table_csv):
+  from trainer import storage
+  path = f"{gcs_bucket}/table.csv"
+  with open(table_csv(rows=10_000), "rb") as f:
+    storage.write_bytes(path, f.read())
+  expected = r"^--data=gs://.*/table.csv \(0\.\d MiB\): about \d+ MiB in memory \(11x on disk\), over the memory budget"
+  with pytest.raises(UserError, match=expected):
+    budget.check_table(make_config(model="dense", memory_budget_mb=1), [("--data", path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, flags", [
+    ("dense", ["--target_column=y"]),
+    ("lstm", ["--target_column=Close", "--date_column=Date"]),
+])
+def test_a_table_too_large_for_memory_is_refused_before_training(tmp_path, table_csv, prices_csv, model, flags):
+  data = table_csv(rows=10_000) if model == "dense" else prices_csv(rows=6_000)
+  job_dir = tmp_path / "job"
+  done = forked.run([sys.executable, "-m", "trainer.task", f"--model={model}", f"--data={data}", *flags,
+                     "--memory_budget_mb=1", "--epochs=1", f"--job_dir={job_dir}"],
+                    capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr
+  lines = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]
+  assert len(lines) == 1, done.stderr
+  assert f"--data={data} (" in lines[0] and "over the memory budget of 1.0 MiB (--memory_budget_mb=1)" in lines[0]
+  assert "--memory_budget_mb" in lines[0].rpartition(";")[2], lines[0]
+  assert not job_dir.exists() or not any(job_dir.rglob("checkpoint*")), list(job_dir.rglob("*"))

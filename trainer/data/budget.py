@@ -24,15 +24,19 @@ MIB = 1 << 20
 CGROUP = "/sys/fs/cgroup"
 MEMINFO = "/proc/meminfo"
 SELF_STATUS = "/proc/self/status"
-# What TensorFlow and the model take besides the data: the peak resident memory of a trainer
-# process on a tiny data set (the CNN at --image_size=150, its largest default model, peaked at
-# ... MiB; the LSTM at ... MiB, the dense regressor at ... MiB), rounded up. What this process
-# already holds counts towards it, so the budget is the same whenever it is measured.
-RESERVE = 1536 * MIB
-# A CSV read whole takes this many times its size on disk at its peak: the bytes read, pandas'
-# parse, the numeric columns and their standardised float32 copies in TensorFlow (measured on a
-# numeric table and a dated price series: ...; the larger, rounded up).
-CSV_EXPANSION = 6
+# What TensorFlow and the model take besides the data, from the peak resident memory of trainer
+# processes on tiny data sets (2 epochs on CPU): the dense regressor 752 MiB, the LSTM 827 MiB; the
+# CNN 1,242 MiB at --image_size=150 and --batch_size=32, 1,547 MiB at batch 64, 1,866 MiB at 224 px,
+# so its activations and their gradients add about 740 bytes a pixel of a batch. Rounded up. What
+# this process already holds counts towards it, so the budget is the same whenever it is measured.
+RESERVE = 900 * MIB
+CNN_BYTES_PER_BATCH_PIXEL = 750
+# A CSV read whole takes up to this many times its size on disk at its peak: the bytes read, pandas'
+# parse, the numeric columns and their float32 copies in TensorFlow. Measured (trainer.data's
+# prepare and a first batch of each split, peak resident memory over that before): a numeric
+# table 3.8x, a dated price series with a text column 4.8x, a table with two short text columns
+# 10.4x (pandas holds each text value as a Python string); the largest, rounded up.
+CSV_EXPANSION = 11
 
 
 def mib(size):
@@ -46,9 +50,16 @@ def memory_budget(config):
   if config.memory_budget_mb:
     return config.memory_budget_mb * MIB, f"--memory_budget_mb={config.memory_budget_mb}"
   free, how = _free_memory()
-  # What TensorFlow and the model will still take: the reserve less what this process holds already.
-  still_needed = max(0, RESERVE - _own_resident())
+  # What TensorFlow and the model will still take: their reserve less what this process holds already.
+  still_needed = max(0, reserve(config) - _own_resident())
   return max(0, free - still_needed), f"{how}, less {mib(still_needed)} for TensorFlow and the model"
+
+
+def reserve(config):
+  """Bytes TensorFlow and config's model take at their peak, besides the data (measured: RESERVE)."""
+  if config.kind != "images":
+    return RESERVE
+  return RESERVE + config.batch_size * config.image_size ** 2 * CNN_BYTES_PER_BATCH_PIXEL
 
 
 def disk_budget(config, folder):
