@@ -1,6 +1,7 @@
 """--cache=memory, disk and none: the same training batches, in an order drawn from (seed, epoch),
 and exact resume under each (trainer/data/images.py, trainer/data/decoded.py)."""
 
+import errno
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 from processes import Job, run, stalled
 
-from trainer import storage
+from trainer import errors, storage
 from trainer.config import Config
 from trainer.data import decoded, image_folder, image_tfrecords, images
 
@@ -98,6 +99,21 @@ def test_auto_counts_the_images_before_decoding_and_takes_the_first_policy_that_
   prepared = images.prepare(Config(model="cnn", data=data, cache="auto", memory_budget_mb=memory,
                                    disk_budget_mb=disk))
   assert prepared.summary["cache"] == chosen
+
+
+def test_a_full_scratch_disk_is_one_line_and_a_storage_error(make_image_folder, scratch, monkeypatch):
+  """The disk fills up while the cache is written (the budget flag was above the real space, or
+  another process wrote there): one line naming the file and what to change, exit 170, file removed."""
+  def full(store, images):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(decoded.OnDisk, "append", full)
+  with pytest.raises(errors.StorageError) as raised:
+    images.prepare(Config(model="cnn", data=make_image_folder(), image_size=24, cache="disk"))
+  assert re.fullmatch(r"cannot write the disk cache of decoded images \(\S+\.uint8\): No space left on device; give "
+                      r"the scratch folder \(TMPDIR\) more space, lower --disk_budget_mb, or use --cache=none",
+                      str(raised.value))
+  assert not [f for folder in scratch.glob("trainer-cache-*") for f in os.listdir(folder)]
 
 
 def _train_files(config):

@@ -20,6 +20,9 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
+
+from trainer.errors import StorageError
 
 # Images handed from tf.data to Python per call of the filling pass, and per chunk in memory:
 # large enough that Python's per-batch cost is small, small enough to waste little at the end.
@@ -118,10 +121,17 @@ def fill(examples, size, policy):
   """A Store ("memory" or "disk") of (uint8 [size, size, 3], int32 label) examples, in their order."""
   store = InMemory(size) if policy == "memory" else OnDisk(size, scratch_folder())
   labels = []
-  for images, batch_labels in examples.batch(CHUNK).as_numpy_iterator():
-    store.append(images)
-    labels.append(batch_labels)
-  if isinstance(store, OnDisk):
-    store.file.flush()
+  try:
+    for images, batch_labels in examples.batch(CHUNK).as_numpy_iterator():
+      store.append(images)
+      labels.append(batch_labels)
+    if isinstance(store, OnDisk):
+      store.file.flush()
+  except OSError as e:  # the scratch disk is full (another writer, a budget flag above the real space)
+    store.close()
+    raise StorageError(f"cannot write the disk cache of decoded images ({store.path}): {e.strerror or e}; give "
+                       "the scratch folder (TMPDIR) more space, lower --disk_budget_mb, or use --cache=none") from None
   store.labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+  if isinstance(store, OnDisk):
+    logging.info("disk cache: %d decoded images in %s", len(store), store.path)
   return store
