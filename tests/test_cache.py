@@ -175,12 +175,12 @@ def sigtermed(flags, step):
   assert re.search(rf"stopped by SIGTERM at step {step + 2}", job.last_line()), job.stderr[-3000:]
 
 
-def resumed(flags, step):
-  """The report of flags run to the end, resumed from `step`."""
-  code, job = run(flags)
+def resumed(flags, step, env=None):
+  """The report of flags run to the end, resumed from `step`, with the job's log under "log"."""
+  code, job = run(flags, env=env)
   assert code == 0, job.stderr[-3000:]
   assert re.search(rf"resuming from \S+ckpt-{step}: ", job.stderr), job.stderr[-3000:]
-  return report(next(f for f in flags if f.startswith("--job_dir="))[len("--job_dir="):])
+  return {**report(next(f for f in flags if f.startswith("--job_dir="))[len("--job_dir="):]), "log": job.stderr}
 
 
 def assert_same_training(result, expected):
@@ -208,8 +208,13 @@ def test_every_policy_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_run(i
   job.signal(signal.SIGTERM)
   assert job.finish() == 143, job.stderr[-3000:]
   assert re.search(rf"resuming from \S+ckpt-{epoch_steps + half + 2}: 1 epochs done", job.stderr), job.stderr[-3000:]
-  result = resumed(flags("disk"), second + 2)
+  # The disk cache goes to TMPDIR, in a folder of its own that is removed when the job ends.
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  result = resumed(flags("disk"), second + 2, env={"TMPDIR": str(scratch)})
   assert result["data"]["cache"] == "disk"
+  assert re.search(rf"disk cache: \d+ decoded images in {re.escape(str(scratch))}/trainer-cache-", result["log"])
+  assert not os.listdir(scratch)
   assert result["resumed_from"]["epoch"] == 2 and result["resumed_from"]["step"] > 0  # mid-epoch
   assert_same_training(result, expected)
 
