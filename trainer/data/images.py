@@ -242,8 +242,13 @@ def augmented_batches(batches, epoch_seed, augmented=True, floats=True, **augmen
 def training_batches(examples, batch_size, epoch_seed, augmented=True, floats=True, **augment_options):
   """One epoch of training batches from a stream of decoded examples (streams under --cache=none):
   shuffled through a buffer of STREAM_BUFFER examples seeded by epoch_seed, then augmented_batches."""
-  return augmented_batches(examples.shuffle(STREAM_BUFFER, seed=epoch_seed).batch(batch_size), epoch_seed,
-                           augmented, floats, **augment_options)
+  return augmented_batches(streamed_batches(examples, batch_size, epoch_seed), epoch_seed, augmented, floats,
+                           **augment_options)
+
+
+def streamed_batches(examples, batch_size, epoch_seed):
+  """A stream's examples in batches, shuffled through a buffer of STREAM_BUFFER seeded by epoch_seed."""
+  return examples.shuffle(STREAM_BUFFER, seed=epoch_seed).batch(batch_size)
 
 
 def prepare(config):
@@ -257,8 +262,9 @@ def prepare(config):
     key = (split, _pipeline(input_context))
     if key not in stores:
       for other in [k for k in stores if k[0] == split]:
-        # Only the share this pipeline trains on is kept (streams count the whole split first).
-        stores.pop(other).close()
+        # Only the share this pipeline trains on is kept (streams count the whole split first); a
+        # dataset still reading another keeps it until it is gone (a disk store's file with it).
+        del stores[other]
       stores[key] = store_lib.fill(resized(splits.sources[split](input_context), size), size, policy)
     return stores[key]
 
@@ -269,8 +275,7 @@ def prepare(config):
     if "train" in splits.indexed:
       labels, read = splits.indexed["train"](input_context)
       return resized(read(permutation(len(labels), epoch_seed)), size).batch(batch_size)
-    return resized(splits.sources["train"](input_context), size).shuffle(STREAM_BUFFER, seed=epoch_seed).batch(
-        batch_size)
+    return streamed_batches(resized(splits.sources["train"](input_context), size), batch_size, epoch_seed)
 
   def make_dataset(split, batch_size, input_context=None, epoch=0):
     # The training loop's input (it gives an input_context) stays uint8 up to the device, where
