@@ -70,6 +70,19 @@ def test_an_epoch_is_a_permutation_of_the_examples_drawn_from_seed_and_epoch(mak
   np.testing.assert_array_equal(y, store.labels[order])
 
 
+def test_a_stream_under_none_is_the_same_for_the_same_seed_and_epoch(make_image_folder, tmp_path, scratch):
+  scan = image_folder.scan(make_image_folder({"a": 10, "b": 10}))
+  image_tfrecords.write_shards(scan, str(tmp_path / "shards"), num_shards=2)
+  config = Config(model="cnn", data=str(tmp_path / "shards"), image_size=24, cache="none", augment=False)
+  prepared = images.prepare(config)
+  (first, labels), (second, _) = epochs(prepared, 0, 1)
+  (again, _), = epochs(images.prepare(config), 0)
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, second)  # another epoch, another order
+  assert sorted(map(bytes, first)) == sorted(map(bytes, second))
+  assert len(labels) == sum(prepared.summary["counts"]["train"])
+
+
 @pytest.mark.parametrize("cache", POLICIES)
 def test_each_input_pipeline_gets_its_own_share_of_a_stream(make_image_folder, tmp_path, scratch, cache):
   """Two workers: each trains on its own share, even where prepare() read the whole stream first
