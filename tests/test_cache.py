@@ -244,8 +244,9 @@ def test_a_stream_under_none_resumes_exactly_and_refuses_a_cached_order(image_se
   sigtermed(flags("none"), step)
   code, refused = run(flags("memory"))
   assert code == 2, refused.stderr[-3000:]
-  assert re.fullmatch(r"trainer: error: \S+ holds checkpoints of another job: --cache was 'none: streamed, shuffled in a "
-                      r"buffer', now 'memory or disk: by index'; use another --job_dir, or --restart to discard them",
+  assert re.fullmatch(r"trainer: error: \S+ holds checkpoints of another job: --cache was 'none: streamed, shuffled "
+                      r"in a buffer', now 'memory or disk: by index'; use another --job_dir, or --restart to discard "
+                      r"them",
                       refused.last_line()), refused.stderr[-3000:]
   result = resumed(flags("none"), step + 2)
   assert result["resumed_from"]["epoch"] == 1 and result["resumed_from"]["step"] > 0  # mid-epoch
