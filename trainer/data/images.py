@@ -17,8 +17,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.data import Prepared, augment, budget, builtin, decoded as store_lib, image_folder, image_tfds
-from trainer.data import image_tfrecords
+from trainer.data import Prepared, augment, budget, builtin, image_folder, image_tfds, image_tfrecords
+from trainer.data import decoded as store_lib
 from trainer.errors import UserError
 
 # Streams under --cache=none only (every other source is shuffled by index): mixes neighbouring
