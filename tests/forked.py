@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -120,6 +121,8 @@ def run_child(request, fds):
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
+  # tempfile found the server's TMPDIR once (importing TensorFlow asked): find the child's instead.
+  tempfile.tempdir = None
   # PYTHONPATH is read when an interpreter starts: add what the child's adds to the server's.
   sys.path[1:1] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
   kind, what, args = request["kind"], request["what"], request["args"]

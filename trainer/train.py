@@ -158,7 +158,10 @@ def _build(config, folders, strategy):
   finally:
     keras.mixed_precision.set_global_policy("float32")  # the layers keep theirs; nothing else inherits it
   logging.info("model %s: %d parameters; job folder %s", config.model, model.count_params(), folders.job)
-  identity = {"config": config.resume_identity(policy), "data": with_extent(fingerprint, prepared.summary)}
+  # Images streamed under --cache=none come in another order than cached ones (trainer.data.images).
+  order = {"cache": prepared.summary["stream_order"]} if "stream_order" in prepared.summary else {}
+  identity = {"config": {**config.resume_identity(policy), **order},
+              "data": with_extent(fingerprint, prepared.summary)}
   checkpoints = Checkpoints(folders.checkpoints, model, optimizer, config.keep_checkpoints,
                             publish=config.cluster.is_chief, info=identity)
   return Job(folders, strategy, prepared, model, optimizer, policy, checkpoints, data_seconds)
