@@ -4,8 +4,8 @@ Why: thousands of small image files are slow to list and open, above all on Clou
 few large files read in parallel are fast, and give each worker whole files of its own. A shard
 holds tf.train.Examples with the original encoded bytes (`image`, so nothing is re-encoded or
 lost) and the class index (`label`); `metadata.json` beside the shards holds the class names
-and counts. Write them with scripts/make_tfrecords.py. Shards on gs:// are read from a local
-copy: a worker downloads the files it reads once (trainer/storage.py).
+and counts. Write them with scripts/make_tfrecords.py. Shards on gs:// are streamed: a worker
+downloads the files it reads a few at a time while it reads them (trainer.transfer.streamed).
 """
 
 import json
@@ -73,7 +73,7 @@ def write_shards(scan, out_dir, num_shards=None):
   return metadata
 
 
-def read(location, input_context=None, flag="--data"):
+def read(location, input_context=None, flag="--data", order_seed=None, indexed=False):
   """(dataset of (uint8 image [H, W, 3], int32 label), metadata) from a shard folder or a glob.
 
   location: a folder written by write_shards, or a glob such as DIR/images-*.tfrecord (a subset
@@ -81,6 +81,14 @@ def read(location, input_context=None, flag="--data"):
   With an input_context each input pipeline reads whole files of its own when there are at
   least as many files as pipelines, and every n-th record otherwise. Sharding is done here
   because tf.distribute's automatic sharding of a single file across workers hangs.
+
+  Shards are read one after another, each from its first record to its last, in the order of
+  their names or, with order_seed, in an order drawn from it (every worker must give the same
+  seed). So the examples come in the same order wherever the shards are, however many cores
+  there are. Shards on gs:// are streamed: downloaded a few ahead into scratch and each removed
+  once read (trainer.transfer.streamed). indexed: elements are (index, image, label), index
+  the example's place in the whole folder (the shards before its own, by name, then its place
+  in its shard), the same in any order.
   """
   if storage.is_dir(location):
     folder, pattern = location, storage.join(location, SHARD_PATTERN)
@@ -95,22 +103,36 @@ def read(location, input_context=None, flag="--data"):
   if unknown:
     raise UserError(f"{flag}={location}: {unknown[0]} is not one of the shards listed in "
                     f"{storage.join(folder, METADATA)}; write all shards of a folder in one go")
-  mine, by_data = files, False
+  starts = dict(zip(metadata["shards"], np.cumsum([0] + metadata["shard_sizes"][:-1]).tolist()))
+  order = np.arange(len(files))
+  if order_seed is not None:
+    order = np.random.default_rng(order_seed).permutation(len(files))
+  mine, by_data = [files[i] for i in order], False
   if input_context is not None and input_context.num_input_pipelines > 1:
     if len(files) >= input_context.num_input_pipelines:
       # Dataset.shard's rule, applied to the list so that a worker downloads only its own files.
-      mine = files[input_context.input_pipeline_id::input_context.num_input_pipelines]
+      mine = mine[input_context.input_pipeline_id::input_context.num_input_pipelines]
     else:
       by_data = True
-  records = tf.data.Dataset.from_tensor_slices([transfer.local_path(f) for f in mine])
-  # Sharding by data needs every worker to see the records in the same order, whatever
-  # options.deterministic says; otherwise the order is left to the dataset's options.
-  records = records.interleave(tf.data.TFRecordDataset, num_parallel_calls=tf.data.AUTOTUNE,
-                               deterministic=True if by_data else None)
+  records = _records(mine, [starts[os.path.basename(f)] for f in mine])
   if by_data:
     # Too few files to give each worker its own: every worker reads them all and keeps its share.
     records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return records.map(_parse, num_parallel_calls=tf.data.AUTOTUNE), dict(metadata, files=files)
+  parse = (lambda index, record: (index, *_parse(record))) if indexed else (lambda index, record: _parse(record))
+  return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE), dict(metadata, files=files)
+
+
+def _records(files, starts):
+  """(index, serialized example) of the files, one file after another (flat_map: the next file is
+  asked for when the last is done, which is when a streamed copy is removed)."""
+  shards = tf.data.Dataset.from_tensor_slices(tf.constant(starts, tf.int64))
+  if any(storage.is_remote(f) for f in files):
+    paths = tf.data.Dataset.from_generator(lambda: transfer.streamed(files),
+                                           output_signature=tf.TensorSpec([], tf.string))
+  else:
+    paths = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))
+  return tf.data.Dataset.zip(shards, paths).flat_map(
+      lambda start, path: tf.data.TFRecordDataset(path).enumerate(start))
 
 
 def _example(path, label):

@@ -1,0 +1,121 @@
+"""Data streamed from gs:// (the emulator) with bounded local disk: TFRecord shards give the examples
+local shards give, in the same order, with at most a few shards on disk at once; a shard that cannot
+be downloaded stops the job in one line with exit 170."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import forked
+from image_files import rgb, write_image
+from trainer import storage, transfer
+from trainer.data import image_folder, image_tfrecords
+from trainer.errors import StorageError
+
+
+def in_order(dataset):
+  """[(shape, pixel bytes, label...)] as the dataset yields them: order matters here."""
+  return [tuple(x.tobytes() if isinstance(x, np.ndarray) else int(x) for x in element)
+          for element in dataset.as_numpy_iterator()]
+
+
+def shards(tmp_path, gcs_bucket, num_shards=4, per_class=(7, 6, 5)):
+  """(local shard folder, its copy on gs://, metadata) of a folder of distinct random PNGs."""
+  src = str(tmp_path / "src")
+  for c, n in enumerate(per_class):
+    for i in range(n):
+      write_image(os.path.join(src, f"c{c}", f"{i}.png"), rgb(8 + i % 3, 10 + c, seed=100 * c + i))
+  local = str(tmp_path / "shards")
+  metadata = image_tfrecords.write_shards(image_folder.scan(src), local, num_shards)
+  remote = storage.join(gcs_bucket, "shards")
+  transfer.publish_dir(local, remote, last=(image_tfrecords.METADATA,))
+  return local, remote, metadata
+
+
+def scratch_files():
+  """Every file in this process's scratch folder for copies of gs:// data (trainer.transfer)."""
+  return [os.path.join(root, f) for root, _, files in os.walk(transfer._cache_root()) for f in files]  # noqa: SLF001
+
+
+def test_streamed_shards_give_the_local_examples_in_the_local_order(tmp_path, gcs_bucket):
+  local, remote, _ = shards(tmp_path, gcs_bucket)
+  read = lambda location, **options: in_order(image_tfrecords.read(location, **options)[0])
+  assert read(remote) == read(local)
+  assert read(remote, order_seed=7) == read(local, order_seed=7) != read(local)
+  assert sorted(read(local, order_seed=7)) == sorted(read(local))
+  # Each input pipeline its own shards (4 files, 2 pipelines) or every n-th record (4 files, 5 pipelines).
+  for pipelines in (2, 5):
+    for worker in range(pipelines):
+      context = tf.distribute.InputContext(pipelines, worker, pipelines)
+      assert read(remote, input_context=context, order_seed=3) == read(local, input_context=context, order_seed=3)
+  # An example's index is its place in the folder, whatever the order it is read in.
+  indexed = read(remote, order_seed=7, indexed=True)
+  assert sorted(indexed) == [(i, *example) for i, example in enumerate(read(local))]
+
+
+def test_streaming_keeps_at_most_a_few_shards_on_disk_and_removes_each_once_read(tmp_path, gcs_bucket, monkeypatch):
+  local, remote, metadata = shards(tmp_path, gcs_bucket, num_shards=6)
+  largest = max(os.path.getsize(os.path.join(local, name)) for name in metadata["shards"])
+  on_disk = []  # bytes of the stream's scratch folder after each download: the moments it is fullest
+  monkeypatch.setattr(transfer, "_downloaded", lambda folder: on_disk.append(
+      sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))))
+  before = set(scratch_files())
+  assert in_order(image_tfrecords.read(remote)[0]) == in_order(image_tfrecords.read(local)[0])
+  assert len(on_disk) == 6 and max(on_disk) <= transfer.STREAM_ON_DISK * largest, on_disk
+  assert set(scratch_files()) == before  # nothing left once read
+
+
+def test_the_download_thread_waits_for_the_reader_to_finish_a_file(tmp_path, gcs_bucket, monkeypatch):
+  _, remote, metadata = shards(tmp_path, gcs_bucket, num_shards=5)
+  full = threading.Event()
+  monkeypatch.setattr(transfer, "_waiting_for_room", lambda folder: full.set())
+  paths = [storage.join(remote, name) for name in metadata["shards"]]
+  stream = transfer.streamed(paths, on_disk=2)
+  first = next(stream)
+  assert full.wait(timeout=60), "the downloads never filled their room"
+  folder = os.path.dirname(first)
+  assert sorted(os.listdir(folder)) == ["000000-" + metadata["shards"][0], "000001-" + metadata["shards"][1]]
+  second = next(stream)  # the reader is done with the first: its copy goes, the third may come
+  assert not os.path.exists(first) and second.endswith(metadata["shards"][1])
+  assert [os.path.basename(p)[7:] for p in [first, second, *stream]] == metadata["shards"]
+  assert not os.path.exists(folder)
+
+
+def test_a_shard_that_cannot_be_downloaded_is_a_storage_error_naming_it(tmp_path, gcs_bucket):
+  _, remote, metadata = shards(tmp_path, gcs_bucket)
+  dataset, _ = image_tfrecords.read(remote)  # listed: all four are there
+  gone = storage.join(remote, metadata["shards"][2])
+  storage.remove(gone)
+  with pytest.raises(tf.errors.OpError) as raised:
+    in_order(dataset)
+  failure = transfer.stream_failure(raised.value)
+  assert isinstance(failure, StorageError) and str(failure).startswith(f"{gone} vanished while it was read")
+  assert transfer.stream_failure(tf.errors.UnknownError(None, None, "something else")) is None
+
+
+@pytest.mark.slow  # trains a CNN for a step
+def test_a_job_whose_shard_download_fails_exits_170_in_one_line(tmp_path, gcs_bucket):
+  _, remote, metadata = shards(tmp_path, gcs_bucket, num_shards=2)
+  # The fault, injected at a named point of the child: the second shard's download fails.
+  driver = tmp_path / "driver.py"
+  driver.write_text(
+      "import runpy, sys\n"
+      "from trainer import storage, transfer\n"
+      "download = transfer._download\n"
+      "def failing(path, target):\n"
+      f"  if path.endswith({metadata['shards'][1]!r}):\n"
+      "    raise storage.StorageError(f'cannot read {path}: Connection reset by peer')\n"
+      "  download(path, target)\n"
+      "transfer._download = failing\n"
+      "runpy.run_module('trainer.task', run_name='__main__', alter_sys=True)\n")
+  done = forked.run([sys.executable, str(driver), "--model=cnn", f"--data={remote}", "--image_size=22",
+                     "--epochs=1", "--batch_size=8", f"--job_dir={tmp_path / 'job'}"],
+                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 170, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  (line,) = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]
+  assert line == f"trainer: error: cannot read {storage.join(remote, metadata['shards'][1])}: Connection reset by peer"
