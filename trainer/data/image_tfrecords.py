@@ -118,8 +118,8 @@ def read(location, input_context=None, flag="--data", order_seed=None, indexed=F
   if by_data:
     # Too few files to give each worker its own: every worker reads them all and keeps its share.
     records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  parse = (lambda index, record: (index, *_parse(record))) if indexed else (lambda index, record: _parse(record))
-  return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE), dict(metadata, files=files)
+  return records.map(_parse_indexed if indexed else _parse_record, num_parallel_calls=tf.data.AUTOTUNE), \
+      dict(metadata, files=files)
 
 
 def _records(files, starts):
@@ -142,6 +142,14 @@ def _example(path, label):
       "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[contents])),
       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
   })).SerializeToString()
+
+
+def _parse_indexed(index, record):
+  return (index, *_parse(record))
+
+
+def _parse_record(_, record):
+  return _parse(record)
 
 
 def _parse(record):
