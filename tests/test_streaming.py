@@ -3,6 +3,7 @@ local shards give, in the same order, with at most a few shards on disk at once;
 be downloaded stops the job in one line with exit 170."""
 
 import os
+import runpy
 import sys
 import threading
 
@@ -15,6 +16,8 @@ from image_files import rgb, write_image
 from trainer import storage, transfer
 from trainer.data import image_folder, image_tfrecords
 from trainer.errors import StorageError
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_tfrecords.py")
 
 
 def in_order(dataset):
@@ -119,3 +122,28 @@ def test_a_job_whose_shard_download_fails_exits_170_in_one_line(tmp_path, gcs_bu
   assert "Traceback" not in done.stderr, done.stderr[-3000:]
   (line,) = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]
   assert line == f"trainer: error: cannot read {storage.join(remote, metadata['shards'][1])}: Connection reset by peer"
+
+
+def test_make_tfrecords_writes_shards_of_a_target_size_and_says_how_many(tmp_path, monkeypatch, capsys):
+  src = str(tmp_path / "src")
+  for c in range(2):
+    for i in range(20):
+      write_image(os.path.join(src, f"c{c}", f"{i}.png"), rgb(16, 16, seed=100 * c + i))
+  total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(src) for f in files)
+  target_mb = total / 5 / 2**20  # about five shards' worth
+  out = str(tmp_path / "out")
+  monkeypatch.setattr("sys.argv", ["make_tfrecords.py", src, out, f"--shard_mb={target_mb}"])
+  runpy.run_path(SCRIPT, run_name="__main__")
+  printed = capsys.readouterr().out
+  names = sorted(n for n in os.listdir(out) if n.endswith(".tfrecord"))
+  sizes = [os.path.getsize(os.path.join(out, n)) for n in names]
+  assert len(names) == 5, names
+  mb = lambda size: f"{size / 2**20:.2f} MiB"
+  assert f"40 images in 2 classes -> 5 shards of {mb(min(sizes))} to {mb(max(sizes))} ({mb(sum(sizes))}) in {out}" \
+      in printed, printed
+  assert all(abs(size - total / 5) < 0.2 * total / 5 for size in sizes), sizes
+  monkeypatch.setattr("sys.argv", ["make_tfrecords.py", src, str(tmp_path / "out2"), "--shard_mb=0"])
+  with pytest.raises(SystemExit) as exit_:
+    runpy.run_path(SCRIPT, run_name="__main__")
+  assert str(exit_.value.code) == ("make_tfrecords: error: --shard_mb=0.0 must be more than 0; "
+                                   "give a size in MiB, e.g. 100")

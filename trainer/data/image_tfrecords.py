@@ -24,7 +24,8 @@ SHARD_PATTERN = "images-*.tfrecord"
 # Examples are spread over the shards in an order fixed by this seed, so every shard holds
 # every class and rewriting the same folder gives the same files.
 SHUFFLE_SEED = 0
-# Without --shards: about this many bytes of images per shard (TF's advice: 100 MB or more).
+# Without --shards or --shard_mb: about this many bytes of images per shard (TF's advice: 100 MB or
+# more; a streaming worker holds three on its scratch disk, trainer.transfer.STREAM_ON_DISK).
 TARGET_SHARD_BYTES = 100 * 2**20
 
 _FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
@@ -34,15 +35,16 @@ def shard_name(index, num_shards):
   return f"images-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
-def write_shards(scan, out_dir, num_shards=None):
-  """Writes the scan's images into num_shards TFRecord files and metadata.json; returns the metadata.
+def write_shards(scan, out_dir, num_shards=None, shard_bytes=TARGET_SHARD_BYTES):
+  """Writes the scan's images into num_shards TFRecord files (by default as many as give about
+  shard_bytes of images each) and metadata.json; returns the metadata.
 
-  Examples are shuffled with a fixed seed and spread evenly (shard sizes differ by at most one).
+  Examples are shuffled with a fixed seed and spread evenly (image counts differ by at most one).
   metadata.json is written last: a folder without it is an unfinished write, and `read` refuses it.
   """
   if num_shards is None:
     total = sum(os.path.getsize(p) for p in scan.paths)
-    num_shards = max(1, min(len(scan.paths), round(total / TARGET_SHARD_BYTES)))
+    num_shards = max(1, min(len(scan.paths), round(total / shard_bytes)))
   if num_shards < 1:
     raise UserError(f"--shards={num_shards} must be at least 1")
   if num_shards > len(scan.paths):
@@ -66,8 +68,9 @@ def write_shards(scan, out_dir, num_shards=None):
     shard_sizes.append(len(members))
     logging.info("wrote %s (%d images)", name, len(members))
   metadata = {"class_names": list(scan.class_names), "counts": scan.counts, "num_examples": len(scan.paths),
-              "shards": shards, "shard_sizes": shard_sizes, "source": scan.directory,
-              "skipped_files": scan.skipped_files}
+              "shards": shards, "shard_sizes": shard_sizes,
+              "shard_bytes": [os.path.getsize(os.path.join(out_dir, name)) for name in shards],
+              "source": scan.directory, "skipped_files": scan.skipped_files}
   with tf.io.gfile.GFile(os.path.join(out_dir, METADATA), "w") as f:
     json.dump(metadata, f, indent=2)
   return metadata
