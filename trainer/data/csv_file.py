@@ -13,6 +13,7 @@ import pandas as pd
 from absl import logging
 
 from trainer import storage
+from trainer.data import budget
 from trainer.errors import UserError
 
 
@@ -100,9 +101,11 @@ def _without_gaps(frame, columns, fill_gaps, path, flag, warn):
 def check(config):
   """The mistakes in config's CSV files that preparing the data would stop at, found now: a file
   that is not a CSV, a missing column, non-numeric values, and for a forecast a --test_start
-  outside the data or a series too short for --window. Images and built-in data: nothing to read."""
+  outside the data or a series too short for --window, and files too large for memory (both are
+  held whole). Images and built-in data: nothing to read."""
   if config.kind == "images" or config.data is None:
     return
+  budget.check_table(config, [("--data", config.data), ("--test_data", config.test_data)])
   if not config.is_forecast:
     frame, _ = read_columns(config.data, config.target_column, config.feature_columns or None, config.date_column,
                             warn=False)
