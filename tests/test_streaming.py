@@ -2,6 +2,8 @@
 local shards give, in the same order, with at most a few shards on disk at once; a shard that cannot
 be downloaded stops the job in one line with exit 170."""
 
+import json
+import logging
 import os
 import runpy
 import sys
@@ -10,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.cloud import storage as gcs
 
 import forked
 from image_files import rgb, write_image
@@ -147,3 +150,72 @@ def test_make_tfrecords_writes_shards_of_a_target_size_and_says_how_many(tmp_pat
     runpy.run_path(SCRIPT, run_name="__main__")
   assert str(exit_.value.code) == ("make_tfrecords: error: --shard_mb=0.0 must be more than 0; "
                                    "give a size in MiB, e.g. 100")
+
+
+def no_file_downloads(monkeypatch):
+  """Fails a test that downloads any gs:// object to a local file (a whole folder's copy, a shard)."""
+  def refused(blob, *args, **kwargs):
+    raise AssertionError(f"downloaded {blob.name} to a file")
+  monkeypatch.setattr(gcs.Blob, "download_to_filename", refused)
+
+
+def test_a_folder_on_gcs_over_the_disk_budget_is_checked_and_read_file_by_file(messy_folder, gcs_bucket, monkeypatch,
+                                                                                 caplog):
+  root, _, broken = messy_folder
+  remote = storage.join(gcs_bucket, "images", "messy")
+  transfer.publish_dir(root, remote)
+  local = image_folder.scan(root)
+  size = sum(storage.list_sizes(remote).values())
+  no_file_downloads(monkeypatch)
+  with caplog.at_level(logging.INFO):
+    streamed = image_folder.scan(remote, flag="--test_data", disk_budget=size - 1)
+  assert f"--test_data={remote}: {size:,} bytes of files, more than the {size - 1:,} bytes of scratch disk" \
+         " it may take: read file by file while training" in caplog.text
+  assert (streamed.class_names, streamed.labels, streamed.counts) == (local.class_names, local.labels, local.counts)
+  assert streamed.paths == [remote + p[len(root):] for p in local.paths]
+  assert [(s["path"], s["reason"]) for s in streamed.skipped_files] == \
+         [(remote + s["path"][len(root):], s["reason"]) for s in local.skipped_files]
+  pixels = lambda scan: in_order(image_folder.dataset(scan.paths, scan.labels))
+  assert pixels(streamed) == pixels(local)
+  monkeypatch.undo()
+  assert image_folder.scan(remote, disk_budget=size).paths[0].startswith(transfer._cache_root())  # noqa: SLF001
+
+
+def test_a_file_of_a_streamed_folder_that_cannot_be_read_is_a_storage_error(messy_folder, gcs_bucket):
+  root, good, _ = messy_folder
+  remote = storage.join(gcs_bucket, "images", "messy")
+  transfer.publish_dir(root, remote)
+  scan = image_folder.scan(remote, disk_budget=1)
+  storage.remove(scan.paths[3])
+  with pytest.raises(tf.errors.OpError) as raised:
+    in_order(image_folder.dataset(scan.paths, scan.labels))
+  failure = transfer.stream_failure(raised.value)
+  assert isinstance(failure, StorageError) and str(failure).startswith(f"{scan.paths[3]} vanished while it was read")
+
+
+@pytest.mark.slow  # trains a CNN for an epoch: the whole path, from the flag to the report
+def test_a_job_on_a_gcs_folder_over_its_disk_budget_trains_without_downloading_it(tmp_path, gcs_bucket):
+  # Noise PNGs do not compress: 12 of 250x250 px are over the 1 MiB budget.
+  rng = np.random.default_rng(0)
+  for c in ("a", "b", "c"):
+    for i in range(4):
+      write_image(str(tmp_path / "src" / c / f"{i}.png"), rng.integers(0, 256, (250, 250, 3), dtype=np.uint8))
+  remote = storage.join(gcs_bucket, "noise")
+  transfer.publish_dir(str(tmp_path / "src"), remote)
+  assert sum(storage.list_sizes(remote).values()) > 2**20
+  driver = tmp_path / "driver.py"  # a named point of the child: any download to a file fails the job
+  driver.write_text(
+      "import runpy\n"
+      "from google.cloud import storage\n"
+      "def refused(blob, *args, **kwargs):\n"
+      "  raise AssertionError(f'downloaded {blob.name} to a file')\n"
+      "storage.Blob.download_to_filename = refused\n"
+      "runpy.run_module('trainer.task', run_name='__main__', alter_sys=True)\n")
+  done = forked.run([sys.executable, str(driver), "--model=cnn", f"--data={remote}", "--image_size=22",
+                     "--disk_budget_mb=1", "--epochs=1", "--batch_size=4", f"--job_dir={tmp_path / 'job'}"],
+                    cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "read file by file while training" in done.stderr
+  report = json.loads((tmp_path / "job" / "report.json").read_text())
+  assert sum(report["data"]["counts"]["train"]) + sum(report["data"]["counts"]["validation"]) \
+      + report["data"]["test_images"] == 12

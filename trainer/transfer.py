@@ -161,9 +161,16 @@ def streamed(paths, on_disk=STREAM_ON_DISK):
     downloads.close()
 
 
-# The StorageErrors of streamed downloads, by message: tf.data hands a generator's exception on as an
-# UnknownError whose message holds "StorageError: <message>" and a traceback (see stream_failure).
+# The StorageErrors of streamed reads, by message: tf.data hands a generator's or a numpy_function's
+# exception on as an UnknownError whose message holds "StorageError: <message>" and a traceback.
 _stream_failures = {}
+
+
+def streaming_failed(error):
+  """Records a StorageError raised inside tf.data (a streamed download or read) and returns it, so that
+  stream_failure finds it in the error tf.data makes of it."""
+  _stream_failures[str(error)] = error
+  return error
 
 
 def stream_failure(error):
@@ -200,8 +207,7 @@ class _Downloads:
         if not self.thread.is_alive() and self.results.empty():
           raise StorageError(f"cannot read {self.paths[index]}: its download stopped without a result") from None
     if isinstance(result, StorageError):
-      _stream_failures[str(result)] = result
-      raise result
+      raise streaming_failed(result)
     self.previous = result
     return result
 
@@ -248,10 +254,15 @@ def _download(path, target):
     try:
       storage.gcs_bucket(bucket).blob(key).download_to_filename(target, **storage.bounded())
     except exceptions.NotFound:
-      raise StorageError(f"{path} vanished while it was read (removed by another process or a lifecycle rule?); "
-                         "run again to read what is there now") from None
+      raise vanished(path) from None
     except FileNotFoundError as e:  # the scratch folder removed under the download: not the file's absence
       raise StorageError(f"cannot write the local copy of {path}: {e.strerror}") from e
+
+
+def vanished(path):
+  """The error for a file listed before it was read and gone when it was."""
+  return StorageError(f"{path} vanished while it was read (removed by another process or a lifecycle rule?); "
+                      "run again to read what is there now")
 
 
 def _downloaded(folder):

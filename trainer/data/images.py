@@ -6,12 +6,14 @@ floats' size); each epoch then only shuffles and augments, in parallel, in an or
 random transforms fixed by (seed, epoch), so a resumed job sees what it would have seen.
 """
 
+import tempfile
+
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.data import Prepared, augment, builtin, image_folder, image_tfds, image_tfrecords
+from trainer.data import Prepared, augment, budget, builtin, image_folder, image_tfds, image_tfrecords
 from trainer.errors import UserError
 
 # Enough to mix classes well; a whole-epoch buffer would hold a second copy of the images.
@@ -46,11 +48,13 @@ class _Splits:
 
 
 def _from_folder(config):
-  scan = image_folder.scan(config.data, flag="--data")
+  # A gs:// folder over the scratch disk's budget is read file by file instead of downloaded.
+  disk, _ = budget.disk_budget(config, tempfile.gettempdir())
+  scan = image_folder.scan(config.data, flag="--data", disk_budget=disk)
   splits = _Splits(scan.class_names, config.data, scan.skipped_files)
   paths, labels = np.array(scan.paths), np.array(scan.labels, np.int32)
   if config.test_data:
-    test = image_folder.scan(config.test_data, flag="--test_data")
+    test = image_folder.scan(config.test_data, flag="--test_data", disk_budget=disk)
     image_folder.check_same_classes(scan, test)
     splits.skipped_files += test.skipped_files
     test_paths, test_labels = np.array(test.paths), np.array(test.labels, np.int32)
