@@ -26,6 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage, transfer
+from trainer.data import budget
 from trainer.errors import StorageError, UserError
 
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
@@ -102,6 +103,12 @@ def scan(directory, flag="--data", disk_budget=None):
   logging.info("%s=%s: %d images in %d classes (%d files skipped)", flag, directory, len(result.paths),
                len(class_names), len(skipped))
   return result
+
+
+def disk_budget(config):
+  """Bytes of scratch disk a gs:// folder's copy may take (trainer.data.budget: --disk_budget_mb,
+  else the scratch folder's free space)."""
+  return budget.disk_budget(config, tempfile.gettempdir())[0]
 
 
 def check_same_classes(train_scan, test_scan):

@@ -6,14 +6,12 @@ floats' size); each epoch then only shuffles and augments, in parallel, in an or
 random transforms fixed by (seed, epoch), so a resumed job sees what it would have seen.
 """
 
-import tempfile
-
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from trainer import storage
-from trainer.data import Prepared, augment, budget, builtin, image_folder, image_tfds, image_tfrecords
+from trainer.data import Prepared, augment, builtin, image_folder, image_tfds, image_tfrecords
 from trainer.errors import UserError
 
 # Enough to mix classes well; a whole-epoch buffer would hold a second copy of the images.
@@ -48,8 +46,7 @@ class _Splits:
 
 
 def _from_folder(config):
-  # A gs:// folder over the scratch disk's budget is read file by file instead of downloaded.
-  disk, _ = budget.disk_budget(config, tempfile.gettempdir())
+  disk = image_folder.disk_budget(config)  # a gs:// folder over it is read file by file, not downloaded
   scan = image_folder.scan(config.data, flag="--data", disk_budget=disk)
   splits = _Splits(scan.class_names, config.data, scan.skipped_files)
   paths, labels = np.array(scan.paths), np.array(scan.labels, np.int32)
