@@ -32,8 +32,8 @@ from trainer.errors import StorageError, UserError
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
 # Python's per-element cost would rival the decoding of small images.
 _CHECK_BATCH = 256
-# Files of a streamed gs:// folder read at once: each read waits for a round trip (tens of ms on
-# Cloud Storage), not for a core, so more than the cores keep the decoders fed.
+# Files of a streamed gs:// folder read (and decoded) at once: a read mostly waits for a round trip
+# (tens of ms on Cloud Storage), not for a core, so more than the cores keep the cores busy.
 _REMOTE_READS = 16
 
 
@@ -156,11 +156,15 @@ def dataset(paths, labels, input_context=None):
                                               tf.constant(list(labels), tf.int32)))
   if input_context is not None and input_context.num_input_pipelines > 1:
     files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  if any(storage.is_remote(p) for p in paths):  # a streamed folder (scan): contents first, many at once
-    files = files.map(lambda path, label: (read_remote(path), label), num_parallel_calls=_REMOTE_READS)
-    return files.map(lambda contents, label: (decode(contents), label), num_parallel_calls=tf.data.AUTOTUNE)
-  return files.map(lambda path, label: (decode(tf.io.read_file(path)), label),
-                   num_parallel_calls=tf.data.AUTOTUNE)
+  read, parallel = _reader(paths)
+  return files.map(lambda path, label: (decode(read(path)), label), num_parallel_calls=parallel)
+
+
+def _reader(paths):
+  """(path tensor -> contents, how many at once) for local files, or a streamed folder's (scan)."""
+  if any(storage.is_remote(p) for p in paths):
+    return read_remote, _REMOTE_READS
+  return tf.io.read_file, tf.data.AUTOTUNE
 
 
 def read_remote(path):
@@ -264,19 +268,15 @@ def _undecodable(paths):
 
 
 def _failures(paths):
-  def check(index, contents):
+  read, parallel = _reader(paths)
+
+  def check(index, path):
     # The shape is returned so that the decode cannot be optimised away as unused.
-    return index, tf.shape(decode(contents))
+    return index, tf.shape(decode(read(path)))
 
   decoded = set()
-  files = tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf.constant(paths, tf.string)))
-  if storage.is_remote(paths[0]):  # a streamed folder: read through the storage, in memory only
-    files = files.map(lambda index, path: (index, read_remote(path)), num_parallel_calls=_REMOTE_READS,
-                      deterministic=False)
-  else:
-    files = files.map(lambda index, path: (index, tf.io.read_file(path)))
-  checks = (files
-            .map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  checks = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf.constant(paths, tf.string)))
+            .map(check, num_parallel_calls=parallel, deterministic=False)
             .ignore_errors()
             .batch(_CHECK_BATCH))
   for indices, _ in checks.as_numpy_iterator():
