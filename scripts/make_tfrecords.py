@@ -16,7 +16,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import StorageError, UserError  # noqa: E402
 from trainer.data import image_folder, image_tfrecords  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main():
       raise UserError(f"--shard_mb={args.shard_mb} must be more than 0; give a size in MiB, e.g. 100")
     scan = image_folder.scan(args.src_dir, flag="SRC_DIR")
     metadata = image_tfrecords.write_shards(scan, args.out_dir, args.shards, args.shard_mb * 2**20)
-  except UserError as e:
+  except (UserError, StorageError) as e:
     sys.exit(f"make_tfrecords: error: {e}")
   print(summary(metadata, args.out_dir))
 

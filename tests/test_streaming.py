@@ -219,3 +219,16 @@ def test_a_job_on_a_gcs_folder_over_its_disk_budget_trains_without_downloading_i
   report = json.loads((tmp_path / "job" / "report.json").read_text())
   assert sum(report["data"]["counts"]["train"]) + sum(report["data"]["counts"]["validation"]) \
       + report["data"]["test_images"] == 12
+
+
+def test_shards_written_from_a_streamed_gcs_folder_are_those_of_the_local_folder(messy_folder, gcs_bucket,
+                                                                                  tmp_path, monkeypatch):
+  root = messy_folder[0]
+  remote = storage.join(gcs_bucket, "images", "messy")
+  transfer.publish_dir(root, remote)
+  no_file_downloads(monkeypatch)
+  written = image_tfrecords.write_shards(image_folder.scan(remote, disk_budget=1), str(tmp_path / "remote"), 2)
+  expected = image_tfrecords.write_shards(image_folder.scan(root), str(tmp_path / "local"), 2)
+  assert written["shard_bytes"] == expected["shard_bytes"]
+  assert in_order(image_tfrecords.read(str(tmp_path / "remote"))[0]) == in_order(
+      image_tfrecords.read(str(tmp_path / "local"))[0])

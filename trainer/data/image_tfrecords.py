@@ -8,6 +8,7 @@ and counts. Write them with scripts/make_tfrecords.py. Shards on gs:// are strea
 downloads the files it reads a few at a time while it reads them (trainer.transfer.streamed).
 """
 
+import concurrent.futures
 import json
 import os
 
@@ -43,7 +44,7 @@ def write_shards(scan, out_dir, num_shards=None, shard_bytes=TARGET_SHARD_BYTES)
   metadata.json is written last: a folder without it is an unfinished write, and `read` refuses it.
   """
   if num_shards is None:
-    total = sum(os.path.getsize(p) for p in scan.paths)
+    total = sum(_sizes(scan))
     num_shards = max(1, min(len(scan.paths), round(total / shard_bytes)))
   if num_shards < 1:
     raise UserError(f"--shards={num_shards} must be at least 1")
@@ -57,16 +58,7 @@ def write_shards(scan, out_dir, num_shards=None, shard_bytes=TARGET_SHARD_BYTES)
     # Old shards left beside new ones would be read as part of the data set.
     raise UserError(f"OUT_DIR={out_dir} already holds shards ({os.path.basename(existing[0])}); "
                     "give an empty folder or delete them first")
-  order = np.random.default_rng(SHUFFLE_SEED).permutation(len(scan.paths))
-  shards, shard_sizes = [], []
-  for index, members in enumerate(np.array_split(order, num_shards)):
-    name = shard_name(index, num_shards)
-    with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
-      for i in members:
-        writer.write(_example(scan.paths[i], scan.labels[i]))
-    shards.append(name)
-    shard_sizes.append(len(members))
-    logging.info("wrote %s (%d images)", name, len(members))
+  shards, shard_sizes = _write(scan, out_dir, num_shards)
   metadata = {"class_names": list(scan.class_names), "counts": scan.counts, "num_examples": len(scan.paths),
               "shards": shards, "shard_sizes": shard_sizes,
               "shard_bytes": [os.path.getsize(os.path.join(out_dir, name)) for name in shards],
@@ -74,6 +66,23 @@ def write_shards(scan, out_dir, num_shards=None, shard_bytes=TARGET_SHARD_BYTES)
   with tf.io.gfile.GFile(os.path.join(out_dir, METADATA), "w") as f:
     json.dump(metadata, f, indent=2)
   return metadata
+
+
+def _write(scan, out_dir, num_shards):
+  """Writes the shards; returns their names and image counts."""
+  order = np.random.default_rng(SHUFFLE_SEED).permutation(len(scan.paths))
+  shards, shard_sizes = [], []
+  # A streamed gs:// folder (image_folder.scan) is read many files at once: each read is a round trip.
+  with concurrent.futures.ThreadPoolExecutor(16 if storage.is_remote(scan.paths[0]) else 1) as reads:
+    for index, members in enumerate(np.array_split(order, num_shards)):
+      name = shard_name(index, num_shards)
+      with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
+        for example in reads.map(lambda i: _example(scan.paths[i], scan.labels[i]), members):
+          writer.write(example)
+      shards.append(name)
+      shard_sizes.append(len(members))
+      logging.info("wrote %s (%d images)", name, len(members))
+  return shards, shard_sizes
 
 
 def read(location, input_context=None, flag="--data", order_seed=None, indexed=False):
@@ -138,13 +147,28 @@ def _records(files, starts):
       lambda start, path: tf.data.TFRecordDataset(path).enumerate(start))
 
 
+def _sizes(scan):
+  """Bytes of each of the scan's files (a streamed gs:// folder's from one listing)."""
+  if not scan.paths or not storage.is_remote(scan.paths[0]):
+    return [os.path.getsize(p) for p in scan.paths]
+  listed, prefix = storage.list_sizes(scan.directory), storage.as_folder(scan.directory)
+  return [listed[p[len(prefix):]] for p in scan.paths]
+
+
 def _example(path, label):
-  with open(path, "rb") as f:
-    contents = f.read()
+  try:
+    contents = storage.read_bytes(path) if storage.is_remote(path) else _read_local(path)
+  except FileNotFoundError:  # scanned a moment ago
+    raise transfer.vanished(path) from None
   return tf.train.Example(features=tf.train.Features(feature={
       "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[contents])),
       "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
   })).SerializeToString()
+
+
+def _read_local(path):
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def _parse_indexed(index, record):
