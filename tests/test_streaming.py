@@ -232,3 +232,16 @@ def test_shards_written_from_a_streamed_gcs_folder_are_those_of_the_local_folder
   assert written["shard_bytes"] == expected["shard_bytes"]
   assert in_order(image_tfrecords.read(str(tmp_path / "remote"))[0]) == in_order(
       image_tfrecords.read(str(tmp_path / "local"))[0])
+
+
+def test_a_stream_left_half_way_leaves_nothing_on_disk(tmp_path, gcs_bucket):
+  _, remote, metadata = shards(tmp_path, gcs_bucket, num_shards=4)
+  before = set(scratch_files())
+  paths = [storage.join(remote, name) for name in metadata["shards"]]
+  # The records themselves: no parallel map reads ahead, so the reader is exactly in the second shard.
+  iterator = iter(image_tfrecords._records(paths, [0] * 4))  # noqa: SLF001
+  for _ in range(metadata["shard_sizes"][0] + 1):
+    next(iterator)
+  assert any(f.endswith(metadata["shards"][1]) for f in set(scratch_files()) - before)
+  del iterator  # tf.data closes the generator, which stops its downloads and removes their folder
+  assert set(scratch_files()) == before
