@@ -33,8 +33,9 @@ from trainer.errors import StorageError, UserError
 # Python's per-element cost would rival the decoding of small images.
 _CHECK_BATCH = 256
 # Files of a streamed gs:// folder read (and decoded) at once: a read mostly waits for a round trip
-# (tens of ms on Cloud Storage), not for a core, so more than the cores keep the cores busy.
-_REMOTE_READS = 16
+# (tens of ms on Cloud Storage), not for a core, so more than the cores keep the cores busy; no more
+# than the storage client's connection pool holds (requests' 10), which would drop connections.
+REMOTE_READS = 10
 
 
 @dataclasses.dataclass
@@ -163,7 +164,7 @@ def dataset(paths, labels, input_context=None):
 def _reader(paths):
   """(path tensor -> contents, how many at once) for local files, or a streamed folder's (scan)."""
   if any(storage.is_remote(p) for p in paths):
-    return read_remote, _REMOTE_READS
+    return read_remote, REMOTE_READS
   return tf.io.read_file, tf.data.AUTOTUNE
 
 

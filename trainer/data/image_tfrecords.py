@@ -73,7 +73,8 @@ def _write(scan, out_dir, num_shards):
   order = np.random.default_rng(SHUFFLE_SEED).permutation(len(scan.paths))
   shards, shard_sizes = [], []
   # A streamed gs:// folder (image_folder.scan) is read many files at once: each read is a round trip.
-  with concurrent.futures.ThreadPoolExecutor(16 if storage.is_remote(scan.paths[0]) else 1) as reads:
+  remote = storage.is_remote(scan.paths[0])
+  with concurrent.futures.ThreadPoolExecutor(image_folder.REMOTE_READS if remote else 1) as reads:
     for index, members in enumerate(np.array_split(order, num_shards)):
       name = shard_name(index, num_shards)
       with tf.io.TFRecordWriter(os.path.join(out_dir, name)) as writer:
