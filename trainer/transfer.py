@@ -174,8 +174,8 @@ def streaming_failed(error):
 
 
 def stream_failure(error):
-  """The StorageError that a streamed download raised inside tf.data, from the tf.errors.OpError that
-  tf.data made of it; None for any other error."""
+  """The StorageError that a streamed download or read raised inside tf.data, from the
+  tf.errors.OpError that tf.data made of it; None for any other error."""
   text = getattr(error, "message", str(error))
   for message, failure in list(_stream_failures.items()):
     if f"StorageError: {message}" in text:
@@ -188,7 +188,7 @@ class _Downloads:
 
   def __init__(self, paths, folder, on_disk):
     self.paths, self.folder, self.on_disk = paths, folder, max(1, on_disk)
-    self.results = queue.Queue()  # (index, local path) or (index, StorageError), in order
+    self.results = queue.Queue()  # a local path or a StorageError per file, in order
     self.changed = threading.Condition()
     self.present, self.stopped, self.previous = 0, False, None
     self.thread = threading.Thread(target=self._run, name="trainer-stream", daemon=True)
@@ -199,7 +199,7 @@ class _Downloads:
     when the thread has ended without it (a bug: never a hang)."""
     while True:
       try:
-        _, result = self.results.get(timeout=storage.timeout())
+        result = self.results.get(timeout=storage.timeout())
         break
       except queue.Empty:
         # A download in progress is bounded by the storage client's own timeouts (storage.bounded);
@@ -241,10 +241,10 @@ class _Downloads:
       try:
         _download(path, target)
       except StorageError as e:
-        self.results.put((index, e))
+        self.results.put(e)
         return
       _downloaded(self.folder)
-      self.results.put((index, target))
+      self.results.put(target)
 
 
 def _download(path, target):
