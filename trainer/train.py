@@ -130,6 +130,9 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
     if config.cluster.num_workers < 2:
       raise
     raise WorkerLost(e) from e
+  except tf.errors.UnknownError as e:
+    # A streamed shard that could not be downloaded (trainer.transfer.streamed): its one line, exit 170.
+    raise transfer.stream_failure(e) or e
   finally:
     distribution.cleanup(local_dir, job_dir)
 

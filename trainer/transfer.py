@@ -1,17 +1,20 @@
 """Whole folders between a local disk and the storage (local or gs://): a folder published so that
-a reader never sees part of it, a folder downloaded, log folders synced while a job runs, and a
-local copy of a remote file or folder for libraries that read only local paths.
+a reader never sees part of it, a folder downloaded, log folders synced while a job runs, a
+local copy of a remote file or folder for libraries that read only local paths, and files
+streamed through a few local copies at a time (TFRecord shards larger than the scratch disk).
 """
 
 import atexit
 import errno
 import os
 import posixpath
+import queue
 import shutil
 import tempfile
 import threading
 
 from trainer import storage
+from trainer.errors import StorageError
 
 
 def publish_dir(local_dir, dest, last=()):
@@ -133,6 +136,141 @@ def local_path(path):
         f.write(data)
     _cache[path] = target
     return target
+
+
+# Streamed files on local disk at once, at most: the one being read and two downloaded ahead, so the
+# reader does not wait for the next while the one after downloads.
+STREAM_ON_DISK = 3
+
+
+def streamed(paths, on_disk=STREAM_ON_DISK):
+  """Local copies of `paths`, one after another, for a reader that is done with a file when it asks
+  for the next (tf.data's flat_map over TFRecord files). Local paths are yielded as they are; for
+  gs:// ones a background thread downloads ahead into a private scratch folder, at most `on_disk`
+  files there at once, and each is removed when the next is asked for or the generator is closed.
+  Raises StorageError naming the file that could not be downloaded."""
+  if not any(storage.is_remote(p) for p in paths):
+    yield from paths
+    return
+  downloads = _Downloads(list(paths), tempfile.mkdtemp(prefix="stream-", dir=_cache_root()), on_disk)
+  try:
+    for index in range(len(paths)):
+      downloads.release_previous()  # asked for the next: the reader is done with the previous one
+      yield downloads.get(index)
+  finally:
+    downloads.close()
+
+
+# The StorageErrors of streamed reads, by message: tf.data hands a generator's or a numpy_function's
+# exception on as an UnknownError whose message holds "StorageError: <message>" and a traceback.
+_stream_failures = {}
+
+
+def streaming_failed(error):
+  """Records a StorageError raised inside tf.data (a streamed download or read) and returns it, so that
+  stream_failure finds it in the error tf.data makes of it."""
+  _stream_failures[str(error)] = error
+  return error
+
+
+def stream_failure(error):
+  """The StorageError that a streamed download or read raised inside tf.data, from the
+  tf.errors.OpError that tf.data made of it; None for any other error."""
+  text = getattr(error, "message", str(error))
+  for message, failure in list(_stream_failures.items()):
+    if f"StorageError: {message}" in text:
+      return failure
+  return None
+
+
+class _Downloads:
+  """A thread that downloads `paths` in order into `folder`, keeping at most `on_disk` there."""
+
+  def __init__(self, paths, folder, on_disk):
+    self.paths, self.folder, self.on_disk = paths, folder, max(1, on_disk)
+    self.results = queue.Queue()  # a local path or a StorageError per file, in order
+    self.changed = threading.Condition()
+    self.present, self.stopped, self.previous = 0, False, None
+    self.thread = threading.Thread(target=self._run, name="trainer-stream", daemon=True)
+    self.thread.start()
+
+  def get(self, index):
+    """The local copy of paths[index]; waits for it, and fails with the download's StorageError, or
+    when the thread has ended without it (a bug: never a hang)."""
+    while True:
+      try:
+        result = self.results.get(timeout=storage.timeout())
+        break
+      except queue.Empty:
+        # A download in progress is bounded by the storage client's own timeouts (storage.bounded);
+        # a large file on a slow link may take longer than one of them, so wait on while it runs.
+        if not self.thread.is_alive() and self.results.empty():
+          raise StorageError(f"cannot read {self.paths[index]}: its download stopped without a result") from None
+    if isinstance(result, StorageError):
+      raise streaming_failed(result)
+    self.previous = result
+    return result
+
+  def release_previous(self):
+    if self.previous is not None:
+      os.remove(self.previous)
+      self.previous = None
+      with self.changed:
+        self.present -= 1
+        self.changed.notify_all()
+
+  def close(self):
+    with self.changed:
+      self.stopped = True
+      self.changed.notify_all()
+    self.thread.join(timeout=storage.timeout())
+    shutil.rmtree(self.folder, ignore_errors=True)
+
+  def _run(self):
+    for index, path in enumerate(self.paths):
+      with self.changed:
+        if self.present >= self.on_disk and not self.stopped:
+          _waiting_for_room(self.folder)
+        # No deadline: the reader frees room at its own pace (a shard may take minutes to train on),
+        # and close() ends the wait.
+        self.changed.wait_for(lambda: self.stopped or self.present < self.on_disk)
+        if self.stopped:
+          return
+        self.present += 1
+      target = os.path.join(self.folder, f"{index:06d}-{posixpath.basename(path)}")
+      try:
+        _download(path, target)
+      except StorageError as e:
+        self.results.put(e)
+        return
+      _downloaded(self.folder)
+      self.results.put(target)
+
+
+def _download(path, target):
+  from google.api_core import exceptions
+  bucket, key = storage.bucket_and_key(path)
+  with storage.translated(path, "read"):
+    try:
+      storage.gcs_bucket(bucket).blob(key).download_to_filename(target, **storage.bounded())
+    except exceptions.NotFound:
+      raise vanished(path) from None
+    except FileNotFoundError as e:  # the scratch folder removed under the download: not the file's absence
+      raise StorageError(f"cannot write the local copy of {path}: {e.strerror}") from e
+
+
+def vanished(path):
+  """The error for a file listed before it was read and gone when it was."""
+  return StorageError(f"{path} vanished while it was read (removed by another process or a lifecycle rule?); "
+                      "run again to read what is there now")
+
+
+def _downloaded(folder):
+  """Called after each streamed download, with its scratch folder (a named point for tests)."""
+
+
+def _waiting_for_room(folder):
+  """Called when a streamed download waits for the reader to free room (a named point for tests)."""
 
 
 def _fsync_tree(folder):

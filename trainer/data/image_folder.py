@@ -6,12 +6,17 @@ file is reported (and left out) before the job starts instead of killing it in e
 comes out is what every image source ends in: (uint8 image [H, W, 3] of any size, int32 label)
 pairs and the sorted class names. Resizing, caching, augmentation and batching come later
 (trainer/data/images.py).
+
+A folder on gs:// is downloaded once into local scratch when its files fit the scratch disk
+budget (many small files are read faster from disk); otherwise it is read file by file, through
+trainer.storage, both for the check and while training, and nothing of it is written to disk.
 """
 
 import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tempfile
 from typing import Dict, List
@@ -21,11 +26,16 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import storage, transfer
-from trainer.errors import UserError
+from trainer.data import budget
+from trainer.errors import StorageError, UserError
 
 # The check hands decoded files' indices back to Python this many at a time: one at a time,
 # Python's per-element cost would rival the decoding of small images.
 _CHECK_BATCH = 256
+# Files of a streamed gs:// folder read (and decoded) at once: a read mostly waits for a round trip
+# (tens of ms on Cloud Storage), not for a core, so more than the cores keep the cores busy; no more
+# than the storage client's connection pool holds (requests' 10), which would drop connections.
+REMOTE_READS = 10
 
 
 @dataclasses.dataclass
@@ -59,26 +69,32 @@ def decode(contents):
   return image
 
 
-def scan(directory, flag="--data"):
+def scan(directory, flag="--data", disk_budget=None):
   """Lists DIR/<class>/... and decodes every file once; returns a FolderScan of the good ones.
 
   Class names are the sorted subfolder names. Files anywhere below a class folder count, as in
   keras.utils.image_dataset_from_directory. Hidden files and folders (".DS_Store",
-  ".ipynb_checkpoints") are not data and are left out without a warning. A gs:// folder is
-  downloaded once into a local cache (many small files are read faster from disk), so `paths`
-  are local; skipped files are named by their gs:// path.
+  ".ipynb_checkpoints") are not data and are left out without a warning. A gs:// folder whose
+  files fit disk_budget (bytes; None: the scratch folder's free space) is downloaded once into
+  a local copy, and `paths` are local; a larger one is read file by file and `paths` are gs://.
+  Skipped files are named by their gs:// path either way.
   """
-  local = _local_folder(directory, flag)
-  class_names = _class_folders(local, directory, flag)
+  names = _streamed_files(directory, flag, disk_budget)
+  if names is None:
+    root = _local_folder(directory, flag)
+    entries, folders = _local_layout(root, directory, flag)
+  else:
+    root = directory
+    entries, folders = _remote_layout(directory, names)
+  class_names = _class_folders(entries, folders, directory, flag)
   candidates, candidate_labels = [], []
   for label, name in enumerate(class_names):
-    files = _files_below(os.path.join(local, name))
-    candidates += files
-    candidate_labels += [label] * len(files)
+    candidates += folders[name]
+    candidate_labels += [label] * len(folders[name])
   failures = _undecodable(candidates)
   skipped = []
   for index in sorted(failures):
-    shown = directory.rstrip("/") + candidates[index][len(local):] if local != directory else candidates[index]
+    shown = directory.rstrip("/") + candidates[index][len(root):] if root != directory else candidates[index]
     logging.warning("%s: skipped, not a readable image (%s)", shown, failures[index])
     skipped.append({"path": shown, "reason": failures[index]})
   keep = [i for i in range(len(candidates)) if i not in failures]
@@ -88,6 +104,12 @@ def scan(directory, flag="--data"):
   logging.info("%s=%s: %d images in %d classes (%d files skipped)", flag, directory, len(result.paths),
                len(class_names), len(skipped))
   return result
+
+
+def disk_budget(config):
+  """Bytes of scratch disk a gs:// folder's copy may take (trainer.data.budget: --disk_budget_mb,
+  else the scratch folder's free space)."""
+  return budget.disk_budget(config, tempfile.gettempdir())[0]
 
 
 def check_same_classes(train_scan, test_scan):
@@ -135,8 +157,53 @@ def dataset(paths, labels, input_context=None):
                                               tf.constant(list(labels), tf.int32)))
   if input_context is not None and input_context.num_input_pipelines > 1:
     files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return files.map(lambda path, label: (decode(tf.io.read_file(path)), label),
-                   num_parallel_calls=tf.data.AUTOTUNE)
+  read, parallel = _reader(paths)
+  return files.map(lambda path, label: (decode(read(path)), label), num_parallel_calls=parallel)
+
+
+def _reader(paths):
+  """(path tensor -> contents, how many at once) for local files, or a streamed folder's (scan)."""
+  if any(storage.is_remote(p) for p in paths):
+    return read_remote, REMOTE_READS
+  return tf.io.read_file, tf.data.AUTOTUNE
+
+
+def read_remote(path):
+  """A gs:// file's contents as a string tensor, read through trainer.storage inside tf.data:
+  tf.io.read_file's gs:// cannot be pointed at another endpoint (an emulator). A failure is the
+  storage's one line (trainer.transfer.stream_failure finds it in what tf.data raises)."""
+  contents = tf.numpy_function(_remote_bytes, [path], tf.string)
+  contents.set_shape([])
+  return contents
+
+
+def _remote_bytes(path):
+  path = path.decode()
+  try:
+    # An object array: numpy's bytes type would drop trailing NUL bytes (a BMP's padding).
+    return np.array(storage.read_bytes(path), dtype=object)
+  except FileNotFoundError:
+    raise transfer.streaming_failed(transfer.vanished(path)) from None
+  except StorageError as e:
+    raise transfer.streaming_failed(e) from e
+
+
+def _streamed_files(directory, flag, disk_budget):
+  """The relative paths of a gs:// folder's files, in the order os.walk gives, when they are more
+  than the scratch disk it may take (read file by file then); None to read it from a local folder
+  or copy (a local folder, one that fits, or nothing there: the local path's errors say what)."""
+  if not storage.is_remote(directory):
+    return None
+  sizes = storage.list_sizes(directory)
+  total = sum(sizes.values())
+  budget = shutil.disk_usage(tempfile.gettempdir()).free if disk_budget is None else disk_budget
+  if total <= budget:
+    return None
+  logging.info("%s=%s: %s bytes of files, more than the %s bytes of scratch disk it may take: read file by file "
+               "while training, not downloaded", flag, directory, f"{total:,}", f"{budget:,}")
+  # os.walk's order (a folder's files before its subfolders'), so a streamed scan lists what a
+  # downloaded one lists, in the same order, and both split the same examples off.
+  return sorted(sizes, key=lambda name: [(1, part) for part in name.split("/")[:-1]] + [(0, name.split("/")[-1])])
 
 
 def _local_folder(directory, flag):
@@ -146,13 +213,29 @@ def _local_folder(directory, flag):
     raise UserError(f"{flag}={directory}: no such folder; give a folder with one subfolder of images per class")
 
 
-def _class_folders(local, directory, flag):
-  """The class subfolders of `local`, the local copy of `directory` (which errors name)."""
+def _local_layout(local, directory, flag):
+  """(the visible entries of `local`, {subfolder: its files' paths}); `local` is the local copy of
+  `directory`, which errors name."""
   if not os.path.isdir(local):
     raise UserError(f"{flag}={directory} is a file, not a folder; give a folder with one subfolder of images per class")
   entries = sorted(e for e in os.listdir(local) if not e.startswith("."))
-  classes = [e for e in entries if os.path.isdir(os.path.join(local, e))]
-  loose = [e for e in entries if e not in classes]
+  return entries, {e: _files_below(os.path.join(local, e)) for e in entries if os.path.isdir(os.path.join(local, e))}
+
+
+def _remote_layout(directory, names):
+  """_local_layout of a gs:// folder from its files' relative paths (sorted as os.walk lists them)."""
+  visible = [n for n in names if not any(part.startswith(".") for part in n.split("/"))]
+  folders = {}
+  for name in visible:
+    if "/" in name:
+      folders.setdefault(name.split("/")[0], []).append(storage.join(directory, name))
+  return sorted({n.split("/")[0] for n in visible}), folders
+
+
+def _class_folders(entries, folders, directory, flag):
+  """The class names: the subfolders among a folder's entries, checked."""
+  classes = [e for e in entries if e in folders]
+  loose = [e for e in entries if e not in folders]
   if not classes:
     raise UserError(f"{flag}={directory} has no class subfolders; put each class's images in "
                     f"{storage.join(directory, '<class name>')}/")
@@ -186,13 +269,15 @@ def _undecodable(paths):
 
 
 def _failures(paths):
+  read, parallel = _reader(paths)
+
   def check(index, path):
     # The shape is returned so that the decode cannot be optimised away as unused.
-    return index, tf.shape(decode(tf.io.read_file(path)))
+    return index, tf.shape(decode(read(path)))
 
   decoded = set()
   checks = (tf.data.Dataset.from_tensor_slices((tf.range(len(paths)), tf.constant(paths, tf.string)))
-            .map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            .map(check, num_parallel_calls=parallel, deterministic=False)
             .ignore_errors()
             .batch(_CHECK_BATCH))
   for indices, _ in checks.as_numpy_iterator():
@@ -235,9 +320,10 @@ _LOG_LINE = re.compile(r"[IWEF]\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL):")
 
 
 def _decode_error(path):
-  """Why the file does not decode, in one short line; None if it does after all."""
+  """Why the file does not decode, in one short line; None if it does after all. A gs:// file that
+  cannot be read raises StorageError: the storage's failure, not the file's."""
   try:
-    decode(tf.io.read_file(path))
+    decode(tf.constant(storage.read_bytes(path)) if storage.is_remote(path) else tf.io.read_file(path))
   except tf.errors.OpError as e:  # undecodable, unreadable, vanished: all mean "not usable"
     # TF wraps kernel messages as "{{function_node ...}} message [Op:DecodeImage] name: " (an
     # eager op's error names the op and its empty name after the message): keep the message.

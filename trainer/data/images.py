@@ -76,11 +76,12 @@ def _by_index(items, labels, context, read):
 
 
 def _from_folder(config):
-  scan = image_folder.scan(config.data, flag="--data")
+  disk = image_folder.disk_budget(config)  # a gs:// folder over it is read file by file, not downloaded
+  scan = image_folder.scan(config.data, flag="--data", disk_budget=disk)
   splits = _Splits(scan.class_names, config.data, scan.skipped_files)
   paths, labels = np.array(scan.paths), np.array(scan.labels, np.int32)
   if config.test_data:
-    test = image_folder.scan(config.test_data, flag="--test_data")
+    test = image_folder.scan(config.test_data, flag="--test_data", disk_budget=disk)
     image_folder.check_same_classes(scan, test)
     splits.skipped_files += test.skipped_files
     test_paths, test_labels = np.array(test.paths), np.array(test.labels, np.int32)
