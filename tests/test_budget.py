@@ -24,7 +24,9 @@ def make_config(**flags):
 def choose(caplog, config, decoded_bytes):
   """choose_cache's answer and its one log line."""
   caplog.clear()
-  with caplog.at_level(logging.INFO):
+  # On absl's logger itself: TensorFlow's saving code sets absl's verbosity and restores it to WARNING
+  # in a process whose flags were never parsed (tensorflow/python/trackable/autotrackable.py).
+  with caplog.at_level(logging.INFO, logger="absl"):
     chosen = budget.choose_cache(config, decoded_bytes, "1,000 images of 64x64 px")
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cache:")]
   assert len(lines) == 1, lines

@@ -167,7 +167,7 @@ def test_a_folder_on_gcs_over_the_disk_budget_is_checked_and_read_file_by_file(m
   local = image_folder.scan(root)
   size = sum(storage.list_sizes(remote).values())
   no_file_downloads(monkeypatch)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     streamed = image_folder.scan(remote, flag="--test_data", disk_budget=size - 1)
   assert f"--test_data={remote}: {size:,} bytes of files, more than the {size - 1:,} bytes of scratch disk" \
          " it may take: read file by file while training" in caplog.text
