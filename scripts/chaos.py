@@ -121,14 +121,14 @@ def chaos(where, base, flags, kills, rng, scratch):
   return passed, lines
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--kills", type=int, default=10, help="SIGKILLs before the job may finish")
   parser.add_argument("--seed", type=int, default=1, help="seed of the kill times")
   parser.add_argument("--where", choices=("local", "gcs", "both"), default="both")
   parser.add_argument("trainer_flags", nargs="*", help="after --: the trainer's flags (default: %(default)s)",
                       default=DEFAULT_FLAGS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rng = random.Random(args.seed)
   print(f"chaos: --kills={args.kills} --seed={args.seed}; trainer flags: {' '.join(args.trainer_flags)}", flush=True)
   passed = True

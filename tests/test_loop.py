@@ -97,7 +97,9 @@ def odd_batches(model_name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", sorted(SHAPES))
+# The LSTM, whose step is built as the GRU's (keras.layers.RNN cells), meets an empty replica in
+# test_distribution.py (an odd number of batches on two replicas).
+@pytest.mark.parametrize("model_name", ["cnn", "dense", "gru"])
 def test_a_replica_with_an_empty_batch_trains_every_family(model_name):
   # Two replicas of 16: 40 examples are 3 per-replica batches, so the second step gives replica 1 nothing.
   strategy = distribution.make_strategy("mirrored", Cluster({}, "worker", 0, "none"), cpu_devices=2)
