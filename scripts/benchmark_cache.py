@@ -30,6 +30,7 @@ POLICIES = ("memory", "disk", "none")
 
 def measure(args):
   """In the child: prepare, then time each epoch's batches; prints one JSON line."""
+  import tensorflow as tf
   from absl import logging
 
   from trainer import train
@@ -43,7 +44,8 @@ def measure(args):
   rates = []
   for epoch in range(args.epochs):
     count, start = 0, time.perf_counter()
-    for pixels, _ in prepared.make_dataset("train", args.batch_size, epoch=epoch):
+    # With an input context, as the training loop asks: uint8 batches, converted on the device.
+    for pixels, _ in prepared.make_dataset("train", args.batch_size, tf.distribute.InputContext(), epoch):
       count += len(pixels)
     rates.append(count / (time.perf_counter() - start))
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
