@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer.data import augment, image_folder, images  # noqa: E402
+from trainer.data import augment, decoded, image_folder, images  # noqa: E402
 from trainer.models import build_cnn  # noqa: E402
 
 CLASSES = 6
@@ -73,24 +73,22 @@ def images_per_second(batches, count, warmup):
   return images / (time.perf_counter() - start), (time.process_time() - cpu_start) / images * 1e6
 
 
-def our_pipeline(folder, args, augmented=True):
-  """The trainer's own training pipeline (trainer/data/images.py) as its training loop reads it,
-  a new dataset each epoch over one decoded cache: (batches(first_epoch) -> an endless iterator
-  of batches from that epoch on, number of images)."""
+def our_pipeline(folder, args, augmented=True, floats=True):
+  """The trainer's own training pipeline under --cache=memory (trainer/data/images.py) as its
+  training loop reads it, a new dataset each epoch over one decoded store: (batches(first_epoch)
+  -> an endless iterator of batches from that epoch on, number of images)."""
   scan = image_folder.scan(folder)
-  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  examples = images.resized(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  store = decoded.fill(examples, args.image_size, "memory")  # decoded before the clock starts
   options = {"fill_mode": args.fill_mode, "interpolation": args.interpolation}
 
+  def epoch(epoch_seed):
+    return images.augmented_batches(store.batches(images.permutation(len(store), epoch_seed), args.batch_size),
+                                    epoch_seed, augmented, floats, **options)
+
   def batches(first_epoch=0):
-    return itertools.chain.from_iterable(
-        images.training_batches(examples, args.batch_size, args.seed * 100_003 + epoch, augmented, **options)
-        for epoch in itertools.count(first_epoch))
-  return batches, len(scan.paths)
-
-
-def first_epoch_batches(count, args):
-  """Batches to draw before timing our pipeline: a whole first epoch, which fills the cache."""
-  return math.ceil(count / args.batch_size) + 1
+    return itertools.chain.from_iterable(epoch(args.seed * 100_003 + e) for e in itertools.count(first_epoch))
+  return batches, len(scan.paths), epoch
 
 
 def measure_imagedatagenerator(folder, args):
@@ -114,18 +112,19 @@ def measure_keras_layers(folder, args):
       keras.layers.RandomFlip("horizontal_and_vertical", seed=args.seed),
   ])
   scan = image_folder.scan(folder)
-  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
+  examples = images.resized(image_folder.dataset(scan.paths, scan.labels), args.image_size).cache()
   dataset = (examples.shuffle(len(scan.paths), seed=args.seed).repeat()
              .map(images.to_float, num_parallel_calls=tf.data.AUTOTUNE)
              .batch(args.batch_size)
              .map(lambda x, y: (layers(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
              .prefetch(tf.data.AUTOTUNE))
-  return images_per_second(iter(dataset), args.batches, warmup=first_epoch_batches(len(scan.paths), args))
+  # A whole first epoch before the clock starts: it fills the cache.
+  return images_per_second(iter(dataset), args.batches, warmup=math.ceil(len(scan.paths) / args.batch_size) + 1)
 
 
 def measure_ours(folder, args, augmented=True):
-  batches, count = our_pipeline(folder, args, augmented)
-  return images_per_second(batches(), args.batches, warmup=first_epoch_batches(count, args))
+  batches, _, _ = our_pipeline(folder, args, augmented)
+  return images_per_second(batches(), args.batches, warmup=2)
 
 
 def timed_steps(train_step, batches, steps):
@@ -159,14 +158,12 @@ def measure_training(folder, args):
     optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
     return loss
 
-  scan = image_folder.scan(folder)
-  examples = images.decoded(image_folder.dataset(scan.paths, scan.labels), args.image_size)
-  epoch = lambda e: images.training_batches(examples, args.batch_size, args.seed * 100_003 + e)
-  for fixed in epoch(0).take(len(scan.paths) // args.batch_size):  # fills the cache
-    pass
+  _, count, epoch_of_seed = our_pipeline(folder, args)
+  epoch = lambda e: epoch_of_seed(args.seed * 100_003 + e)
+  fixed = next(iter(epoch(0)))
   train_step(*fixed)  # traces
   # Full batches only: a last, smaller one would make the step trace again on the clock.
-  ceiling, pipeline, steps = [], [], len(scan.paths) // args.batch_size
+  ceiling, pipeline, steps = [], [], count // args.batch_size
   for r in range(1, args.rounds + 1):
     ceiling.append(timed_steps(train_step, itertools.repeat(fixed), steps))
     pipeline.append(timed_steps(train_step, iter(epoch(r)), steps))

@@ -76,7 +76,7 @@ def test_image_classes_are_the_trained_models(tmp_path_factory, tmp_path):
   assert "broken.png: skipped, not a readable image" in stderr
 
   scan = image_folder.scan(str(folder))
-  pixels = images.decoded(image_folder.dataset(scan.paths, scan.labels), IMAGE_SIZE).map(images.to_float).batch(64)
+  pixels = images.resized(image_folder.dataset(scan.paths, scan.labels), IMAGE_SIZE).map(images.to_float).batch(64)
   probabilities = np.concatenate([job.model(x, training=False).numpy() for x, _ in pixels])
   written = pd.read_csv(output)
   assert list(written.file) == [os.path.relpath(p, folder) for p in scan.paths]

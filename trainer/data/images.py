@@ -205,12 +205,6 @@ def resized(examples, size):
                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def decoded(examples, size):
-  """resized, and cached in memory: the cache fills during the first pass and every later pass
-  reads it (scripts/benchmark_input.py's pipeline)."""
-  return resized(examples, size).cache()
-
-
 def permutation(count, epoch_seed):
   """The order of an epoch's examples by index, the same for every policy."""
   return np.random.default_rng(epoch_seed).permutation(count)
@@ -238,13 +232,6 @@ def augmented_batches(batches, epoch_seed, augmented=True, floats=True, **augmen
           .map(pixels, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE)
           .with_options(options))
-
-
-def training_batches(examples, batch_size, epoch_seed, augmented=True, floats=True, **augment_options):
-  """One epoch of training batches from a stream of decoded examples (streams under --cache=none):
-  shuffled through a buffer of STREAM_BUFFER examples seeded by epoch_seed, then augmented_batches."""
-  return augmented_batches(streamed_batches(examples, batch_size, epoch_seed), epoch_seed, augmented, floats,
-                           **augment_options)
 
 
 def streamed_batches(examples, batch_size, epoch_seed):
