@@ -31,6 +31,7 @@ def seed(a, b=0, dtype=tf.int64):
   return tf.constant([a, b], dtype)
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @pytest.mark.parametrize("interpolation", ["NEAREST", "BILINEAR"])
 @pytest.mark.parametrize("fill_mode", ["NEAREST", "CONSTANT", "REFLECT"])
 def test_shape_dtype_and_range_are_kept(fill_mode, interpolation):

@@ -45,6 +45,7 @@ def variables(model, optimizer):
   return [v.numpy() for v in model.variables + optimizer.variables]
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_restore_brings_back_weights_optimizer_dropout_state_and_loop_state(root):
   model, optimizer, checkpoints = make(root)
   assert checkpoints.restore_latest() is None
@@ -79,6 +80,7 @@ def test_keeps_the_newest_and_cleans_leftovers(root):
   assert storage.list_dir(root) == []
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(root, caplog):
   model, optimizer, checkpoints = make(root)
   checkpoints.save(1, {"n": 1}, None)
@@ -172,6 +174,7 @@ def test_a_pruned_checkpoint_loses_its_marker_first(root, monkeypatch):
   assert checkpoints.complete() == [2]
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_the_same_step_saved_again_replaces_it(root):
   model, optimizer, checkpoints = make(root, keep=1)
   checkpoints.save(5, {"n": 1}, None)
@@ -278,6 +281,7 @@ def test_storage_stat_tells_versions_apart(storage_root):
     storage.stat(storage.join(storage_root, "missing.csv"))
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_the_fingerprint_is_of_the_data_as_it_was_read(table_csv, tmp_path, monkeypatch):
   """A file rewritten while the job reads it (a nightly ETL landing mid-read) must not be recorded
   as the data the job trained on: the fingerprint is taken before the read."""
@@ -317,6 +321,7 @@ def stalled_at(monkeypatch, owner, name, when=lambda *args, **kwargs: True):
   return release
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_background_save_holds_the_variables_as_they_were_when_it_was_asked(root, monkeypatch):
   model, optimizer, checkpoints = make(root)
   train_a_step(model, optimizer)
@@ -372,6 +377,7 @@ def test_a_failed_background_save_stops_the_job_with_170_at_the_next_boundary(tm
     assert Checkpoints(str(tmp_path), model, optimizer).restore_latest().state["global_step"] == 3
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_mirrored_model_saved_in_the_background_restores_outside_any_strategy(tmp_path):
   """The host copy reads distributed variables (here mirrored on two logical CPUs) on the caller's thread."""
   from trainer import distribution

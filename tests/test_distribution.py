@@ -63,6 +63,7 @@ def test_communication_options(flag, implementation):
   assert options.implementation == tf.distribute.experimental.CommunicationImplementation[implementation]
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_refusals_are_one_line_and_exit_2(tmp_path):
   for flags in (["--strategy=mirrored"], ["--communication=nccl"]):
     done = forked.run([sys.executable, "-m", "trainer.task", "--model=dense", "--epochs=1", *flags,
@@ -128,6 +129,7 @@ def test_variables_are_mirrored(model):
   assert {type(v.value).__name__ for v in built.trainable_variables} == {"MirroredVariable"}
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_one_replica_of_64_and_two_of_32_take_the_same_step():
   """The global batch means what it says: the first step's loss and updated weights are the same
   whether 64 examples go to one replica or 32 to each of two."""

@@ -130,6 +130,7 @@ def test_script_writes_shards_and_reports_skipped_files(messy_folder, tmp_path, 
   assert "\n" not in message
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_shards_on_gcs_read_like_the_local_copy(tmp_path, gcs_bucket):
   scan = class_folder(str(tmp_path / "src"))
   out = str(tmp_path / "shards")

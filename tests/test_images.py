@@ -63,6 +63,7 @@ def test_without_augmentation_training_pixels_are_the_images():
   assert got <= expected and len(got) == len(x)
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_augmentation_is_fixed_by_seed_and_epoch():
   prepared = images.prepare(Config(model="cnn", image_size=24))
   first = batches(prepared.make_dataset("train", 50, epoch=0))
@@ -128,6 +129,7 @@ def test_separate_test_folder(make_image_folder):
   assert prepared.summary["counts"]["test"] == [3, 3, 3] and len(prepared.test_targets) == 9
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_tfrecord_shards_as_data(make_image_folder, tmp_path):
   image_tfrecords.write_shards(image_folder.scan(make_image_folder()), str(tmp_path / "shards"), 3)
   prepared = images.prepare(Config(model="cnn", data=str(tmp_path / "shards"), image_size=24))
@@ -137,6 +139,7 @@ def test_tfrecord_shards_as_data(make_image_folder, tmp_path):
   assert len(train_y) + len(val_y) + len(prepared.test_targets) == 36
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_folders_and_shards_on_gcs_give_what_the_local_copies_give(make_image_folder, tmp_path, gcs_bucket):
   folder = make_image_folder({"a": 8, "b": 6})
   shards = str(tmp_path / "shards")
@@ -150,6 +153,7 @@ def test_folders_and_shards_on_gcs_give_what_the_local_copies_give(make_image_fo
                                   batches(expected.make_dataset("validation", 64))[0])
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_tfds_by_name_through_mock_data():
   with tfds.testing.mock_data(num_examples=40):
     prepared = images.prepare(Config(model="cnn", data="tfds:mnist", image_size=28))

@@ -58,6 +58,7 @@ def test_divergence_stops_with_a_clear_error():
     train(epochs=20, patience=20, learning_rate=1e12)
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_tensorboard_logs_are_written(tmp_path):
   train(epochs=2, patience=2, log_dir=str(tmp_path))
   for split in ("train", "validation"):
@@ -138,6 +139,7 @@ def test_a_worker_that_does_not_publish_never_logs_a_checkpoint_as_saved(tmp_pat
       f"{tmp_path / 'ckpt-8'} (epoch 1, step 0;" in lines[0]
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_tensorboard_logs_are_copied_after_each_save_on_the_saving_thread_and_a_failed_copy_does_not_stop_it(
     tmp_path, caplog):
   # On gs:// a copy of the logs is a request per changed file: on the training thread it would stall

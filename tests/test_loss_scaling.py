@@ -66,6 +66,7 @@ def train_one_epoch(strategy, checkpoint_dir=None, clip_norm=None):
   return model, optimizer, initial
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @pytest.mark.parametrize("clip_norm", [None, 1.0])
 def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(clip_norm):
   """Keras' LossScaleOptimizer checks each replica's gradient before the all-reduce and follows replica
@@ -85,6 +86,7 @@ def test_an_overflow_on_one_replica_skips_the_step_on_every_replica(clip_norm):
 
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_checkpoint_keeps_the_dynamic_scale(tmp_path):
   """A resumed float16 job goes on with the scale it had reached (halved here), not the initial one, and
   with the count of good steps towards its next doubling."""

@@ -191,6 +191,7 @@ except serving_lease.LeaseLost as e:
 '''
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_promoter_whose_lease_ran_out_never_touches_the_new_holders_version(root, tmp_path):
   serving_dir = storage.join(root, "serving")
   source = fake_export(str(tmp_path / "export"))

@@ -152,6 +152,7 @@ for key in [f"{kind}-{k}" for kind in ("fresh", "stale") for k in range(rounds)]
 '''
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_two_processes_racing_for_the_lease_never_both_win(root, tmp_path):
   rounds = 8
   for k in range(rounds):
@@ -199,6 +200,7 @@ except serving_lease.LeaseHeld as e:
 '''
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_lease_expiry_is_judged_by_the_store_clock_not_the_hosts(root, tmp_path):
   script = tmp_path / "clock.py"
   script.write_text(CLOCK)

@@ -48,6 +48,7 @@ def trained(strategy, steps_per_loop, epochs=2, clip_norm=None, loss_scaling=Fal
   return history, model.get_weights()
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @pytest.mark.parametrize("strategy_name", ["default", "mirrored"])
 def test_three_steps_per_call_train_exactly_as_one(strategy_name):
   strategy = distribution.make_strategy(strategy_name, ALONE, 2 if strategy_name == "mirrored" else 0)
@@ -71,6 +72,7 @@ def test_a_call_boundary_that_reaches_or_passes_a_multiple_saves(tmp_path):
   assert [due(step, steps=3) for step in (3, 6, 8, 11, 14)] == [False, True, True, False, True]
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_signal_saves_after_the_next_call_and_the_resumed_job_ends_exactly_as_one_never_stopped(tmp_path):
   strategy = tf.distribute.get_strategy()
   reference, reference_weights = trained(strategy, 3)
@@ -104,6 +106,7 @@ def one_batch_of_64(split, batch_size, input_context=None, epoch=0):
   return dataset.batch(batch_size)
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_clipping_is_of_the_all_reduced_gradient():
   """One replica of 64 and two of 32 take the same clipped step. Clipped per replica (Keras'
   global_clipnorm), each half of the gradient would be clipped to the norm, and the step would be up to
@@ -117,6 +120,7 @@ def test_clipping_is_of_the_all_reduced_gradient():
   assert not np.allclose(unclipped[0], runs["default"][1][0], atol=1e-4)  # the clipping did bite
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_clipping_under_loss_scaling_takes_the_same_step():
   # Mixed float16 (GPUs) wraps the optimizer in a LossScaleOptimizer: its gradients are scaled, the threshold too.
   strategy = tf.distribute.get_strategy()

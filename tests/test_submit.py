@@ -197,6 +197,7 @@ def container_flags(objects, spec, container, folder):
   return trainer_flags(args)
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
 def test_kubernetes_dry_run_renders_the_overlay_for_this_job(target, tmp_path):
@@ -299,6 +300,7 @@ def test_a_job_name_too_long_for_the_names_kubernetes_derives_says_how_long_it_m
     ("gpu-job", ["neither gs:// nor on a persistent volume of the pod", "lost with the pod"]),
     ("cronjob", ["neither gs:// nor on a persistent volume of the pod"]),
 ])
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected, tmp_path):
   code, stdout, stderr = submit(f"--target={target}", *JOB, "--job_dir=/mnt/jobs/gru-7", "--dry_run")
   assert_usage_error(code, stderr, "--job_dir=/mnt/jobs/gru-7", *expected)
@@ -323,6 +325,7 @@ def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(tmp_
   assert_usage_error(code, stderr, "--serving_dir=gs://Models/serving: 'Models' is not a bucket name")
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @needs_kubectl
 def test_kubernetes_applies_what_the_dry_run_printed(fake_bin):
   folder, env, calls = fake_bin
@@ -375,6 +378,7 @@ def test_vertex_chief_alone_on_a_cpu_machine():
   check_worker_pools(spec, 0, {"machineType": "n1-standard-8"})
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_vertex_tuning_job_is_filled_in():
   stdout, job = vertex_dry_run("--workers=2", "--max_trials=20", "--parallel_trials=4",
                                "--", "--model=gru", "--epochs=5", "--bidirectional", target="vertex-hptuning")
@@ -407,6 +411,7 @@ def test_vertex_without_gcloud_is_one_line_and_exit_2(tmp_path):
   assert_usage_error(*submit("--target=vertex", *JOB, path=tmp_path)[::2], "gcloud is not on PATH")
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @pytest.mark.parametrize("target, command", [("vertex", "custom-jobs"), ("vertex-hptuning", "hp-tuning-jobs")])
 def test_vertex_creates_the_job_with_gcloud(target, command, fake_bin):
   folder, env, calls = fake_bin
@@ -443,6 +448,7 @@ messages.DictToMessageWithErrorCheck(yaml.load_path(sys.argv[3]), message)
 @pytest.mark.skipif(gcloud_sdk() is None, reason="the Google Cloud SDK (gcloud's own libraries) is not installed")
 @pytest.mark.parametrize("target, message", [("vertex", "CustomJobSpec"),
                                              ("vertex-hptuning", "HyperparameterTuningJob")])
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_vertex_configs_parse_as_gcloud_reads_them(target, message, tmp_path):
   stdout, _ = vertex_dry_run("--", "--model=gru", target=target)
   (tmp_path / "config.yaml").write_text(stdout)

@@ -88,6 +88,7 @@ def test_a_table_regressors_validation_metrics_are_in_the_targets_units(table_cs
                  "val_mae": pytest.approx(expected["mae"], rel=1e-4)}
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_forecasters_validation_metrics_are_in_the_prices_units(prices_csv):
   # The network predicts a standardised relative change; a price error is that error times the
   # price the forecast starts from and the change's std, which differs from day to day.
