@@ -194,3 +194,20 @@ def test_a_table_too_large_for_memory_is_refused_before_training(tmp_path, table
   assert f"--data={data} (" in lines[0] and "over the memory budget of 1.0 MiB (--memory_budget_mb=1)" in lines[0]
   assert "--memory_budget_mb" in lines[0].rpartition(";")[2], lines[0]
   assert not job_dir.exists() or not any(job_dir.rglob("checkpoint*")), list(job_dir.rglob("*"))
+
+
+@pytest.mark.slow
+def test_images_asked_to_stay_in_memory_beyond_the_budget_are_refused_before_training(tmp_path, make_image_folder):
+  """36 images at 150 px are 2.3 MiB decoded: --cache=memory with a budget of 1 MiB stops before any
+  image is decoded, in one line naming the sizes and the flags to change, exit 2 (not a kill for memory)."""
+  job_dir = tmp_path / "job"
+  done = forked.run([sys.executable, "-m", "trainer.task", "--model=cnn", f"--data={make_image_folder()}",
+                     "--cache=memory", "--memory_budget_mb=1", "--epochs=1", f"--job_dir={job_dir}"],
+                    capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr
+  lines = [line for line in done.stderr.splitlines() if line.startswith("trainer: error:")]
+  assert len(lines) == 1, done.stderr
+  assert lines[0].startswith("trainer: error: --cache=memory: 36 images of 150x150 px") and "2.3 MiB decoded, " \
+      "over the memory budget of 1.0 MiB (--memory_budget_mb=1); use --cache=disk or --cache=none" in lines[0], lines[0]
+  assert not job_dir.exists() or not any(job_dir.rglob("checkpoint*")), list(job_dir.rglob("*"))
