@@ -101,6 +101,12 @@ class Job:
   def last_line(self):
     return self.lines[-1] if self.lines else ""
 
+  def last_trainer_line(self):
+    """The last line the trainer itself wrote ("trainer: ..."). A worker of a cluster whose chief
+    exited first may log TensorFlow's heartbeat error after it ("Failed to send RPC to
+    coordination service"), while it exits."""
+    return next((line for line in reversed(self.lines) if line.startswith("trainer:")), "")
+
 
 def run(flags, **kwargs):
   """(exit code, Job) of a command run to its end."""

@@ -305,7 +305,9 @@ def test_two_workers_one_sigtermed_both_save_the_same_step_and_resume_from_it(st
   pair[1].wait_for("^STALLED")
   pair[1].signal(signal.SIGTERM)
   assert [w.finish() for w in pair] == [143, 143], pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
-  steps = [re.search(r"stopped by SIGTERM at step (\d+)", w.last_line()).group(1) for w in pair]
+  assert all(re.search(r"stopped by SIGTERM at step \d+", w.last_trainer_line()) for w in pair), \
+      pair[0].stderr[-2000:] + pair[1].stderr[-2000:]
+  steps = [re.search(r"stopped by SIGTERM at step (\d+)", w.last_trainer_line()).group(1) for w in pair]
   assert steps[0] == steps[1]
   assert complete_checkpoints(job_dir)[-1] == f"ckpt-{steps[0]}"
 
