@@ -40,6 +40,7 @@ def epochs(prepared, *numbers, split="train"):
   return result
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_the_three_policies_give_identical_training_batches_for_a_folder(make_image_folder, scratch):
   folder = make_image_folder({"a": 14, "b": 10, "c": 8})
   got = {}
@@ -70,6 +71,7 @@ def test_an_epoch_is_a_permutation_of_the_examples_drawn_from_seed_and_epoch(mak
   np.testing.assert_array_equal(y, store.labels[order])
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_stream_under_none_is_the_same_for_the_same_seed_and_epoch(make_image_folder, tmp_path, scratch):
   scan = image_folder.scan(make_image_folder({"a": 10, "b": 10}))
   image_tfrecords.write_shards(scan, str(tmp_path / "shards"), num_shards=2)
@@ -83,6 +85,7 @@ def test_a_stream_under_none_is_the_same_for_the_same_seed_and_epoch(make_image_
   assert len(labels) == sum(prepared.summary["counts"]["train"])
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 @pytest.mark.parametrize("cache", POLICIES)
 def test_each_input_pipeline_gets_its_own_share_of_a_stream(make_image_folder, tmp_path, scratch, cache):
   """Two workers: each trains on its own share, even where prepare() read the whole stream first

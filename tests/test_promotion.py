@@ -98,6 +98,7 @@ def test_keep_versions_prunes_the_oldest(root, tmp_path):
   assert promotion.production(serving_dir) == storage.join(serving_dir, "4")
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_a_promotion_killed_before_it_completes_is_never_production(root, tmp_path):
   serving_dir = storage.join(root, "serving")
   source = fake_export(str(tmp_path / "export"))

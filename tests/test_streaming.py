@@ -47,6 +47,7 @@ def scratch_files():
   return [os.path.join(root, f) for root, _, files in os.walk(transfer._cache_root()) for f in files]  # noqa: SLF001
 
 
+@pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
 def test_streamed_shards_give_the_local_examples_in_the_local_order(tmp_path, gcs_bucket):
   local, remote, _ = shards(tmp_path, gcs_bucket)
   read = lambda location, **options: in_order(image_tfrecords.read(location, **options)[0])
