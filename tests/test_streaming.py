@@ -64,12 +64,32 @@ def test_streamed_shards_give_the_local_examples_in_the_local_order(tmp_path, gc
   assert sorted(indexed) == [(i, *example) for i, example in enumerate(read(local))]
 
 
+def folder_bytes(folder):
+  """Bytes of the files in folder; one the reader removes meanwhile counts as gone (it ran on the
+  download thread while the reader released a shard: a FileNotFoundError there failed this test in CI)."""
+  sizes = []
+  for name in os.listdir(folder):
+    try:
+      sizes.append(os.path.getsize(os.path.join(folder, name)))
+    except FileNotFoundError:
+      pass
+  return sum(sizes)
+
+
+def test_an_unexpected_error_on_the_download_thread_reaches_the_reader(tmp_path, gcs_bucket, monkeypatch):
+  """The thread died silently before: the reader waited a storage timeout and said only that the
+  download "stopped without a result"."""
+  _, remote, _ = shards(tmp_path, gcs_bucket, num_shards=2)
+  monkeypatch.setattr(transfer, "_downloaded", lambda folder: 1 / 0)
+  with pytest.raises(Exception, match="ZeroDivisionError"):
+    in_order(image_tfrecords.read(remote)[0])
+
+
 def test_streaming_keeps_at_most_a_few_shards_on_disk_and_removes_each_once_read(tmp_path, gcs_bucket, monkeypatch):
   local, remote, metadata = shards(tmp_path, gcs_bucket, num_shards=6)
   largest = max(os.path.getsize(os.path.join(local, name)) for name in metadata["shards"])
   on_disk = []  # bytes of the stream's scratch folder after each download: the moments it is fullest
-  monkeypatch.setattr(transfer, "_downloaded", lambda folder: on_disk.append(
-      sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))))
+  monkeypatch.setattr(transfer, "_downloaded", lambda folder: on_disk.append(folder_bytes(folder)))
   before = set(scratch_files())
   assert in_order(image_tfrecords.read(remote)[0]) == in_order(image_tfrecords.read(local)[0])
   assert len(on_disk) == 6 and max(on_disk) <= transfer.STREAM_ON_DISK * largest, on_disk

@@ -188,7 +188,7 @@ class _Downloads:
 
   def __init__(self, paths, folder, on_disk):
     self.paths, self.folder, self.on_disk = paths, folder, max(1, on_disk)
-    self.results = queue.Queue()  # a local path or a StorageError per file, in order
+    self.results = queue.Queue()  # a local path or a StorageError per file, in order (or the bug that ended it)
     self.changed = threading.Condition()
     self.present, self.stopped, self.previous = 0, False, None
     self.thread = threading.Thread(target=self._run, name="trainer-stream", daemon=True)
@@ -208,6 +208,8 @@ class _Downloads:
           raise StorageError(f"cannot read {self.paths[index]}: its download stopped without a result") from None
     if isinstance(result, StorageError):
       raise streaming_failed(result)
+    if isinstance(result, Exception):
+      raise result
     self.previous = result
     return result
 
@@ -227,6 +229,12 @@ class _Downloads:
     shutil.rmtree(self.folder, ignore_errors=True)
 
   def _run(self):
+    try:
+      self._download_all()
+    except Exception as e:  # a bug, not the storage: the reader raises it rather than wait for a result
+      self.results.put(e)
+
+  def _download_all(self):
     for index, path in enumerate(self.paths):
       with self.changed:
         if self.present >= self.on_disk and not self.stopped:
