@@ -63,8 +63,9 @@ def reserve(config):
 
 
 def disk_budget(config, folder):
-  """(bytes the data may take in the local scratch folder, how that was found)."""
-  if config.disk_budget_mb:
+  """(bytes the data may take in the local scratch folder, how that was found); config None: no
+  flags to read (a script without them), the folder's free space."""
+  if config is not None and config.disk_budget_mb:
     return config.disk_budget_mb * MIB, f"--disk_budget_mb={config.disk_budget_mb}"
   return shutil.disk_usage(folder).free, f"free space of {folder}"
 

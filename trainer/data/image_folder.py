@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
 import sys
 import tempfile
 from typing import Dict, List
@@ -196,11 +195,11 @@ def _streamed_files(directory, flag, disk_budget):
     return None
   sizes = storage.list_sizes(directory)
   total = sum(sizes.values())
-  budget = shutil.disk_usage(tempfile.gettempdir()).free if disk_budget is None else disk_budget
-  if total <= budget:
+  allowed = budget.disk_budget(None, tempfile.gettempdir())[0] if disk_budget is None else disk_budget
+  if total <= allowed:
     return None
   logging.info("%s=%s: %s bytes of files, more than the %s bytes of scratch disk it may take: read file by file "
-               "while training, not downloaded", flag, directory, f"{total:,}", f"{budget:,}")
+               "while training, not downloaded", flag, directory, f"{total:,}", f"{allowed:,}")
   # os.walk's order (a folder's files before its subfolders'), so a streamed scan lists what a
   # downloaded one lists, in the same order, and both split the same examples off.
   return sorted(sizes, key=lambda name: [(1, part) for part in name.split("/")[:-1]] + [(0, name.split("/")[-1])])
