@@ -270,12 +270,16 @@ class Saving:
     self.path, self._work, self._then = path, work, then
     self._error, self._done = None, threading.Event()
 
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
   def run(self):
-    started = time.time()
+    started = time.monotonic()
     try:
       self._work()
       if self._then:
-        self._then(time.time() - started)
+        self._then(time.monotonic() - started)
     except Exception as e:  # noqa: BLE001 -- handed to the thread that waits (wait); the saver thread lives on
       self._error = e
     finally:

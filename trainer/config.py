@@ -151,6 +151,11 @@ class Config:
   # Checkpoints off the critical path: may change on resume.
   async_checkpoints: bool = option(True, "Copy each checkpoint to host memory and write and upload it while training "
                                    "goes on; false: training waits for each save.")
+  # What a preempted pod is given between SIGTERM and SIGKILL: GKE's Spot and preemptible nodes give 15 s, whatever
+  # terminationGracePeriodSeconds says. Only warns: the trainer cannot read its pod's grace itself.
+  preemption_grace_seconds: float = option(15.0, "Seconds a preemption gives between SIGTERM and the kill (GKE Spot "
+                                           "nodes: 15; else the pod's terminationGracePeriodSeconds): a checkpoint "
+                                           "save that takes longer is warned about once; 0: no warnings.")
   # Data beyond memory (trainer/data/budget.py, trainer/data/images.py).
   cache: str = option("auto", "cnn: where decoded images are kept between epochs: memory, disk (local scratch: TMPDIR, "
                       "else /tmp), none (decoded every epoch), or auto: the first of these that fits.",
@@ -187,6 +192,9 @@ class Config:
     for name in ("memory_budget_mb", "disk_budget_mb"):
       if getattr(self, name) < 0:
         raise UserError(f"--{name} must be 0 (measure it) or more (got {getattr(self, name)})")
+    if not self.preemption_grace_seconds >= 0:
+      raise UserError("--preemption_grace_seconds must be 0 (no warnings) or more "
+                      f"(got {self.preemption_grace_seconds:g})")
     if self.warmup_steps < 0:
       raise UserError(f"--warmup_steps must be 0 (no warmup) or more (got {self.warmup_steps})")
     if not self.clip_norm >= 0:

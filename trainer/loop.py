@@ -258,9 +258,12 @@ class Loop:
     try:
       self._saving = checkpoints.save(state.global_step, state.to_json(), state.best_weights,
                                       self.checkpointing.background,
-                                      functools.partial(_saved, checkpoints, *where, self.checkpointing.after_save))
+                                      functools.partial(_saved, checkpoints, *where, self.checkpointing.after_save,
+                                                        self.checkpointing.stop))
     except NotFinite:
       raise Diverged.at(state, "finite but the weights are not", state.global_step, self.steps.clip_norm) from None
+    if self.checkpointing.stop:
+      self.checkpointing.stop.saving = self._saving
     if not self.checkpointing.background:
       self.settle(state)
 
@@ -298,10 +301,11 @@ class Loop:
     return Preempted(stop.signum or signal.SIGTERM, state.global_step, state.checkpoint)
 
 
-def _saved(checkpoints, global_step, epoch, step, after_save, seconds):
-  """Logs a finished save, then runs after_save, on the thread that wrote it: a copy of the logs to
-  gs:// (a request per changed file) stays off the training thread, as the save does. A failed
-  copy stops nothing: the next one copies what it missed."""
+def _saved(checkpoints, global_step, epoch, step, after_save, stop, seconds):
+  """Logs a finished save (and, once, one that took longer than the preemption grace: stop, a
+  StopSignal), then runs after_save, on the thread that wrote it: a copy of the logs to gs:// (a
+  request per changed file) stays off the training thread, as the save does. A failed copy stops
+  nothing: the next one copies what it missed."""
   where = (epoch, step, seconds)
   if checkpoints.publish:
     logging.info("checkpoint %s saved (epoch %d, step %d; %.2f s)", checkpoints.path(global_step), *where)
@@ -309,6 +313,8 @@ def _saved(checkpoints, global_step, epoch, step, after_save, seconds):
     # Every worker writes its part of a collective save; the chief's copy alone is published.
     logging.info("checkpoint of step %d written for the collective save and discarded: the chief publishes %s "
                  "(epoch %d, step %d; %.2f s)", global_step, checkpoints.path(global_step), *where)
+  if stop:
+    stop.slow_save(checkpoints.path(global_step), seconds)
   if after_save:
     try:
       after_save()

@@ -114,7 +114,7 @@ def run(config, job_dir, warm_start=NOT_A_RETRAIN):
   local_dir = distribution.writable_job_dir(job_dir, config.cluster)
   try:
     # After the strategy: MultiWorkerMirroredStrategy installs a SIGTERM handler of its own.
-    with StopSignal() as stop:
+    with StopSignal(config.preemption_grace_seconds) as stop:
       job = _build(config, Folders.of(config, job_dir, local_dir), strategy)  # 1. build
       state = start.begin(config, job.checkpoints, job.model, job.optimizer, strategy, warm_start)  # 2. start
       # Where the wall time goes (the report's wall_time): start-up is everything before training but the data.
