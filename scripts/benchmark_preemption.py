@@ -11,7 +11,9 @@ folder in the bucket and every flag at its default, waits for its first checkpoi
 epoch 1: by then every function is traced and no save is under way), sends SIGTERM at once, and
 times the rest from the trainer's own log lines:
   to_save s      SIGTERM to the start of the signal's save: the call of --steps_per_loop steps under
-                 way and the next one, which carries the flag to every worker (trainer.loop)
+                 way (Python runs the handler only once TensorFlow's call returns), the next one,
+                 which carries the flag to every worker (trainer.loop), and the epoch's validation
+                 when that call ends an epoch
   save s         the signal's checkpoint: host copy excluded, its write and upload, as the trainer
                  logs it ("checkpoint ... saved (...; X s)")
   exit s         from that line to the process's end (evaluation is skipped; TensorFlow's teardown)
