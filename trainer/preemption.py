@@ -64,7 +64,8 @@ class StopSignal:
       logging.warning("%s received: saving a checkpoint at the next step boundary, then exiting",
                       signal.Signals(signum).name)
       self.signum = signum
-      if self.grace_seconds:
+      # A preemption's SIGTERM has a deadline; a Ctrl-C has none.
+      if self.grace_seconds and signum == signal.SIGTERM:
         self._deadline = threading.Timer(self.grace_seconds, self._overdue)
         self._deadline.daemon = True  # never holds the exit up
         self._deadline.start()
