@@ -50,8 +50,8 @@ RETRYABLE_CODES = {errors.STORAGE_FAILURE, errors.WORKER_LOST, errors.SERVING_BU
 CRONJOB_RUN = "29250180"
 
 
-def test_the_four_environments_have_overlays():
-  assert {"gpu-job", "tfjob", "indexed-job", "cronjob"} <= set(OVERLAYS)
+def test_the_five_environments_have_overlays():
+  assert {"gpu-job", "tfjob", "indexed-job", "cronjob", "jobset"} <= set(OVERLAYS)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -95,6 +95,22 @@ def _job_pod(where, job_spec, job_name):
   return Pod(where, job_spec["template"], job_name, labels, job_spec.get("parallelism", 1), job_spec)
 
 
+def _jobset_pods(jobset):
+  """The pods of a JobSet's first child Job of each replicated Job, labelled as JobSet labels them;
+  the job folder is named after the JobSet (its child Jobs' names differ per role)."""
+  name = jobset["metadata"]["name"]
+  replicated = jobset["spec"]["replicatedJobs"]
+  tasks = sum(job.get("replicas", 1) * job["template"]["spec"].get("parallelism", 1) for job in replicated)
+  found = []
+  for job in replicated:
+    spec = job["template"]["spec"]
+    labels = {**spec["template"].get("metadata", {}).get("labels", {}), "jobset.sigs.k8s.io/jobset-name": name,
+              "jobset.sigs.k8s.io/replicatedjob-name": job["name"], "jobset.sigs.k8s.io/job-index": "0",
+              "batch.kubernetes.io/job-name": f"{name}-{job['name']}-0"}
+    found.append(Pod(f"JobSet {name} {job['name']}", spec["template"], name, labels, tasks, spec))
+  return found
+
+
 def pods(docs):
   """Every pod template of the rendered workloads, with what runs it."""
   found = []
@@ -111,14 +127,21 @@ def pods(docs):
         labels = {**spec["template"].get("metadata", {}).get("labels", {}), "training.kubeflow.org/job-name": name,
                   "training.kubeflow.org/replica-type": replica_type.lower()}
         found.append(Pod(f"TFJob {name} {replica_type}", spec["template"], name, labels, tasks, None))
-  assert found, "no Job, CronJob or TFJob"
+    elif kind == "JobSet":
+      found.extend(_jobset_pods(doc))
+  assert found, "no Job, CronJob, TFJob or JobSet"
   return found
 
 
 def validate(doc):
   """Strict schema validation; a TFJob, a CRD the schemas do not know, through its pod templates
-  (each as a v1 PodTemplate)."""
-  if doc["kind"] == "TFJob":
+  (each as a v1 PodTemplate), a JobSet through its Job templates (each as a batch/v1 Job)."""
+  if doc["kind"] == "JobSet":
+    for job in doc["spec"]["replicatedJobs"]:
+      kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "spec": job["template"]["spec"],
+                                    "metadata": {"name": f"{doc['metadata']['name']}-{job['name']}-0"}},
+                                   KUBERNETES_VERSION, strict=True)
+  elif doc["kind"] == "TFJob":
     for replica_type, spec in doc["spec"]["tfReplicaSpecs"].items():
       template = {"apiVersion": "v1", "kind": "PodTemplate", "template": spec["template"],
                   "metadata": {"name": f"{doc['metadata']['name']}-{replica_type.lower()}"}}
@@ -319,7 +342,8 @@ def test_pod_failure_policy_follows_the_trainers_exit_codes(overlay):
     for rule in rules[1:]:
       assert rule["onExitCodes"]["containerName"] == container["name"]
       assert rule["onExitCodes"]["operator"] == "In"
-    assert pod.job_spec.get("backoffLimit", 6) >= 1
+    # A JobSet's child Jobs fail on the first counted failure: the JobSet restarts every pod (retries, below).
+    assert pod.job_spec.get("backoffLimit", 6) >= (0 if pod.where.startswith("JobSet") else 1)
 
 
 # --- the environments ----------------------------------------------------------------------------
