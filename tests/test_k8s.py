@@ -20,6 +20,7 @@ import signal
 import subprocess
 from typing import Optional
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -37,6 +38,9 @@ OVERLAYS = sorted(path.parent.name for path in (K8S / "overlays").glob("*/kustom
 # The kubectl installed here and on CI is 1.32; kubernetes-validate ships schemas for 1.25-1.37.
 KUBERNETES_VERSION = "1.32"
 KUBECTL = shutil.which("kubectl")
+# The openAPIV3Schema of the CRDs the custom kinds are applied to (tests/data/crds/README.md says where from).
+CRD_SCHEMAS = {"TFJob": ("kubeflow.org/v1", "kubeflow.org_tfjobs.v1.json"),
+               "JobSet": ("jobset.x-k8s.io/v1alpha2", "jobset.x-k8s.io_jobsets.v1alpha2.json")}
 
 # An uncaught exception or a flag absl cannot parse: Python's and absl's own exit code.
 PYTHON_ERROR = 1
@@ -133,9 +137,41 @@ def pods(docs):
   return found
 
 
+def _strict(schema):
+  """The schema with unknown fields refused wherever it lists an object's fields: what the API server's
+  strict field validation (kubectl's default) does with a structural CRD schema."""
+  if isinstance(schema, list):
+    return [_strict(item) for item in schema]
+  if not isinstance(schema, dict):
+    return schema
+  strict = {key: (value if key == "enum" else _strict(value)) for key, value in schema.items()}
+  if "properties" in strict and "additionalProperties" not in strict and \
+      not strict.get("x-kubernetes-preserve-unknown-fields"):
+    strict["additionalProperties"] = False
+  return strict
+
+
+@functools.cache
+def crd_validator(kind):
+  _, filename = CRD_SCHEMAS[kind]
+  schema = _strict(json.loads((ROOT / "tests" / "data" / "crds" / filename).read_text()))
+  return jsonschema.Draft7Validator(schema)
+
+
+def validate_against_crd(doc):
+  api_version, _ = CRD_SCHEMAS[doc["kind"]]
+  assert doc["apiVersion"] == api_version, f"{doc['kind']}: apiVersion {doc['apiVersion']}, the CRD serves {api_version}"
+  error = jsonschema.exceptions.best_match(crd_validator(doc["kind"]).iter_errors(doc))
+  if error:
+    raise error
+
+
 def validate(doc):
-  """Strict schema validation; a TFJob, a CRD the schemas do not know, through its pod templates
-  (each as a v1 PodTemplate), a JobSet through its Job templates (each as a batch/v1 Job)."""
+  """Strict schema validation. A TFJob or JobSet against its CRD's schema, then (the Kubernetes schemas
+  do not know the kind) through its pod templates (each as a v1 PodTemplate) or Job templates (each as a
+  batch/v1 Job)."""
+  if doc["kind"] in CRD_SCHEMAS:
+    validate_against_crd(doc)
   if doc["kind"] == "JobSet":
     for job in doc["spec"]["replicatedJobs"]:
       kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "spec": job["template"]["spec"],
@@ -157,24 +193,47 @@ def test_every_overlay_renders_and_validates_strictly(overlay):
   for doc in docs:
     try:
       validate(doc)
-    except kubernetes_validate.ValidationError as e:
+    except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as e:
       pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
 
 
 def _misspell_job(docs):
-  container = find(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]
-  container["imagePullPolicyy"] = "IfNotPresent"
+  find(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "IfNotPresent"
+  return "imagePullPolicyy"
 
 
 def _misspell_tfjob_pod(docs):
   find(docs, "TFJob")[0]["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["restartPolicyy"] = "Never"
+  return "restartPolicyy"
 
 
-@pytest.mark.parametrize("overlay, misspell", [("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod)])
+def _misspell_tfjob(docs):
+  find(docs, "TFJob")[0]["spec"]["runPolicy"]["activeDeadlineSecondss"] = 60
+  return "activeDeadlineSecondss"
+
+
+def _misspell_jobset(docs):
+  find(docs, "JobSet")[0]["spec"]["failurePolicy"]["maxRestartss"] = 1
+  return "maxRestartss"
+
+
+def _misspell_jobset_job(docs):
+  find(docs, "JobSet")[0]["spec"]["replicatedJobs"][1]["template"]["spec"]["backoffLimitt"] = 0
+  return "backoffLimitt"
+
+
+def _misspell_jobset_pod(docs):
+  find(docs, "JobSet")[0]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["hostnamee"] = "x"
+  return "hostnamee"
+
+
+@pytest.mark.parametrize("overlay, misspell", [
+    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob), ("jobset", _misspell_jobset),
+    ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
 def test_strict_validation_rejects_a_misspelled_field(overlay, misspell):
   docs = render(overlay)
-  misspell(docs)
-  with pytest.raises(kubernetes_validate.ValidationError, match="yy"):
+  misspelled = misspell(docs)
+  with pytest.raises((kubernetes_validate.ValidationError, jsonschema.ValidationError), match=misspelled):
     for doc in docs:
       validate(doc)
 
