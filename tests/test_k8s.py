@@ -499,13 +499,35 @@ def test_pods_run_as_the_images_user_locked_down(overlay):
             f"{where}: {path} (HOME or TMPDIR in the Dockerfile) is not on a writable emptyDir"
 
 
+IMAGE = re.compile(r"(?P<name>[^:@]+(:[0-9]+/[^:@]+)?)(:(?P<tag>[\w][\w.-]*))?(@sha256:(?P<digest>[0-9a-f]{64}))?")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_image_is_pinned(overlay):
   for pod in pods(render(overlay)):
     for container in pod.spec["containers"] + pod.spec.get("initContainers", []):
-      image = container["image"]
-      tag = image.rpartition("/")[2].partition(":")[2]
-      assert "@sha256:" in image or (tag and tag != "latest"), f"{pod.where}: image {image} is not pinned"
+      image = IMAGE.fullmatch(container["image"])
+      assert image, f"{pod.where}: {container['image']} is not an image reference"
+      # A tag for people, never latest; the digest once the image is pushed (k8s/base/kustomization.yaml).
+      assert image["tag"] and image["tag"] != "latest", f"{pod.where}: image {container['image']} has no fixed tag"
+
+
+def test_the_image_is_pinned_by_tag_and_digest_as_the_base_says(tmp_path):
+  # What k8s/base/kustomization.yaml and the README tell a user to do once the image is pushed.
+  if KUBECTL is None:
+    pytest.skip("kubectl is not installed")
+  shutil.copytree(K8S, tmp_path / "k8s")
+  kustomization = tmp_path / "k8s" / "base" / "kustomization.yaml"
+  digest = "0123456789abcdef" * 4
+  pinned = re.sub(r"# (digest: sha256:)[0-9a-f]{64}", rf"\g<1>{digest}", kustomization.read_text())
+  assert pinned != kustomization.read_text(), "k8s/base/kustomization.yaml has no commented digest line to fill in"
+  kustomization.write_text(pinned)
+  done = subprocess.run([KUBECTL, "kustomize", str(tmp_path / "k8s" / "overlays" / "gpu-job")], capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  job, = [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] == "Job"]
+  image = IMAGE.fullmatch(job["spec"]["template"]["spec"]["containers"][0]["image"])
+  assert (image["tag"], image["digest"]) == ("0.1.0", digest)
 
 
 # --- cluster policies ----------------------------------------------------------------------------
@@ -764,8 +786,8 @@ class Dockerfile:
 
 def test_dockerfile_builds_on_the_tensorflow_gpu_image_setup_py_pins():
   dockerfile = Dockerfile.read()
-  image = re.fullmatch(r"tensorflow/tensorflow:(\d+)\.(\d+)\.(\d+)-gpu", dockerfile.base)
-  assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu"
+  image = re.fullmatch(r"tensorflow/tensorflow:(\d+)\.(\d+)\.(\d+)-gpu(@sha256:[0-9a-f]{64})?", dockerfile.base)
+  assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu[@sha256:...]"
   pin = re.search(r"[\"']tensorflow==(\d+)\.(\d+)\.\*[\"']", (ROOT / "setup.py").read_text())
   assert pin, "setup.py does not pin tensorflow==X.Y.*"
   assert image.groups()[:2] == pin.groups(), \
