@@ -707,6 +707,18 @@ def test_pods_get_no_kubernetes_api_token(overlay):
     assert pod.spec.get("automountServiceAccountToken") is False, f"{overlay}: {pod.where}"
 
 
+def test_the_readmes_sed_line_fills_in_every_placeholder(tmp_path):
+  # Every file that names the project or the bucket, e.g. the cronjob's retrain.flags (--serving_dir).
+  line, = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+           if line.strip().startswith("sed -i") and "PROJECT_ID" in line]
+  shutil.copytree(K8S, tmp_path / "k8s")
+  done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, f"README: {line}: {done.stderr}"
+  left = [f"{path.relative_to(tmp_path)}: {word}" for path in sorted((tmp_path / "k8s").rglob("*")) if path.is_file()
+          for word in ("PROJECT_ID", "BUCKET") if word in path.read_text()]
+  assert not left, f"README: {line} leaves {left}"
+
+
 # --- no secrets ----------------------------------------------------------------------------------
 
 CREDENTIALS = re.compile("|".join([
