@@ -160,7 +160,7 @@ def crd_validator(kind):
 
 def validate_against_crd(doc):
   api_version, _ = CRD_SCHEMAS[doc["kind"]]
-  assert doc["apiVersion"] == api_version, f"{doc['kind']}: apiVersion {doc['apiVersion']}, the CRD serves {api_version}"
+  assert doc["apiVersion"] == api_version, f"{doc['kind']}: {doc['apiVersion']}, the CRD serves {api_version}"
   error = jsonschema.exceptions.best_match(crd_validator(doc["kind"]).iter_errors(doc))
   if error:
     raise error
@@ -228,8 +228,8 @@ def _misspell_jobset_pod(docs):
 
 
 @pytest.mark.parametrize("overlay, misspell", [
-    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob), ("jobset", _misspell_jobset),
-    ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
+    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob),
+    ("jobset", _misspell_jobset), ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
 def test_strict_validation_rejects_a_misspelled_field(overlay, misspell):
   docs = render(overlay)
   misspelled = misspell(docs)
@@ -573,7 +573,8 @@ def test_the_nightly_run_ends_before_the_next_night():
   # concurrencyPolicy Forbid: a run still going at 03:00 makes the CronJob skip that night.
   cronjob, = find(render("cronjob"), "CronJob")
   assert cronjob["spec"]["schedule"].split()[2:] == ["*", "*", "*"], "a daily schedule"
-  latest_end = cronjob["spec"]["startingDeadlineSeconds"] + cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+  spec = cronjob["spec"]
+  latest_end = spec["startingDeadlineSeconds"] + spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]
   assert latest_end < DAY, f"a run may start {cronjob['spec']['startingDeadlineSeconds']} s late and last until " \
                            f"{latest_end} s after its time"
 
