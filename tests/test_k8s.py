@@ -466,6 +466,32 @@ def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_pa
     assert (cluster.task_index, cluster.is_chief) == (index, index == 0)
 
 
+def test_jobset_pods_find_each_other_through_the_trainers_cluster(tmp_path):
+  docs = render("jobset")
+  jobset, = find(docs, "JobSet")
+  name, network = jobset["metadata"]["name"], jobset["spec"]["network"]
+  # JobSet's hostnames: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain, by default the JobSet's name>.
+  subdomain = network.get("subdomain", name)
+  addresses, tasks = set(), []
+  for job, pod in zip(jobset["spec"]["replicatedJobs"], pods([jobset])):
+    container, = pod.spec["containers"]
+    port, = [p["containerPort"] for p in container["ports"]]
+    values, env = trainer_flags(pod, docs, tmp_path)
+    assert "TF_CONFIG" not in env
+    for job_index in range(job["replicas"]):
+      for index in range(job["template"]["spec"]["completions"]):
+        addresses.add(f"{name}-{job['name']}-{job_index}-{index}.{subdomain}:{port}")
+        cluster = cluster_lib.resolve({**env, "JOB_COMPLETION_INDEX": str(index)}, values.indexed_job_hosts,
+                                      values.num_workers)
+        assert cluster.source == "jobset"
+        tasks.append((cluster.task_type, cluster.task_index, cluster.is_chief, cluster.spec))
+  specs = [spec for *_, spec in tasks]
+  assert all(spec == specs[0] for spec in specs), "every pod must see the same cluster"
+  assert {address for role in specs[0].values() for address in role} == addresses, "the cluster is the JobSet's pods"
+  assert sorted(task[:3] for task in tasks) == [("chief", 0, True)] + [("worker", i, False)
+                                                                       for i in range(len(tasks) - 1)]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_as_the_images_user_locked_down(overlay):
   dockerfile = Dockerfile.read()
