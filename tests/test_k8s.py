@@ -620,9 +620,11 @@ def test_retries_scale_with_the_workers(overlay):
       # Any counted failure fails a child Job, and the JobSet restarts every pod together.
       assert spec["failurePolicy"]["maxRestarts"] == 4, where
       assert all(job["template"]["spec"]["backoffLimit"] == 0 for job in spec["replicatedJobs"]), where
-      # Exit 1 or 2 (the child Job's podFailurePolicy FailJob) fails the JobSet instead of restarting it.
-      first = spec["failurePolicy"]["rules"][0]
-      assert (first["action"], first["onJobFailureReasons"]) == ("FailJobSet", ["PodFailurePolicy"]), where
+      # Exit 1 or 2 (the child Job's podFailurePolicy FailJob) fails the JobSet instead of restarting it, and
+      # so does a child Job past its deadline: a restart would give it a new one.
+      fail = {reason for rule in spec["failurePolicy"]["rules"] if rule["action"] == "FailJobSet"
+              and not rule.get("targetReplicatedJobs") for reason in rule["onJobFailureReasons"]}
+      assert fail == {"PodFailurePolicy", "DeadlineExceeded"}, f"{where}: FailJobSet on {fail}"
 
 
 def test_the_jobset_is_what_jobset_and_the_trainer_expect():
