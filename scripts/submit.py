@@ -11,15 +11,16 @@ the overlay as its resource, pins the image and appends `-<job_name>` to the nam
 each job has its own of (the workload, its Service, the flags ConfigMap; the references to them
 follow, an Indexed Job's hosts pattern and pod subdomain included), while the shared Workload
 Identity ServiceAccount keeps its name. --workers sets a multi-worker target's workers besides the
-first (the chief), TRAINER_NUM_WORKERS and the retries that scale with them. --job_dir and the trainer flags after `--` are appended to the
-trainer container's args, after the overlay's own, so they win (absl: the last value counts); the
-overlay's --job_dir arg is replaced in place. A CronJob's runs each write to <job_dir>/<the run's
-Job name>. `kubectl kustomize` renders it; the YAML goes to stdout, a summary to stderr, and
-`kubectl apply -f -` applies it in the current context (not with --dry_run, whose stdout can be
-piped into kubectl later), unless a workload of the same name is there already: `kubectl apply`
-would leave a finished Job as it is and refuses a changed pod template, so that is refused, or
-deleted first with --replace. A multi-worker job's folder must be on gs://: every worker reads its
-checkpoints to resume; a one-pod job's may also be under a persistent volume the pod mounts.
+first (the chief), TRAINER_NUM_WORKERS and the retries that scale with them. --job_dir and the
+trainer flags after `--` are appended to the trainer container's args, after the overlay's own, so
+they win (absl: the last value counts); the overlay's --job_dir arg is replaced in place. A
+CronJob's runs each write to <job_dir>/<the run's Job name>. `kubectl kustomize` renders it; the
+YAML goes to stdout, a summary to stderr, and `kubectl apply -f -` applies it in the current
+context (not with --dry_run, whose stdout can be piped into kubectl later), unless a workload of
+the same name is there already: `kubectl apply` would leave a finished Job as it is and refuses a
+changed pod template, so that is refused, or deleted first with --replace. A multi-worker job's
+folder must be on gs://: every worker reads its checkpoints to resume; a one-pod job's may also be
+under a persistent volume the pod mounts.
 
 Vertex AI targets: k8s/vertex/custom_job.yaml (vertex) or hptuning_job.yaml with the custom job
 as its trialJobSpec (vertex-hptuning), filled in and printed as YAML, then passed to
@@ -29,8 +30,9 @@ trainer takes the folder above AIP_MODEL_DIR.
 
 The trainer flags after `--` are checked against the trainer's own definitions first, so a typo
 fails here and not in a pod; so is the global batch against the replicas the job will have, and
-what is rendered against the placeholders (PROJECT_ID, BUCKET...) a checkout still holds. Mistakes are one line on stderr and exit code 2; a failing kubectl or
-gcloud exits with its own code.
+what would be applied or submitted against the placeholders (PROJECT_ID, BUCKET...) left in k8s/.
+Mistakes are one line on stderr and exit code 2, before anything reaches a cluster or Google Cloud;
+a failing kubectl or gcloud exits with its own code.
 """
 
 import argparse
@@ -505,14 +507,13 @@ def check_rendered(args, objects, trainer_flags, given):
                      "every one of them reads the job's checkpoints to resume")
   else:
     check_kept("--job_dir", args.job_dir, objects, "the job folder")
-  ((workload, spec, container), *_) = trainer_containers(objects, args.image)
-  flags = container_flags(objects, spec, container)
+  containers = trainer_containers(objects, args.image)
+  workload, spec, container = containers[0]
   gpus = int((container.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", 0))
   module = "trainer.retrain" if args.target == "cronjob" else "trainer.task"
-  check_batch(args, flags, given, pods_at_once(workload), gpus, module=module)
+  check_batch(args, container_flags(objects, spec, container), given, pods_at_once(workload), gpus, module=module)
   # The trainer's flags are checked by their last values; everything else as it is.
-  trainer_args = [container_flags(objects, spec, container) for _, spec, container in trainer_containers(objects,
-                                                                                                        args.image)]
+  trainer_args = [container_flags(objects, spec, container) for _, spec, container in containers]
   rest = copy.deepcopy(objects)
   for obj in rest:
     if obj["kind"] == "ConfigMap":

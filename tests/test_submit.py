@@ -378,6 +378,26 @@ def test_tfjob_workers_and_retries(workers, submit):
 
 
 @needs_kubectl
+@pytest.mark.parametrize("workers", [None, 7])
+def test_jobset_workers_and_restarts(workers, submit):
+  _, objects = kubernetes_dry_run(submit, "jobset", *([f"--workers={workers}"] if workers else []))
+  (jobset,) = [obj for obj in objects if obj["kind"] == "JobSet"]
+  jobs = {job["name"]: job for job in jobset["spec"]["replicatedJobs"]}
+  pods = 1 + (workers or 3)
+  assert [(jobs[name]["replicas"], jobs[name]["template"]["spec"]["completions"],
+           jobs[name]["template"]["spec"]["parallelism"]) for name in ("chief", "worker")] == [
+      (1, 1, 1), (1, pods - 1, pods - 1)]
+  # The whole set restarts as one: 4 times, whatever the workers.
+  assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 4
+  # Every pod is told the number of tasks, chief included; the job folder is named after the JobSet.
+  for _, container in trainer_containers(objects):
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["TRAINER_NUM_WORKERS"]["value"] == str(pods)
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
+  assert jobset["metadata"]["name"] == "trainer-jobset-gru-7" and "subdomain" not in jobset["spec"]["network"]
+
+
+@needs_kubectl
 def test_an_image_digest_is_kept(submit):
   image = "europe-docker.pkg.dev/proj/repo/trainer:v2@sha256:" + "0123456789abcdef" * 4
   _, objects = kubernetes_dry_run(submit, "gpu-job", "--image=" + image)
@@ -518,6 +538,7 @@ def test_kubernetes_applies_what_the_dry_run_printed(project, fake_bin, submit):
     ("indexed-job", "job.batch/trainer-indexed-gru-7"),
     ("cronjob", "cronjob.batch/trainer-nightly-gru-7"),
     ("tfjob", "tfjob.kubeflow.org/trainer-tfjob-gru-7"),
+    ("jobset", "jobset.jobset.x-k8s.io/trainer-jobset-gru-7"),
 ])
 def test_an_existing_job_of_the_same_name_is_not_applied_over(target, existing, submit, fake_bin):
   folder, env, calls = fake_bin
