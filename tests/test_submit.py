@@ -38,26 +38,29 @@ REAL_KUBECTL = shutil.which("kubectl")
 FILLED = {"PROJECT_ID": "my-project", "BUCKET": "my-bucket"}
 
 # Records one JSON line per call (argv, stdin, and for gcloud the --config file's text, which the
-# script deletes afterwards) in $FAKE_LOG. The fake kubectl hands `kustomize` to the real one, has a
-# current context unless $FAKE_NO_CONTEXT is set, and `get` finds the objects named in $FAKE_EXISTING.
-FAKE_CLI = '''#!{python}
-import json, os, subprocess, sys
-argv = sys.argv[1:]
-if argv[:1] == ["kustomize"]:
-  sys.exit(subprocess.run([os.environ["REAL_KUBECTL"], *argv]).returncode)
+# script deletes afterwards) in $FAKE_LOG. The fake kubectl has a current context unless
+# $FAKE_NO_CONTEXT is set, and `get` finds the objects named in $FAKE_EXISTING.
+FAKE_CLI = '''
+import json, os, sys
+name, argv = sys.argv[1], sys.argv[2:]
 if argv[:2] == ["config", "current-context"]:
   if os.environ.get("FAKE_NO_CONTEXT"):
     sys.exit(print("error: current-context is not set", file=sys.stderr) or 1)
   sys.exit(print("test-cluster"))
 config = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-record = {{"argv": argv, "stdin": sys.stdin.read() if argv[-1:] == ["-"] else None,
-          "config": open(config[0]).read() if config else None}}
+record = {"argv": argv, "stdin": sys.stdin.read() if argv[-1:] == ["-"] else None,
+          "config": open(config[0]).read() if config else None}
 with open(os.environ["FAKE_LOG"], "a") as log:
   log.write(json.dumps(record) + "\\n")
 if argv[:1] == ["get"]:
   existing = os.environ.get("FAKE_EXISTING", "").split()
-  sys.exit(print("".join(f"{{name}}\\n" for name in existing if name.split("/")[1] in str(argv)), end=""))
-print("{name}: created")
+  sys.exit(print("".join(f"{found}\\n" for found in existing if found.split("/")[1] in str(argv)), end=""))
+print(f"{name}: created")
+'''
+# `kubectl kustomize` goes to the real kubectl straight from the shell: no Python start per render.
+FAKE_WRAPPER = '''#!/bin/sh
+if [ "$1" = kustomize ]; then exec "$REAL_KUBECTL" "$@"; fi
+exec "{python}" "{fake}" {name} "$@"
 '''
 
 
@@ -136,8 +139,9 @@ def fake_bin(tmp_path):
   """A PATH folder with a fake kubectl and gcloud: (folder, their environment, a function reading their calls)."""
   folder = tmp_path / "bin"
   folder.mkdir()
+  (tmp_path / "fake.py").write_text(FAKE_CLI)
   for name in ("kubectl", "gcloud"):
-    (folder / name).write_text(FAKE_CLI.format(python=sys.executable, name=name))
+    (folder / name).write_text(FAKE_WRAPPER.format(python=sys.executable, fake=tmp_path / "fake.py", name=name))
     (folder / name).chmod(0o755)
   log = tmp_path / "calls.jsonl"
 
@@ -438,6 +442,7 @@ def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected,
   assert stdout == ""
 
 
+@pytest.mark.slow  # renders the cronjob three times
 @needs_kubectl
 def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(submit, tmp_path):
   _, objects = kubernetes_dry_run(submit, "cronjob", "--", "--serving_dir=gs://models/serving",
@@ -542,16 +547,21 @@ def test_kubernetes_applies_what_the_dry_run_printed(project, fake_bin, submit):
 ])
 def test_an_existing_job_of_the_same_name_is_not_applied_over(target, existing, submit, fake_bin):
   folder, env, calls = fake_bin
-  env = {**env, "FAKE_EXISTING": existing}
-  code, stdout, stderr = submit(f"--target={target}", *JOB, path=folder, env=env)
+  code, stdout, stderr = submit(f"--target={target}", *JOB, path=folder, env={**env, "FAKE_EXISTING": existing})
   assert_usage_error(code, stderr, f"{existing} already exists", "another --job_name", "--replace")
-  assert [argv[0] for argv in kubectl_calls(calls)] == ["get"]
-  # --replace: deleted, its pods gone (foreground), then applied.
-  code, stdout, stderr = submit(f"--target={target}", *JOB, "--replace", path=folder, env=env)
+  assert stdout == "" and [argv[0] for argv in kubectl_calls(calls)] == ["get"]
+
+
+@needs_kubectl
+def test_replace_deletes_the_existing_job_and_its_pods_first(submit, fake_bin):
+  folder, env, calls = fake_bin
+  existing = "job.batch/trainer-indexed-gru-7"
+  code, stdout, stderr = submit("--target=indexed-job", *JOB, "--replace", path=folder,
+                                env={**env, "FAKE_EXISTING": existing})
   assert code == 0, stderr
-  get, delete, apply = kubectl_calls(calls)[1:]
-  assert delete == ["delete", existing, "--cascade=foreground", "--wait=true"]
-  assert apply == ["apply", "-f", "-"]
+  # Foreground: the Job goes only once its pods have, so no old pod runs beside the new ones.
+  assert kubectl_calls(calls)[1:] == [["delete", existing, "--cascade=foreground", "--wait=true"],
+                                      ["apply", "-f", "-"]]
 
 
 # --- Vertex AI ---------------------------------------------------------------------------------------
