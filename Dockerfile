@@ -1,7 +1,8 @@
 # The trainer on the official TensorFlow GPU image (CUDA and cuDNN included), as the manifests in
 # k8s/ run it:
 #   docker build -t us-docker.pkg.dev/PROJECT_ID/trainer/trainer:0.1.0 .
-# The tag's major.minor must be setup.py's tensorflow pin (tests/test_k8s.py checks it).
+# The tag's major.minor must be setup.py's tensorflow pin (tests/test_k8s.py checks it). To rebuild
+# on exactly the same base, add the digest `docker pull` prints: tensorflow/tensorflow:2.21.0-gpu@sha256:...
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 # Logs reach `kubectl logs` as they are written; nothing tries to write .pyc files into the pods'

@@ -236,3 +236,70 @@ def test_import_does_not_start_tensorflow():
                         capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == "False"
+
+
+# --- JobSet -----------------------------------------------------------------------------------------
+# k8s/overlays/jobset: JobSet "trainer-jobset" with replicatedJobs chief (1 pod) and worker (an Indexed
+# Job of N-1 pods), replicas 1 each; JobSet's default network names each pod
+# <jobset>-<replicatedJob>-<job index>-<pod index>.<jobset>.
+
+JOBSET_CHIEF = ["trainer-jobset-chief-0-0.trainer-jobset:2222"]
+JOBSET_WORKERS = ["trainer-jobset-worker-0-0.trainer-jobset:2222", "trainer-jobset-worker-0-1.trainer-jobset:2222"]
+
+
+def jobset_pod(replicated_job, index, workers="3", **changes):
+  """The environment of a JobSet pod as k8s/overlays/jobset sets it (the downward API from JobSet's labels)."""
+  environ = {"JOBSET_NAME": "trainer-jobset", "REPLICATED_JOB_NAME": replicated_job, "JOB_INDEX": "0",
+             "JOB_COMPLETION_INDEX": str(index), "TRAINER_NUM_WORKERS": workers}
+  environ.update(changes)
+  return {name: value for name, value in environ.items() if value is not None}
+
+
+@pytest.mark.parametrize("replicated_job, index, is_chief", [("chief", 0, True), ("worker", 0, False),
+                                                             ("worker", 1, False)])
+def test_jobset_pods(replicated_job, index, is_chief):
+  cluster = cluster_lib.resolve(jobset_pod(replicated_job, index))
+  assert (cluster.spec, cluster.task_type, cluster.task_index, cluster.source) == (
+      {"chief": JOBSET_CHIEF, "worker": JOBSET_WORKERS}, replicated_job, index, "jobset")
+  assert (cluster.num_workers, cluster.is_chief) == (3, is_chief)
+
+
+def test_jobset_of_a_chief_alone_and_the_flag_over_the_environment():
+  cluster = cluster_lib.resolve(jobset_pod("chief", 0, workers="1"))
+  assert (cluster.spec, cluster.num_workers, cluster.is_chief) == ({"chief": JOBSET_CHIEF}, 1, True)
+  assert cluster_lib.resolve(jobset_pod("worker", 1, workers="9"), None, 3).spec["worker"] == JOBSET_WORKERS
+
+
+def test_tf_config_wins_over_jobset():
+  environ = {**jobset_pod("worker", 1), **tf_config({"worker": ["a:1", "b:1"]}, "worker", 0)}
+  assert cluster_lib.resolve(environ).source == "TF_CONFIG"
+
+
+@pytest.mark.parametrize("changes, args, expected", [
+    ({"JOBSET_NAME": None}, (), ["JOBSET_NAME is not set", "jobset.sigs.k8s.io/jobset-name"]),
+    ({"REPLICATED_JOB_NAME": None}, (), ["REPLICATED_JOB_NAME is not set", "jobset.sigs.k8s.io/replicatedjob-name"]),
+    ({"JOB_INDEX": None}, (), ["JOB_INDEX is not set", "jobset.sigs.k8s.io/job-index"]),
+    ({"JOB_COMPLETION_INDEX": None}, (), ["JOB_COMPLETION_INDEX is not set", "completionMode: Indexed"]),
+    ({"TRAINER_NUM_WORKERS": None}, (), ["TRAINER_NUM_WORKERS", "--num_workers", "chief included"]),
+    ({"TRAINER_NUM_WORKERS": "two"}, (), ["TRAINER_NUM_WORKERS='two' is not an integer"]),
+    ({"TRAINER_NUM_WORKERS": "0"}, (), ["TRAINER_NUM_WORKERS must be at least 1 (got 0)"]),
+    ({"REPLICATED_JOB_NAME": "ps"}, (), ["REPLICATED_JOB_NAME='ps'", "'chief' and 'worker'"]),
+    ({"REPLICATED_JOB_NAME": "workers"}, (), ["REPLICATED_JOB_NAME='workers'", "'chief' and 'worker'"]),
+    ({"JOB_INDEX": "1"}, (), ["JOB_INDEX='1' is not 0", "replicas: 1"]),
+    ({"JOB_INDEX": "x"}, (), ["JOB_INDEX='x'", "replicas: 1"]),
+    ({"JOB_COMPLETION_INDEX": "x"}, (), ["JOB_COMPLETION_INDEX='x' is not an integer"]),
+    ({"JOB_COMPLETION_INDEX": "2"}, (), ["JOB_COMPLETION_INDEX=2 is outside 0-1", "worker", "TRAINER_NUM_WORKERS=3",
+                                         "chief included"]),
+    ({"REPLICATED_JOB_NAME": "chief", "JOB_COMPLETION_INDEX": "1"}, (), ["JOB_COMPLETION_INDEX=1", "chief",
+                                                                         "one pod"]),
+    ({"TRAINER_NUM_WORKERS": "1", "JOB_COMPLETION_INDEX": "0"}, (), ["TRAINER_NUM_WORKERS=1 counts the chief alone",
+                                                                     "a worker pod"]),
+    ({"JOBSET_NAME": "trainer jobset"}, (), ["JOBSET_NAME='trainer jobset'", "host:port"]),
+    ({}, ("train-{index}.svc:2222",), ["--indexed_job_hosts is for an Indexed Job", "unset it"]),
+    ({"TRAINER_INDEXED_JOB_HOSTS": "train-{index}.svc:2222"}, (), ["TRAINER_INDEXED_JOB_HOSTS is for an Indexed Job"]),
+])
+def test_jobset_errors(changes, args, expected):
+  message = resolve_error(jobset_pod("worker", 1, **changes), *args)
+  assert len(message) < 300, message
+  for part in expected:
+    assert part in message, message

@@ -160,7 +160,7 @@ def crd_validator(kind):
 
 def validate_against_crd(doc):
   api_version, _ = CRD_SCHEMAS[doc["kind"]]
-  assert doc["apiVersion"] == api_version, f"{doc['kind']}: apiVersion {doc['apiVersion']}, the CRD serves {api_version}"
+  assert doc["apiVersion"] == api_version, f"{doc['kind']}: {doc['apiVersion']}, the CRD serves {api_version}"
   error = jsonschema.exceptions.best_match(crd_validator(doc["kind"]).iter_errors(doc))
   if error:
     raise error
@@ -228,8 +228,8 @@ def _misspell_jobset_pod(docs):
 
 
 @pytest.mark.parametrize("overlay, misspell", [
-    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob), ("jobset", _misspell_jobset),
-    ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
+    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob),
+    ("jobset", _misspell_jobset), ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
 def test_strict_validation_rejects_a_misspelled_field(overlay, misspell):
   docs = render(overlay)
   misspelled = misspell(docs)
@@ -466,6 +466,32 @@ def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_pa
     assert (cluster.task_index, cluster.is_chief) == (index, index == 0)
 
 
+def test_jobset_pods_find_each_other_through_the_trainers_cluster(tmp_path):
+  docs = render("jobset")
+  jobset, = find(docs, "JobSet")
+  name, network = jobset["metadata"]["name"], jobset["spec"]["network"]
+  # JobSet's hostnames: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain, by default the JobSet's name>.
+  subdomain = network.get("subdomain", name)
+  addresses, tasks = set(), []
+  for job, pod in zip(jobset["spec"]["replicatedJobs"], pods([jobset])):
+    container, = pod.spec["containers"]
+    port, = [p["containerPort"] for p in container["ports"]]
+    values, env = trainer_flags(pod, docs, tmp_path)
+    assert "TF_CONFIG" not in env
+    for job_index in range(job["replicas"]):
+      for index in range(job["template"]["spec"]["completions"]):
+        addresses.add(f"{name}-{job['name']}-{job_index}-{index}.{subdomain}:{port}")
+        cluster = cluster_lib.resolve({**env, "JOB_COMPLETION_INDEX": str(index)}, values.indexed_job_hosts,
+                                      values.num_workers)
+        assert cluster.source == "jobset"
+        tasks.append((cluster.task_type, cluster.task_index, cluster.is_chief, cluster.spec))
+  specs = [spec for *_, spec in tasks]
+  assert all(spec == specs[0] for spec in specs), "every pod must see the same cluster"
+  assert {address for role in specs[0].values() for address in role} == addresses, "the cluster is the JobSet's pods"
+  assert sorted(task[:3] for task in tasks) == [("chief", 0, True)] + [("worker", i, False)
+                                                                       for i in range(len(tasks) - 1)]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_as_the_images_user_locked_down(overlay):
   dockerfile = Dockerfile.read()
@@ -573,7 +599,8 @@ def test_the_nightly_run_ends_before_the_next_night():
   # concurrencyPolicy Forbid: a run still going at 03:00 makes the CronJob skip that night.
   cronjob, = find(render("cronjob"), "CronJob")
   assert cronjob["spec"]["schedule"].split()[2:] == ["*", "*", "*"], "a daily schedule"
-  latest_end = cronjob["spec"]["startingDeadlineSeconds"] + cronjob["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+  spec = cronjob["spec"]
+  latest_end = spec["startingDeadlineSeconds"] + spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]
   assert latest_end < DAY, f"a run may start {cronjob['spec']['startingDeadlineSeconds']} s late and last until " \
                            f"{latest_end} s after its time"
 
@@ -593,9 +620,11 @@ def test_retries_scale_with_the_workers(overlay):
       # Any counted failure fails a child Job, and the JobSet restarts every pod together.
       assert spec["failurePolicy"]["maxRestarts"] == 4, where
       assert all(job["template"]["spec"]["backoffLimit"] == 0 for job in spec["replicatedJobs"]), where
-      # Exit 1 or 2 (the child Job's podFailurePolicy FailJob) fails the JobSet instead of restarting it.
-      first = spec["failurePolicy"]["rules"][0]
-      assert (first["action"], first["onJobFailureReasons"]) == ("FailJobSet", ["PodFailurePolicy"]), where
+      # Exit 1 or 2 (the child Job's podFailurePolicy FailJob) fails the JobSet instead of restarting it, and
+      # so does a child Job past its deadline: a restart would give it a new one.
+      fail = {reason for rule in spec["failurePolicy"]["rules"] if rule["action"] == "FailJobSet"
+              and not rule.get("targetReplicatedJobs") for reason in rule["onJobFailureReasons"]}
+      assert fail == {"PodFailurePolicy", "DeadlineExceeded"}, f"{where}: FailJobSet on {fail}"
 
 
 def test_the_jobset_is_what_jobset_and_the_trainer_expect():

@@ -40,7 +40,8 @@ for _field in _flag_fields():
   _define(_field)
 flags.DEFINE_string("indexed_job_hosts", None, "Kubernetes Indexed Job without TF_CONFIG: host:port of every "
                     "worker with {index}, e.g. train-{index}.train-workers:2222 (env TRAINER_INDEXED_JOB_HOSTS).")
-flags.DEFINE_integer("num_workers", None, "Kubernetes Indexed Job: number of workers (env TRAINER_NUM_WORKERS).")
+flags.DEFINE_integer("num_workers", None, "Kubernetes Indexed Job: number of workers; JobSet: number of tasks, "
+                     "chief included (env TRAINER_NUM_WORKERS).")
 flags.DEFINE_string("job_dir", None, "Folder (local or gs://) for checkpoints, logs, exports, the report and plots; "
                     "default: the folder above AIP_MODEL_DIR on Vertex AI, else a new folder under ./runs/.")
 

@@ -16,7 +16,15 @@ Three sources, tried in this order:
    `publishNotReadyAddresses: true` on the Service lets a name resolve as soon as its pod exists.
    An Indexed Job without pattern and count is a one-pod job: its process (index 0) trains alone;
    any other index is refused, as it would be a second chief.
-3. Neither: the process trains alone.
+3. A JobSet (kubernetes-sigs/jobset) of two replicatedJobs, `chief` (one pod) and `worker` (an
+   Indexed Job of N-1 pods), one replica each, as k8s/overlays/jobset makes it. JobSet's webhook
+   makes every child Job Indexed and, with its default network (enableDNSHostnames, subdomain the
+   JobSet's name), every pod is reachable as `<jobset>-<replicatedJob>-<job index>-<pod index>.<jobset>`
+   (pkg/webhooks/jobset_webhook.go and pkg/util/placement in kubernetes-sigs/jobset v0.12.0). The
+   pod's env carries JobSet's labels through the downward API (JOBSET_NAME, REPLICATED_JOB_NAME,
+   JOB_INDEX); with JOB_COMPLETION_INDEX and the number of tasks, chief included (`--num_workers`
+   or TRAINER_NUM_WORKERS), that is the whole cluster, on port 2222.
+4. None of these: the process trains alone.
 
 Pure Python on purpose: it runs before TensorFlow starts any server, so a wrong environment
 fails here within a second with one line naming what to fix, instead of a worker waiting forever
@@ -40,6 +48,12 @@ UNSUPPORTED_TASK_TYPES = {
     "evaluator": "a separate evaluator task is not supported; remove the Evaluator replica or worker pool",
 }
 # host:port, the host a DNS name, an IPv4 address or a bracketed IPv6 address.
+# The JobSet pod's environment (k8s/overlays/jobset), each from the pod label of the same meaning.
+JOBSET_VARIABLES = {"JOBSET_NAME": "jobset.sigs.k8s.io/jobset-name",
+                    "REPLICATED_JOB_NAME": "jobset.sigs.k8s.io/replicatedjob-name",
+                    "JOB_INDEX": "jobset.sigs.k8s.io/job-index"}
+# The trainer container's port in every overlay (the containerPort named grpc).
+PORT = 2222
 _ADDRESS = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})", re.ASCII)
 
 
@@ -50,7 +64,7 @@ class Cluster:
   # "chief" or "worker" ("worker" when alone).
   task_type: str
   task_index: int
-  # Where the cluster came from, for messages: "TF_CONFIG", "indexed job" or "none".
+  # Where the cluster came from, for messages: "TF_CONFIG", "indexed job", "jobset" or "none".
   source: str
 
   @property
@@ -91,6 +105,8 @@ def resolve(environ: Optional[Mapping[str, str]] = None, indexed_job_hosts: Opti
   text = environ.get("TF_CONFIG", "")
   if text.strip():
     return _from_tf_config(text)
+  if any(environ.get(name) for name in JOBSET_VARIABLES):
+    return _from_jobset(environ, indexed_job_hosts, num_workers)
   return _from_indexed_job(environ, indexed_job_hosts, num_workers)
 
 
@@ -253,3 +269,52 @@ def _expand(pattern: str, name: str, count: int) -> list:
     _check_address(address, f"{name}={pattern!r} for index {i}")
   _check_unique({"worker": addresses}, name)
   return addresses
+
+
+# --- JobSet ---------------------------------------------------------------------------------------
+
+def _from_jobset(environ: Mapping[str, str], hosts: Optional[str], count: Optional[int]) -> Cluster:
+  for variable, label in JOBSET_VARIABLES.items():
+    if not environ.get(variable):
+      raise UserError(f"{variable} is not set in this JobSet pod: set it from the pod label {label} through the "
+                      "downward API, as k8s/overlays/jobset does")
+  jobset, role, job_index = (environ[variable] for variable in JOBSET_VARIABLES)
+  hosts, hosts_name = _setting(hosts, environ, "--indexed_job_hosts", "TRAINER_INDEXED_JOB_HOSTS")
+  if hosts is not None:
+    raise UserError(f"{hosts_name} is for an Indexed Job; in a JobSet the trainer finds its peers from JOBSET_NAME: "
+                    "unset it")
+  if role not in TASK_TYPES:
+    raise UserError(f"REPLICATED_JOB_NAME={role!r}: this trainer's JobSet has the replicatedJobs 'chief' and 'worker' "
+                    "(k8s/overlays/jobset)")
+  if job_index != "0":
+    # Every replicatedJob is one Job (its pods are the tasks): a second replica would be a second chief.
+    raise UserError(f"JOB_INDEX={job_index!r} is not 0: give each replicatedJob replicas: 1 and scale the worker "
+                    "Job's completions and parallelism instead")
+  count, count_name = _setting(count, environ, "--num_workers", "TRAINER_NUM_WORKERS")
+  if count is None:
+    raise UserError("a JobSet pod needs TRAINER_NUM_WORKERS (or --num_workers): the number of tasks, chief included")
+  count = _check_count(count, count_name)
+  index = environ.get("JOB_COMPLETION_INDEX", "")
+  if not index:
+    raise UserError(f"JOB_COMPLETION_INDEX is not set in this JobSet pod: its {role} Job must be completionMode: "
+                    "Indexed (JobSet's default)")
+  if not re.fullmatch(r"[0-9]+", index, re.ASCII):
+    raise UserError(f"JOB_COMPLETION_INDEX={index!r} is not an integer; Kubernetes sets it in Indexed Jobs: "
+                    "do not set it by hand")
+  index = int(index)
+  if role == "chief" and index:
+    raise UserError(f"JOB_COMPLETION_INDEX={index} in the chief Job: it must be one pod (completions: 1)")
+  if role == "worker" and count == 1:
+    raise UserError(f"{count_name}=1 counts the chief alone, yet this is a worker pod: set it to all tasks, "
+                    "chief included (1 + the worker Job's completions)")
+  if role == "worker" and index >= count - 1:
+    raise UserError(f"JOB_COMPLETION_INDEX={index} is outside 0-{count - 2}, the worker Job's pods for "
+                    f"{count_name}={count} (all tasks, chief included)")
+  pattern = f"{jobset}-{{role}}-0-{{index}}.{jobset}:{PORT}"
+  spec = {"chief": [pattern.format(role="chief", index=0)]}
+  if count > 1:
+    spec["worker"] = [pattern.format(role="worker", index=i) for i in range(count - 1)]
+  for task_type, addresses in spec.items():
+    for i, address in enumerate(addresses):
+      _check_address(address, f"JOBSET_NAME={jobset!r} gives {task_type} {i} the address")
+  return Cluster(spec=spec, task_type=role, task_index=index, source="jobset")
