@@ -383,22 +383,32 @@ def test_tfjob_workers_and_retries(workers, submit):
 
 @needs_kubectl
 @pytest.mark.parametrize("workers", [None, 7])
-def test_jobset_workers_and_restarts(workers, submit):
+def test_jobset_workers_and_restarts(workers, submit, tmp_path):
   _, objects = kubernetes_dry_run(submit, "jobset", *([f"--workers={workers}"] if workers else []))
   (jobset,) = [obj for obj in objects if obj["kind"] == "JobSet"]
-  jobs = {job["name"]: job for job in jobset["spec"]["replicatedJobs"]}
+  name, jobs = jobset["metadata"]["name"], {job["name"]: job for job in jobset["spec"]["replicatedJobs"]}
+  assert name == "trainer-jobset-gru-7"
   pods = 1 + (workers or 3)
-  assert [(jobs[name]["replicas"], jobs[name]["template"]["spec"]["completions"],
-           jobs[name]["template"]["spec"]["parallelism"]) for name in ("chief", "worker")] == [
+  assert [(jobs[role]["replicas"], jobs[role]["template"]["spec"]["completions"],
+           jobs[role]["template"]["spec"]["parallelism"]) for role in ("chief", "worker")] == [
       (1, 1, 1), (1, pods - 1, pods - 1)]
   # The whole set restarts as one: 4 times, whatever the workers.
   assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 4
-  # Every pod is told the number of tasks, chief included; the job folder is named after the JobSet.
-  for _, container in trainer_containers(objects):
-    env = {variable["name"]: variable for variable in container["env"]}
-    assert env["TRAINER_NUM_WORKERS"]["value"] == str(pods)
-    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
-  assert jobset["metadata"]["name"] == "trainer-jobset-gru-7" and "subdomain" not in jobset["spec"]["network"]
+  # Every pod, as JobSet labels it, finds the same cluster of the renamed JobSet's pods, with the
+  # chief's pod as chief, through the trainer's own code; its job folder is named after the JobSet.
+  expected = {"chief": [f"{name}-chief-0-0.{name}:2222"],
+              "worker": [f"{name}-worker-0-{i}.{name}:2222" for i in range(pods - 1)]}
+  for role in ("chief", "worker"):
+    spec = jobs[role]["template"]["spec"]["template"]["spec"]
+    ((container_spec, container),) = trainer_containers([{"spec": spec}])
+    labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": role,
+              "jobset.sigs.k8s.io/job-index": "0"}
+    env, values = environment(container, labels), container_flags(objects, container_spec, container, tmp_path)
+    assert env["JOB_NAME"] == name and values.job_dir == JOB_DIR
+    last = jobs[role]["template"]["spec"]["completions"] - 1
+    cluster = trainer.cluster.resolve({"JOB_COMPLETION_INDEX": str(last), **env}, values.indexed_job_hosts,
+                                      values.num_workers)
+    assert cluster.spec == expected and (cluster.task_type, cluster.task_index) == (role, last)
 
 
 @needs_kubectl
