@@ -271,6 +271,8 @@ PER_JOB_KINDS = ("Job", "CronJob", "TFJob", "JobSet", "Service", "ConfigMap")
 # The workloads `kubectl get` looks for before applying, as kubectl names their resources.
 WORKLOAD_RESOURCES = {"Job": "jobs.batch", "CronJob": "cronjobs.batch", "TFJob": "tfjobs.kubeflow.org",
                       "JobSet": "jobsets.jobset.x-k8s.io"}
+# What installs the custom kinds: a cluster without it has no such resource type.
+CONTROLLERS = {"TFJob": "the Kubeflow training operator (v1, release-1.9)", "JobSet": "the JobSet controller"}
 # Kustomize renames a Service's references in the fields it knows; a pod's `subdomain`, which must
 # name the headless Service that gives an Indexed Job's pods their host names, is not one of them.
 NAME_REFERENCES = """\
@@ -669,6 +671,10 @@ def replace_existing(objects, replace):
            if obj["kind"] in WORKLOAD_RESOURCES]
   done = subprocess.run(["kubectl", "get", *names, "--ignore-not-found", "-o", "name"], capture_output=True,
                         text=True)
+  missing = [kind for kind in CONTROLLERS if f'resource type "{WORKLOAD_RESOURCES[kind].split(".")[0]}"' in done.stderr]
+  if missing:
+    raise UsageError(f"the cluster has no {missing[0]} kind ({last_line(done.stderr)}): install "
+                     f"{CONTROLLERS[missing[0]]}, or choose another --target")
   if done.returncode:
     raise ToolError(f"kubectl get {' '.join(names)} failed: {last_line(done.stderr)}", done.returncode)
   found = done.stdout.split()

@@ -39,7 +39,8 @@ FILLED = {"PROJECT_ID": "my-project", "BUCKET": "my-bucket"}
 
 # Records one JSON line per call (argv, stdin, and for gcloud the --config file's text, which the
 # script deletes afterwards) in $FAKE_LOG. The fake kubectl has a current context unless
-# $FAKE_NO_CONTEXT is set, and `get` finds the objects named in $FAKE_EXISTING.
+# $FAKE_NO_CONTEXT is set, and `get` finds the objects named in $FAKE_EXISTING (or fails with
+# $FAKE_GET_ERROR).
 FAKE_CLI = '''
 import json, os, sys
 name, argv = sys.argv[1], sys.argv[2:]
@@ -52,6 +53,8 @@ record = {"argv": argv, "stdin": sys.stdin.read() if argv[-1:] == ["-"] else Non
           "config": open(config[0]).read() if config else None}
 with open(os.environ["FAKE_LOG"], "a") as log:
   log.write(json.dumps(record) + "\\n")
+if argv[:1] == ["get"] and os.environ.get("FAKE_GET_ERROR"):
+  sys.exit(print(os.environ["FAKE_GET_ERROR"], file=sys.stderr) or 1)
 if argv[:1] == ["get"]:
   existing = os.environ.get("FAKE_EXISTING", "").split()
   sys.exit(print("".join(f"{found}\\n" for found in existing if found.split("/")[1] in str(argv)), end=""))
@@ -560,6 +563,19 @@ def test_an_existing_job_of_the_same_name_is_not_applied_over(target, existing, 
   code, stdout, stderr = submit(f"--target={target}", *JOB, path=folder, env={**env, "FAKE_EXISTING": existing})
   assert_usage_error(code, stderr, f"{existing} already exists", "another --job_name", "--replace")
   assert stdout == "" and [argv[0] for argv in kubectl_calls(calls)] == ["get"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target, resource, controller", [
+    ("tfjob", "tfjobs", "the Kubeflow training operator (v1, release-1.9)"),
+    ("jobset", "jobsets", "the JobSet controller"),
+])
+def test_a_cluster_without_the_kinds_controller_is_one_line(target, resource, controller, submit, fake_bin):
+  folder, env, calls = fake_bin
+  error = f'error: the server doesn\'t have a resource type "{resource}"'
+  code, stdout, stderr = submit(f"--target={target}", *JOB, path=folder, env={**env, "FAKE_GET_ERROR": error})
+  assert_usage_error(code, stderr, error, f"install {controller}")
+  assert [argv[0] for argv in kubectl_calls(calls)] == ["get"]
 
 
 @needs_kubectl
