@@ -248,6 +248,11 @@ def test_no_current_context_is_one_line_and_exit_2_and_applies_nothing(submit, f
 
 # --- Kubernetes: what is rendered ----------------------------------------------------------------
 
+# The fast tier (-m "not slow") keeps one case of each Kubernetes check: every render costs ~0.4 CPU-seconds.
+def also(*values):
+  return pytest.param(*values, marks=pytest.mark.slow)
+
+
 needs_kubectl = pytest.mark.skipif(REAL_KUBECTL is None, reason="kubectl is not installed: it renders the overlays "
                                    "(kubectl kustomize), here and in the script")
 TARGETS = ("gpu-job", "tfjob", "indexed-job", "jobset", "cronjob")
@@ -293,6 +298,7 @@ def container_flags(objects, spec, container, folder):
   return trainer_flags(args)
 
 
+@pytest.mark.slow  # every target rendered twice; the tests below render each in the fast tier
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
 def test_kubernetes_dry_run_renders_the_overlay_for_this_job(target, submit, project, tmp_path):
@@ -348,7 +354,7 @@ def environment(container, labels):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("workers", [None, 7])
+@pytest.mark.parametrize("workers", [also(None), 7])
 def test_indexed_job_hosts_name_the_renamed_job_and_its_service(workers, submit, tmp_path):
   _, objects = kubernetes_dry_run(submit, "indexed-job", *([f"--workers={workers}"] if workers else []))
   (job,) = [obj for obj in objects if obj["kind"] == "Job"]
@@ -375,7 +381,7 @@ def test_indexed_job_hosts_name_the_renamed_job_and_its_service(workers, submit,
 
 
 @needs_kubectl
-@pytest.mark.parametrize("workers", [None, 7])
+@pytest.mark.parametrize("workers", [also(None), 7])
 def test_tfjob_workers_and_retries(workers, submit):
   _, objects = kubernetes_dry_run(submit, "tfjob", *([f"--workers={workers}"] if workers else []))
   (tfjob,) = [obj for obj in objects if obj["kind"] == "TFJob"]
@@ -385,7 +391,7 @@ def test_tfjob_workers_and_retries(workers, submit):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("workers", [None, 7])
+@pytest.mark.parametrize("workers", [also(None), 7])
 def test_jobset_workers_and_restarts(workers, submit, tmp_path):
   _, objects = kubernetes_dry_run(submit, "jobset", *([f"--workers={workers}"] if workers else []))
   (jobset,) = [obj for obj in objects if obj["kind"] == "JobSet"]
@@ -422,7 +428,7 @@ def test_an_image_digest_is_kept(submit):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("target", ["indexed-job", "cronjob"])
+@pytest.mark.parametrize("target", [also("indexed-job"), "cronjob"])
 def test_a_job_dir_with_a_trailing_slash_is_the_same_folder(target, submit, tmp_path):
   _, objects = kubernetes_dry_run(submit, target, f"--job_dir={JOB_DIR}/")
   for spec, container in trainer_containers(objects):
@@ -445,9 +451,9 @@ def test_a_job_name_too_long_for_the_names_kubernetes_derives_says_how_long_it_m
 @needs_kubectl
 @pytest.mark.parametrize("target, expected", [
     ("indexed-job", ["is not on Cloud Storage: --target=indexed-job runs 2 workers", "gs://BUCKET/PATH"]),
-    ("tfjob", ["is not on Cloud Storage: --target=tfjob runs 4 workers"]),
+    also("tfjob", ["is not on Cloud Storage: --target=tfjob runs 4 workers"]),
     ("gpu-job", ["neither gs:// nor on a persistent volume of the pod", "lost with the pod"]),
-    ("cronjob", ["neither gs:// nor on a persistent volume of the pod"]),
+    also("cronjob", ["neither gs:// nor on a persistent volume of the pod"]),
 ])
 def test_a_job_folder_the_pods_cannot_share_or_keep_is_refused(target, expected, submit):
   code, stdout, stderr = submit(f"--target={target}", *JOB, "--job_dir=/mnt/jobs/gru-7", "--dry_run")
@@ -479,10 +485,10 @@ def test_the_cronjob_takes_the_retrains_flags_and_other_targets_refuse_them(subm
     # The batch in k8s/base/trainer.flags, 32, over 3 pods of 1 GPU.
     ("indexed-job", ["--workers=2"], ["--batch_size=32 (k8s/base/trainer.flags)", "3 replicas",
                                       "3 tasks x 1 GPU", "multiple of 3"]),
-    ("tfjob", ["--workers=4"], ["--batch_size=32 (k8s/base/trainer.flags)", "5 replicas"]),
+    also("tfjob", ["--workers=4"], ["--batch_size=32 (k8s/base/trainer.flags)", "5 replicas"]),
     # One pod of 4 GPUs.
     ("gpu-job", ["--", "--batch_size=30"], ["--batch_size=30 (after --)", "4 replicas", "1 task x 4 GPUs"]),
-    ("cronjob", ["--", "--batch_size=30"], ["--batch_size=30 (after --)", "4 replicas"]),
+    also("cronjob", ["--", "--batch_size=30"], ["--batch_size=30 (after --)", "4 replicas"]),
 ])
 def test_a_batch_that_does_not_split_across_the_replicas_is_refused(target, args, expected, submit, fake_bin):
   folder, env, calls = fake_bin
@@ -501,10 +507,10 @@ def restore(k8s, relative):
     # The README's sed line once covered k8s/base only.
     ("cronjob", "overlays/cronjob/retrain.flags", [],
      "--serving_dir=gs://BUCKET/serving (k8s/overlays/cronjob/retrain.flags) still holds the placeholder BUCKET"),
-    ("gpu-job", "base/serviceaccount.yaml", [],
+    also("gpu-job", "base/serviceaccount.yaml", [],
      "'trainer@PROJECT_ID.iam.gserviceaccount.com' (k8s/base/serviceaccount.yaml) still holds the placeholder "
      "PROJECT_ID"),
-    ("indexed-job", "base/trainer.flags", [],
+    also("indexed-job", "base/trainer.flags", [],
      "--data=gs://BUCKET/data/GOOGL.csv (k8s/base/trainer.flags) still holds the placeholder BUCKET"),
     ("vertex", "base/trainer.flags", [], "--data=gs://BUCKET/data/GOOGL.csv (k8s/base/trainer.flags)"),
     ("vertex", "vertex/custom_job.yaml", [],
@@ -522,6 +528,7 @@ def test_a_placeholder_left_in_the_manifests_is_refused(target, file, args, expe
   assert stdout == "" and calls() == []
 
 
+@pytest.mark.slow  # a render
 @needs_kubectl
 def test_a_placeholder_the_flags_after_the_separator_replace_is_not_in_the_way(submit, project, tmp_path):
   k8s = tmp_path / "k8s"
@@ -554,8 +561,8 @@ def test_kubernetes_applies_what_the_dry_run_printed(project, fake_bin, submit):
 @needs_kubectl
 @pytest.mark.parametrize("target, existing", [
     ("indexed-job", "job.batch/trainer-indexed-gru-7"),
-    ("cronjob", "cronjob.batch/trainer-nightly-gru-7"),
-    ("tfjob", "tfjob.kubeflow.org/trainer-tfjob-gru-7"),
+    also("cronjob", "cronjob.batch/trainer-nightly-gru-7"),
+    also("tfjob", "tfjob.kubeflow.org/trainer-tfjob-gru-7"),
     ("jobset", "jobset.jobset.x-k8s.io/trainer-jobset-gru-7"),
 ])
 def test_an_existing_job_of_the_same_name_is_not_applied_over(target, existing, submit, fake_bin):
@@ -568,7 +575,7 @@ def test_an_existing_job_of_the_same_name_is_not_applied_over(target, existing, 
 @needs_kubectl
 @pytest.mark.parametrize("target, resource, controller", [
     ("tfjob", "tfjobs", "the Kubeflow training operator (v1, release-1.9)"),
-    ("jobset", "jobsets", "the JobSet controller"),
+    also("jobset", "jobsets", "the JobSet controller"),
 ])
 def test_a_cluster_without_the_kinds_controller_is_one_line(target, resource, controller, submit, fake_bin):
   folder, env, calls = fake_bin
