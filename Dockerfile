@@ -1,7 +1,8 @@
 # The trainer on the official TensorFlow GPU image (CUDA and cuDNN included), as the manifests in
 # k8s/ run it:
 #   docker build -t us-docker.pkg.dev/PROJECT_ID/trainer/trainer:0.1.0 .
-# The tag's major.minor must be setup.py's tensorflow pin (tests/test_k8s.py checks it).
+# The tag's major.minor must be setup.py's tensorflow pin (tests/test_k8s.py checks it). To rebuild
+# on exactly the same base, add the digest `docker pull` prints: tensorflow/tensorflow:2.21.0-gpu@sha256:...
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 # Logs reach `kubectl logs` as they are written; nothing tries to write .pyc files into the pods'
@@ -10,15 +11,20 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+# The dependencies first, in a layer of their own: setup.py without trainer/ installs them (and an
+# empty package), so a change to the code rebuilds only the layers after it. Keep the image's
+# TensorFlow, built for its CUDA: the constraint makes pip fail instead of replacing it should
+# setup.py's pin ever disagree. PIP_BREAK_SYSTEM_PACKAGES: the image's Python is the system one,
+# which newer Ubuntu releases protect from pip; older ones ignore it.
 COPY setup.py ./
-COPY trainer/ trainer/
-# Keep the image's TensorFlow, built for its CUDA: the constraint makes pip fail instead of
-# replacing it should setup.py's pin ever disagree. PIP_BREAK_SYSTEM_PACKAGES: the image's Python
-# is the system one, which newer Ubuntu releases protect from pip; older ones ignore it.
 RUN python -c "from importlib.metadata import version; print('tensorflow==' + version('tensorflow'))" \
       > /tmp/image-tensorflow.txt \
  && PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-cache-dir --constraint /tmp/image-tensorflow.txt . \
- && rm -rf /src /tmp/image-tensorflow.txt
+ && rm -rf /tmp/image-tensorflow.txt
+# Then the trainer itself, over the empty package, resolving nothing again.
+COPY trainer/ trainer/
+RUN PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-cache-dir --no-deps --force-reinstall . \
+ && rm -rf /src
 
 # A fixed numeric non-root user, the pods' runAsUser (k8s/base/job.yaml): Kubernetes can only
 # check runAsNonRoot against a numeric USER. Newer bases already have a user 1000 (ubuntu).

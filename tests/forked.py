@@ -157,6 +157,8 @@ def run_child(request, fds):
   for target, fd in enumerate(fds):
     os.dup2(fd, target)
     os.close(fd)
+  if request.get("new_session"):
+    os.setsid()  # a process group of its own, which the launcher signals as a whole (os.killpg)
   os.chdir(request["cwd"])
   os.environ.clear()
   os.environ.update(request["env"])
@@ -264,7 +266,8 @@ def _stream(option, fd, created):
 class Popen:
   """The part of subprocess.Popen the tests use, for a command the server forks."""
 
-  def __init__(self, argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None, text=False):
+  def __init__(self, argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None, text=False,
+               start_new_session=False):
     kind, what, args = (argv[1], argv[2], argv[3:]) if argv[1] in ("-m", "-c") else ("script", argv[1], argv[2:])
     created = []
     child_in, _ = _stream(stdin, 0, created)
@@ -274,7 +277,7 @@ class Popen:
     self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     self._connection.connect(Server.socket_path())
     request = {"kind": kind, "what": what, "args": list(map(str, args)), "cwd": os.fspath(cwd or os.getcwd()),
-               "env": dict(os.environ if env is None else env)}
+               "env": dict(os.environ if env is None else env), "new_session": start_new_session}
     socket.send_fds(self._connection, [json.dumps(request).encode()], [child_in, child_out, child_err])
     for fd in created:  # the child has its own copies now: the pipes end when the child's ends close
       os.close(fd)

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from processes import Job, run, stalled
 
-from trainer import errors, storage
+from trainer import errors, storage, transfer
 from trainer.config import Config
 from trainer.data import decoded, image_folder, image_tfrecords, images
 
@@ -26,7 +26,7 @@ def scratch(tmp_path, monkeypatch):
   folder = tmp_path / "scratch"
   folder.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(folder))
-  monkeypatch.setattr(decoded, "_scratch", None)
+  monkeypatch.setattr(transfer, "_scratch", None)
   return folder
 
 
@@ -44,7 +44,7 @@ def epochs(prepared, *numbers, split="train"):
 def test_the_three_policies_give_identical_training_batches_for_a_folder(make_image_folder, scratch):
   folder = make_image_folder({"a": 14, "b": 10, "c": 8})
   got = {}
-  cache_files = lambda: {f for folder in scratch.glob("trainer-cache-*") for f in os.listdir(folder)}
+  cache_files = lambda: {f for folder in scratch.glob("trainer-scratch-*") for f in os.listdir(folder)}
   for policy in POLICIES:
     before = cache_files()
     prepared = images.prepare(Config(model="cnn", data=folder, image_size=24, cache=policy))
@@ -129,7 +129,7 @@ def test_a_full_scratch_disk_is_one_line_and_a_storage_error(make_image_folder, 
   assert re.fullmatch(r"cannot write the disk cache of decoded images \(\S+\.uint8\): No space left on device; give "
                       r"the scratch folder \(TMPDIR\) more space, lower --disk_budget_mb, or use --cache=none",
                       str(raised.value))
-  assert not [f for folder in scratch.glob("trainer-cache-*") for f in os.listdir(folder)]
+  assert not [f for folder in scratch.glob("trainer-scratch-*") for f in os.listdir(folder)]
 
 
 def _train_files(config):
@@ -229,7 +229,7 @@ def test_every_policy_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_run(i
   scratch.mkdir()
   result = resumed(flags("disk"), second + 2, env={"TMPDIR": str(scratch)})
   assert result["data"]["cache"] == "disk"
-  assert re.search(rf"disk cache: \d+ decoded images in {re.escape(str(scratch))}/trainer-cache-", result["log"])
+  assert re.search(rf"disk cache: \d+ decoded images in {re.escape(str(scratch))}/trainer-scratch-", result["log"])
   assert not os.listdir(scratch)
   assert result["resumed_from"]["epoch"] == 2 and result["resumed_from"]["step"] > 0  # mid-epoch
   assert_same_training(result, expected)

@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.slow  # trainer processes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.py"
-CPU_CHECKS = ["devices", "lstm xla", "dense xla", "cnn b8", "cnn mixed", "sigterm"]  # --quick's
+CPU_CHECKS = ["devices", "lstm xla", "dense xla", "cnn mixed", "sigterm"]  # --quick's
 
 
 def smoke(capsys, monkeypatch, env=None):

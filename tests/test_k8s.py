@@ -20,6 +20,7 @@ import signal
 import subprocess
 from typing import Optional
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -37,6 +38,9 @@ OVERLAYS = sorted(path.parent.name for path in (K8S / "overlays").glob("*/kustom
 # The kubectl installed here and on CI is 1.32; kubernetes-validate ships schemas for 1.25-1.37.
 KUBERNETES_VERSION = "1.32"
 KUBECTL = shutil.which("kubectl")
+# The openAPIV3Schema of the CRDs the custom kinds are applied to (tests/data/crds/README.md says where from).
+CRD_SCHEMAS = {"TFJob": ("kubeflow.org/v1", "kubeflow.org_tfjobs.v1.json"),
+               "JobSet": ("jobset.x-k8s.io/v1alpha2", "jobset.x-k8s.io_jobsets.v1alpha2.json")}
 
 # An uncaught exception or a flag absl cannot parse: Python's and absl's own exit code.
 PYTHON_ERROR = 1
@@ -50,8 +54,8 @@ RETRYABLE_CODES = {errors.STORAGE_FAILURE, errors.WORKER_LOST, errors.SERVING_BU
 CRONJOB_RUN = "29250180"
 
 
-def test_the_four_environments_have_overlays():
-  assert {"gpu-job", "tfjob", "indexed-job", "cronjob"} <= set(OVERLAYS)
+def test_the_five_environments_have_overlays():
+  assert {"gpu-job", "tfjob", "indexed-job", "cronjob", "jobset"} <= set(OVERLAYS)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -95,6 +99,22 @@ def _job_pod(where, job_spec, job_name):
   return Pod(where, job_spec["template"], job_name, labels, job_spec.get("parallelism", 1), job_spec)
 
 
+def _jobset_pods(jobset):
+  """The pods of a JobSet's first child Job of each replicated Job, labelled as JobSet labels them;
+  the job folder is named after the JobSet (its child Jobs' names differ per role)."""
+  name = jobset["metadata"]["name"]
+  replicated = jobset["spec"]["replicatedJobs"]
+  tasks = sum(job.get("replicas", 1) * job["template"]["spec"].get("parallelism", 1) for job in replicated)
+  found = []
+  for job in replicated:
+    spec = job["template"]["spec"]
+    labels = {**spec["template"].get("metadata", {}).get("labels", {}), "jobset.sigs.k8s.io/jobset-name": name,
+              "jobset.sigs.k8s.io/replicatedjob-name": job["name"], "jobset.sigs.k8s.io/job-index": "0",
+              "batch.kubernetes.io/job-name": f"{name}-{job['name']}-0"}
+    found.append(Pod(f"JobSet {name} {job['name']}", spec["template"], name, labels, tasks, spec))
+  return found
+
+
 def pods(docs):
   """Every pod template of the rendered workloads, with what runs it."""
   found = []
@@ -111,14 +131,53 @@ def pods(docs):
         labels = {**spec["template"].get("metadata", {}).get("labels", {}), "training.kubeflow.org/job-name": name,
                   "training.kubeflow.org/replica-type": replica_type.lower()}
         found.append(Pod(f"TFJob {name} {replica_type}", spec["template"], name, labels, tasks, None))
-  assert found, "no Job, CronJob or TFJob"
+    elif kind == "JobSet":
+      found.extend(_jobset_pods(doc))
+  assert found, "no Job, CronJob, TFJob or JobSet"
   return found
 
 
+def _strict(schema):
+  """The schema with unknown fields refused wherever it lists an object's fields: what the API server's
+  strict field validation (kubectl's default) does with a structural CRD schema."""
+  if isinstance(schema, list):
+    return [_strict(item) for item in schema]
+  if not isinstance(schema, dict):
+    return schema
+  strict = {key: (value if key == "enum" else _strict(value)) for key, value in schema.items()}
+  if "properties" in strict and "additionalProperties" not in strict and \
+      not strict.get("x-kubernetes-preserve-unknown-fields"):
+    strict["additionalProperties"] = False
+  return strict
+
+
+@functools.cache
+def crd_validator(kind):
+  _, filename = CRD_SCHEMAS[kind]
+  schema = _strict(json.loads((ROOT / "tests" / "data" / "crds" / filename).read_text()))
+  return jsonschema.Draft7Validator(schema)
+
+
+def validate_against_crd(doc):
+  api_version, _ = CRD_SCHEMAS[doc["kind"]]
+  assert doc["apiVersion"] == api_version, f"{doc['kind']}: {doc['apiVersion']}, the CRD serves {api_version}"
+  error = jsonschema.exceptions.best_match(crd_validator(doc["kind"]).iter_errors(doc))
+  if error:
+    raise error
+
+
 def validate(doc):
-  """Strict schema validation; a TFJob, a CRD the schemas do not know, through its pod templates
-  (each as a v1 PodTemplate)."""
-  if doc["kind"] == "TFJob":
+  """Strict schema validation. A TFJob or JobSet against its CRD's schema, then (the Kubernetes schemas
+  do not know the kind) through its pod templates (each as a v1 PodTemplate) or Job templates (each as a
+  batch/v1 Job)."""
+  if doc["kind"] in CRD_SCHEMAS:
+    validate_against_crd(doc)
+  if doc["kind"] == "JobSet":
+    for job in doc["spec"]["replicatedJobs"]:
+      kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "spec": job["template"]["spec"],
+                                    "metadata": {"name": f"{doc['metadata']['name']}-{job['name']}-0"}},
+                                   KUBERNETES_VERSION, strict=True)
+  elif doc["kind"] == "TFJob":
     for replica_type, spec in doc["spec"]["tfReplicaSpecs"].items():
       template = {"apiVersion": "v1", "kind": "PodTemplate", "template": spec["template"],
                   "metadata": {"name": f"{doc['metadata']['name']}-{replica_type.lower()}"}}
@@ -134,24 +193,47 @@ def test_every_overlay_renders_and_validates_strictly(overlay):
   for doc in docs:
     try:
       validate(doc)
-    except kubernetes_validate.ValidationError as e:
+    except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as e:
       pytest.fail(f"{overlay}: {doc['kind']} {doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
 
 
 def _misspell_job(docs):
-  container = find(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]
-  container["imagePullPolicyy"] = "IfNotPresent"
+  find(docs, "Job")[0]["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "IfNotPresent"
+  return "imagePullPolicyy"
 
 
 def _misspell_tfjob_pod(docs):
   find(docs, "TFJob")[0]["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["restartPolicyy"] = "Never"
+  return "restartPolicyy"
 
 
-@pytest.mark.parametrize("overlay, misspell", [("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod)])
+def _misspell_tfjob(docs):
+  find(docs, "TFJob")[0]["spec"]["runPolicy"]["activeDeadlineSecondss"] = 60
+  return "activeDeadlineSecondss"
+
+
+def _misspell_jobset(docs):
+  find(docs, "JobSet")[0]["spec"]["failurePolicy"]["maxRestartss"] = 1
+  return "maxRestartss"
+
+
+def _misspell_jobset_job(docs):
+  find(docs, "JobSet")[0]["spec"]["replicatedJobs"][1]["template"]["spec"]["backoffLimitt"] = 0
+  return "backoffLimitt"
+
+
+def _misspell_jobset_pod(docs):
+  find(docs, "JobSet")[0]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["hostnamee"] = "x"
+  return "hostnamee"
+
+
+@pytest.mark.parametrize("overlay, misspell", [
+    ("gpu-job", _misspell_job), ("tfjob", _misspell_tfjob_pod), ("tfjob", _misspell_tfjob),
+    ("jobset", _misspell_jobset), ("jobset", _misspell_jobset_job), ("jobset", _misspell_jobset_pod)])
 def test_strict_validation_rejects_a_misspelled_field(overlay, misspell):
   docs = render(overlay)
-  misspell(docs)
-  with pytest.raises(kubernetes_validate.ValidationError, match="yy"):
+  misspelled = misspell(docs)
+  with pytest.raises((kubernetes_validate.ValidationError, jsonschema.ValidationError), match=misspelled):
     for doc in docs:
       validate(doc)
 
@@ -319,7 +401,8 @@ def test_pod_failure_policy_follows_the_trainers_exit_codes(overlay):
     for rule in rules[1:]:
       assert rule["onExitCodes"]["containerName"] == container["name"]
       assert rule["onExitCodes"]["operator"] == "In"
-    assert pod.job_spec.get("backoffLimit", 6) >= 1
+    # A JobSet's child Jobs fail on the first counted failure: the JobSet restarts every pod (retries, below).
+    assert pod.job_spec.get("backoffLimit", 6) >= (0 if pod.where.startswith("JobSet") else 1)
 
 
 # --- the environments ----------------------------------------------------------------------------
@@ -363,15 +446,15 @@ def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_pa
   assert spec["completions"] == workers >= 2, "every worker must run at once"
   # Independent indexes are the wrong model for workers that train one model together (k8s/overlays/indexed-job).
   assert "backoffLimitPerIndex" not in spec
-  pod_spec, pod_labels = spec["template"]["spec"], spec["template"]["metadata"]["labels"]
+  pod, = pods([job])
+  pod_spec = pod.spec
   assert service["spec"]["clusterIP"] == "None"
   assert pod_spec["subdomain"] == service["metadata"]["name"]
-  assert service["spec"]["selector"].items() <= pod_labels.items(), "the Service must select the Job's pods"
+  assert service["spec"]["selector"].items() <= pod.labels.items(), "the Service must select the Job's pods"
   service_port, = service["spec"]["ports"]
   container, = pod_spec["containers"]
   assert service_port.get("targetPort", service_port["port"]) in [p["containerPort"] for p in container["ports"]]
 
-  pod, = pods([job])
   values, env = trainer_flags(pod, docs, tmp_path)
   assert "TF_CONFIG" not in env
   expected = [f"{name}-{i}.{service['metadata']['name']}:{service_port['port']}" for i in range(workers)]
@@ -381,6 +464,32 @@ def test_indexed_job_workers_find_each_other_through_the_trainers_cluster(tmp_pa
     assert cluster.source == "indexed job"
     assert cluster.spec == {"worker": expected}
     assert (cluster.task_index, cluster.is_chief) == (index, index == 0)
+
+
+def test_jobset_pods_find_each_other_through_the_trainers_cluster(tmp_path):
+  docs = render("jobset")
+  jobset, = find(docs, "JobSet")
+  name, network = jobset["metadata"]["name"], jobset["spec"]["network"]
+  # JobSet's hostnames: <jobset>-<replicatedJob>-<job index>-<pod index>.<subdomain, by default the JobSet's name>.
+  subdomain = network.get("subdomain", name)
+  addresses, tasks = set(), []
+  for job, pod in zip(jobset["spec"]["replicatedJobs"], pods([jobset])):
+    container, = pod.spec["containers"]
+    port, = [p["containerPort"] for p in container["ports"]]
+    values, env = trainer_flags(pod, docs, tmp_path)
+    assert "TF_CONFIG" not in env
+    for job_index in range(job["replicas"]):
+      for index in range(job["template"]["spec"]["completions"]):
+        addresses.add(f"{name}-{job['name']}-{job_index}-{index}.{subdomain}:{port}")
+        cluster = cluster_lib.resolve({**env, "JOB_COMPLETION_INDEX": str(index)}, values.indexed_job_hosts,
+                                      values.num_workers)
+        assert cluster.source == "jobset"
+        tasks.append((cluster.task_type, cluster.task_index, cluster.is_chief, cluster.spec))
+  specs = [spec for *_, spec in tasks]
+  assert all(spec == specs[0] for spec in specs), "every pod must see the same cluster"
+  assert {address for role in specs[0].values() for address in role} == addresses, "the cluster is the JobSet's pods"
+  assert sorted(task[:3] for task in tasks) == [("chief", 0, True)] + [("worker", i, False)
+                                                                       for i in range(len(tasks) - 1)]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -416,13 +525,227 @@ def test_pods_run_as_the_images_user_locked_down(overlay):
             f"{where}: {path} (HOME or TMPDIR in the Dockerfile) is not on a writable emptyDir"
 
 
+IMAGE = re.compile(r"(?P<name>[^:@]+(:[0-9]+/[^:@]+)?)(:(?P<tag>[\w][\w.-]*))?(@sha256:(?P<digest>[0-9a-f]{64}))?")
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_image_is_pinned(overlay):
   for pod in pods(render(overlay)):
     for container in pod.spec["containers"] + pod.spec.get("initContainers", []):
-      image = container["image"]
-      tag = image.rpartition("/")[2].partition(":")[2]
-      assert "@sha256:" in image or (tag and tag != "latest"), f"{pod.where}: image {image} is not pinned"
+      image = IMAGE.fullmatch(container["image"])
+      assert image, f"{pod.where}: {container['image']} is not an image reference"
+      # A tag for people, never latest; the digest once the image is pushed (k8s/base/kustomization.yaml).
+      assert image["tag"] and image["tag"] != "latest", f"{pod.where}: image {container['image']} has no fixed tag"
+
+
+def test_the_image_is_pinned_by_tag_and_digest_as_the_base_says(tmp_path):
+  # What k8s/base/kustomization.yaml and the README tell a user to do once the image is pushed.
+  if KUBECTL is None:
+    pytest.skip("kubectl is not installed")
+  shutil.copytree(K8S, tmp_path / "k8s")
+  kustomization = tmp_path / "k8s" / "base" / "kustomization.yaml"
+  digest = "0123456789abcdef" * 4
+  pinned = re.sub(r"# (digest: sha256:)[0-9a-f]{64}", rf"\g<1>{digest}", kustomization.read_text())
+  assert pinned != kustomization.read_text(), "k8s/base/kustomization.yaml has no commented digest line to fill in"
+  kustomization.write_text(pinned)
+  done = subprocess.run([KUBECTL, "kustomize", str(tmp_path / "k8s" / "overlays" / "gpu-job")], capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  job, = [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] == "Job"]
+  image = IMAGE.fullmatch(job["spec"]["template"]["spec"]["containers"][0]["image"])
+  assert (image["tag"], image["digest"]) == ("0.1.0", digest)
+
+
+# --- cluster policies ----------------------------------------------------------------------------
+
+UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+DAY = 24 * 3600
+
+
+def quantity(value):
+  """A Kubernetes quantity in bytes (or units): 64Gi, 500M, 3."""
+  number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+  return float(number) * UNITS[unit]
+
+
+def workloads(docs):
+  """(where, the spec that bounds it in time) of every workload: a Job's spec, a CronJob's job
+  template, a TFJob's runPolicy, each Job template of a JobSet."""
+  found = []
+  for doc in docs:
+    kind, name, spec = doc["kind"], doc["metadata"]["name"], doc.get("spec", {})
+    if kind == "Job":
+      found.append((f"Job {name}", spec))
+    elif kind == "CronJob":
+      found.append((f"CronJob {name}", spec["jobTemplate"]["spec"]))
+    elif kind == "TFJob":
+      found.append((f"TFJob {name} runPolicy", spec.get("runPolicy", {})))
+    elif kind == "JobSet":
+      found += [(f"JobSet {name} {job['name']}", job["template"]["spec"]) for job in spec["replicatedJobs"]]
+  return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_workload_has_a_deadline(overlay):
+  # A pod that never schedules (the last GPU of a gang) holds the others' GPUs, and a TFJob's restarts under
+  # restartPolicy ExitCode are bounded by nothing else (k8s/overlays/tfjob/tfjob.yaml).
+  for where, spec in workloads(render(overlay)):
+    deadline = spec.get("activeDeadlineSeconds")
+    assert isinstance(deadline, int) and 3600 <= deadline <= 7 * DAY, f"{overlay}: {where}: activeDeadlineSeconds " \
+                                                                       f"{deadline}"
+
+
+def test_the_nightly_run_ends_before_the_next_night():
+  # concurrencyPolicy Forbid: a run still going at 03:00 makes the CronJob skip that night.
+  cronjob, = find(render("cronjob"), "CronJob")
+  assert cronjob["spec"]["schedule"].split()[2:] == ["*", "*", "*"], "a daily schedule"
+  spec = cronjob["spec"]
+  latest_end = spec["startingDeadlineSeconds"] + spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]
+  assert latest_end < DAY, f"a run may start {cronjob['spec']['startingDeadlineSeconds']} s late and last until " \
+                           f"{latest_end} s after its time"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_retries_scale_with_the_workers(overlay):
+  # One preempted pod is ignored (DisruptionTarget), but each of its peers exits 143 or 171 and counts.
+  for doc in render(overlay):
+    where, spec = f"{overlay}: {doc['kind']} {doc['metadata']['name']}", doc.get("spec", {})
+    if doc["kind"] in ("Job", "CronJob"):
+      spec = spec.get("jobTemplate", {}).get("spec", spec)
+      assert spec["backoffLimit"] == 4 * spec.get("parallelism", 1), f"{where}: backoffLimit {spec['backoffLimit']}"
+    elif doc["kind"] == "TFJob":
+      tasks = sum(replica.get("replicas", 1) for replica in spec["tfReplicaSpecs"].values())
+      assert spec["runPolicy"]["backoffLimit"] == 4 * tasks, f"{where}: runPolicy.backoffLimit"
+    elif doc["kind"] == "JobSet":
+      # Any counted failure fails a child Job, and the JobSet restarts every pod together.
+      assert spec["failurePolicy"]["maxRestarts"] == 4, where
+      assert all(job["template"]["spec"]["backoffLimit"] == 0 for job in spec["replicatedJobs"]), where
+      # Exit 1 or 2 (the child Job's podFailurePolicy FailJob) fails the JobSet instead of restarting it, and
+      # so does a child Job past its deadline: a restart would give it a new one.
+      fail = {reason for rule in spec["failurePolicy"]["rules"] if rule["action"] == "FailJobSet"
+              and not rule.get("targetReplicatedJobs") for reason in rule["onJobFailureReasons"]}
+      assert fail == {"PodFailurePolicy", "DeadlineExceeded"}, f"{where}: FailJobSet on {fail}"
+
+
+def test_the_jobset_is_what_jobset_and_the_trainer_expect():
+  jobset, = find(render("jobset"), "JobSet")
+  spec = jobset["spec"]
+  assert jobset["metadata"]["name"] == "trainer-jobset"
+  jobs = {job["name"]: job for job in spec["replicatedJobs"]}
+  assert list(jobs) == ["chief", "worker"]
+  assert spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["chief"]}
+  # Pods resolve as <jobset>-<replicatedJob>-<job index>-<pod index>.<jobset> (JobSet's default subdomain).
+  assert spec["network"]["enableDNSHostnames"] is True and "subdomain" not in spec["network"]
+  for name, job in jobs.items():
+    job_spec = job["template"]["spec"]
+    assert job["replicas"] == 1, name
+    assert job_spec["completionMode"] == "Indexed", f"{name}: pods get their hostnames from their index"
+    assert job_spec["completions"] == job_spec["parallelism"], name
+  assert jobs["chief"]["template"]["spec"]["completions"] == 1
+  tasks = 1 + jobs["worker"]["template"]["spec"]["completions"]
+  for pod in pods([jobset]):
+    container, = pod.spec["containers"]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["TRAINER_NUM_WORKERS"]["value"] == str(tasks), pod.where
+    for variable, label in [("JOBSET_NAME", "jobset-name"), ("REPLICATED_JOB_NAME", "replicatedjob-name"),
+                            ("JOB_INDEX", "job-index"), ("JOB_NAME", "jobset-name")]:
+      assert env[variable]["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.labels['jobset.sigs.k8s.io/{label}']"
+    assert {"name": "grpc", "containerPort": 2222} in container["ports"], pod.where
+
+
+def base_memory():
+  """What the trainer itself is given in k8s/base/job.yaml: every pod's floor besides /dev/shm."""
+  job = yaml.safe_load((K8S / "base" / "job.yaml").read_text())
+  return quantity(job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"])
+
+
+def mounted_volumes(pod, container):
+  volumes = {volume["name"]: volume for volume in pod.spec.get("volumes", [])}
+  return {mount["mountPath"]: volumes[mount["name"]] for mount in container.get("volumeMounts", [])}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_with_several_gpus_have_shared_memory_for_nccl(overlay):
+  # NCCL's transport between GPUs of one pod uses /dev/shm, a container's default of which is 64 MiB.
+  for pod in pods(render(overlay)):
+    container, = pod.spec["containers"]
+    if gpus(container) < 2:
+      continue
+    shm = mounted_volumes(pod, container).get("/dev/shm", {}).get("emptyDir")
+    assert shm and shm.get("medium") == "Memory" and shm.get("sizeLimit"), f"{overlay}: {pod.where}: /dev/shm"
+    # Memory-backed: what it holds counts against the container's memory limit.
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert quantity(limits["memory"]) >= quantity(shm["sizeLimit"]) + base_memory(), \
+        f"{overlay}: {pod.where}: memory limit {limits['memory']} does not leave the trainer its own beside /dev/shm"
+    assert requests["memory"] == limits["memory"], f"{overlay}: {pod.where}: the scheduler must reserve /dev/shm too"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scratch_space_is_requested(overlay):
+  # Checkpoint staging lives in the /tmp emptyDir: unrequested, GKE Autopilot allows 1 GiB and evicts past it.
+  for pod in pods(render(overlay)):
+    for container in pod.spec["containers"]:
+      disk = [volume["emptyDir"] for volume in mounted_volumes(pod, container).values()
+              if "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory"]
+      assert all(volume.get("sizeLimit") for volume in disk), f"{overlay}: {pod.where}: an emptyDir without sizeLimit"
+      requests = container["resources"]["requests"]
+      assert "ephemeral-storage" in requests, f"{overlay}: {pod.where}: no ephemeral-storage request"
+      assert quantity(requests["ephemeral-storage"]) >= sum(quantity(volume["sizeLimit"]) for volume in disk), \
+          f"{overlay}: {pod.where}: ephemeral-storage {requests['ephemeral-storage']} is less than its emptyDirs"
+
+
+ACCELERATOR = "cloud.google.com/gke-accelerator"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gpu_pods_are_placed_on_gpu_nodes(overlay):
+  for pod in pods(render(overlay)):
+    container, = pod.spec["containers"]
+    selector, tolerations = pod.spec.get("nodeSelector", {}), pod.spec.get("tolerations", [])
+    if gpus(container):
+      # Autopilot provisions by it; on a cluster with several GPU types it picks the one the job is sized for.
+      assert selector.get(ACCELERATOR), f"{overlay}: {pod.where}: no {ACCELERATOR} nodeSelector"
+      # GPU nodes outside GKE carry this taint without a controller adding the toleration.
+      assert GPU_TOLERATION in tolerations, f"{overlay}: {pod.where}: no nvidia.com/gpu toleration"
+    else:
+      assert ACCELERATOR not in selector and GPU_TOLERATION not in tolerations, f"{overlay}: {pod.where}: no GPU"
+
+
+def test_the_gpu_type_is_set_in_one_place():
+  files = [path.relative_to(ROOT) for path in K8S.rglob("*.yaml")
+           if re.search(rf"^\s*{re.escape(ACCELERATOR)}:", path.read_text(), re.M)]
+  assert len(files) == 1, f"the accelerator nodeSelector is written in {files or 'no file'}: one place to change"
+  types = {pod.spec["nodeSelector"][ACCELERATOR] for overlay in OVERLAYS for pod in pods(render(overlay))
+           if gpus(pod.spec["containers"][0])}
+  assert len(types) == 1, types
+
+
+def test_the_headless_service_selects_only_its_jobs_pods():
+  # Every Indexed Job's pods carry the same app labels: those would also select another job's pods.
+  docs = render("indexed-job")
+  job, = find(docs, "Job")
+  service, = find(docs, "Service")
+  assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_get_no_kubernetes_api_token(overlay):
+  # The trainer never calls the Kubernetes API; Workload Identity does not need the token.
+  for pod in pods(render(overlay)):
+    assert pod.spec.get("automountServiceAccountToken") is False, f"{overlay}: {pod.where}"
+
+
+def test_the_readmes_sed_line_fills_in_every_placeholder(tmp_path):
+  # Every file that names the project or the bucket, e.g. the cronjob's retrain.flags (--serving_dir).
+  line, = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+           if line.strip().startswith("sed -i") and "PROJECT_ID" in line]
+  shutil.copytree(K8S, tmp_path / "k8s")
+  done = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, f"README: {line}: {done.stderr}"
+  left = [f"{path.relative_to(tmp_path)}: {word}" for path in sorted((tmp_path / "k8s").rglob("*")) if path.is_file()
+          for word in ("PROJECT_ID", "BUCKET") if word in path.read_text()]
+  assert not left, f"README: {line} leaves {left}"
 
 
 # --- no secrets ----------------------------------------------------------------------------------
@@ -484,6 +807,7 @@ class Dockerfile:
   entrypoint: list
   env: dict
   copied: list  # COPY sources
+  instructions: list  # (KEYWORD, the rest), in order
 
   @classmethod
   def read(cls):
@@ -498,13 +822,13 @@ class Dockerfile:
       env.update(word.split("=", 1) for word in shlex.split(rest))
     copied = [source for rest in found["COPY"] for source in shlex.split(rest)[:-1] if not source.startswith("--")]
     return cls(base=found["FROM"][-1], user=found["USER"][-1], entrypoint=json.loads(found["ENTRYPOINT"][-1]),
-               env=env, copied=copied)
+               env=env, copied=copied, instructions=[(keyword.upper(), rest) for keyword, rest in instructions])
 
 
 def test_dockerfile_builds_on_the_tensorflow_gpu_image_setup_py_pins():
   dockerfile = Dockerfile.read()
-  image = re.fullmatch(r"tensorflow/tensorflow:(\d+)\.(\d+)\.(\d+)-gpu", dockerfile.base)
-  assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu"
+  image = re.fullmatch(r"tensorflow/tensorflow:(\d+)\.(\d+)\.(\d+)-gpu(@sha256:[0-9a-f]{64})?", dockerfile.base)
+  assert image, f"FROM {dockerfile.base}: expected a pinned tensorflow/tensorflow:X.Y.Z-gpu[@sha256:...]"
   pin = re.search(r"[\"']tensorflow==(\d+)\.(\d+)\.\*[\"']", (ROOT / "setup.py").read_text())
   assert pin, "setup.py does not pin tensorflow==X.Y.*"
   assert image.groups()[:2] == pin.groups(), \
@@ -517,6 +841,19 @@ def test_dockerfile_runs_the_trainer_as_a_numeric_non_root_user():
                                                               "runAsNonRoot against a numeric user"
   assert int(dockerfile.user.split(":")[0]) != 0
   assert dockerfile.entrypoint == ["python", "-m", "trainer.task"]
+
+
+def test_dockerfile_installs_the_dependencies_before_copying_the_code():
+  # A layer that installs TensorFlow's dependencies must not depend on trainer/: a code change would
+  # reinstall them all.
+  instructions = Dockerfile.read().instructions
+  code = next(i for i, (keyword, rest) in enumerate(instructions)
+              if keyword == "COPY" and "trainer/" in shlex.split(rest)[:-1])
+  installs = [(i, rest) for i, (keyword, rest) in enumerate(instructions) if keyword == "RUN" and "pip install" in rest]
+  assert any(i < code and "--no-deps" not in rest for i, rest in installs), \
+      "no pip install of the dependencies before COPY trainer/"
+  assert all("--no-deps" in rest for i, rest in installs if i > code), "a pip install after COPY trainer/ resolves " \
+                                                                       "dependencies again: give it --no-deps"
 
 
 def _dockerignored(path, patterns):

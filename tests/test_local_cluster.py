@@ -5,6 +5,7 @@ takes seconds to import TensorFlow, so ports, TF_CONFIG, output, exit codes and 
 here; a real two-process training run is a separate, slower test.
 """
 
+import importlib.util
 import json
 import os
 import queue
@@ -15,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
+import forked
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "local_cluster.py"
@@ -251,16 +254,38 @@ def readme_command(prefix):
   return shlex.split(line.split("#", 1)[0])
 
 
+def launcher_here(monkeypatch):
+  """scripts/local_cluster.py as a module of this process, its tasks forked from the suite's server
+  (tests/forked.py: each a real process, as `python -m trainer.task` starts it, without importing
+  TensorFlow again: 9 CPU-seconds a task). Only its preexec_fn, which ties a task's life to the
+  launcher's, is left out: the server, not this process, is the tasks' parent."""
+  spec = importlib.util.spec_from_file_location("local_cluster", SCRIPT)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  popen = lambda argv, preexec_fn=None, **kwargs: forked.popen(argv, **kwargs)  # noqa: ARG005
+  monkeypatch.setattr(script, "subprocess", types.SimpleNamespace(
+      Popen=popen, run=subprocess.run, PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL,
+      TimeoutExpired=subprocess.TimeoutExpired))
+  return script
+
+
 @pytest.mark.slow  # three trainer processes
-def test_the_readmes_rehearsal_with_a_chief_trains(tmp_path):
+def test_the_readmes_rehearsal_with_a_chief_trains(tmp_path, monkeypatch, capfd):
   """The README's three-task rehearsal, exactly, in a fresh folder: its global batch must split
   evenly across the three replicas, or every task exits 2."""
   argv = readme_command("python scripts/local_cluster.py --workers=3 --chief ")
   assert argv[:2] == ["python", "scripts/local_cluster.py"]
-  done = subprocess.run([sys.executable, str(SCRIPT), *argv[2:]], cwd=tmp_path, capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stderr.splitlines()[-1] == "local_cluster: all 3 tasks exited 0"
+  script = launcher_here(monkeypatch)
+  monkeypatch.chdir(tmp_path)
+  handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    code = script.main(argv[2:])
+  finally:  # main() installs its own
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)
+  _, stderr = capfd.readouterr()
+  assert code == 0, stderr[-3000:]
+  assert stderr.splitlines()[-1] == "local_cluster: all 3 tasks exited 0"
   (job_dir,) = [tmp_path / arg.split("=", 1)[1] for arg in argv if arg.startswith("--job_dir=")]
   report = json.loads((job_dir / "report.json").read_text())
   assert (report["num_workers"], report["num_replicas"]) == (3, 3)

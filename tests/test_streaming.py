@@ -44,7 +44,7 @@ def shards(tmp_path, gcs_bucket, num_shards=4, per_class=(7, 6, 5)):
 
 def scratch_files():
   """Every file in this process's scratch folder for copies of gs:// data (trainer.transfer)."""
-  return [os.path.join(root, f) for root, _, files in os.walk(transfer._cache_root()) for f in files]  # noqa: SLF001
+  return [os.path.join(root, f) for root, _, files in os.walk(transfer.scratch_folder()) for f in files]
 
 
 @pytest.mark.slow  # over 2 CPU-seconds: the fast tier stays under 2 minutes
@@ -199,7 +199,7 @@ def test_a_folder_on_gcs_over_the_disk_budget_is_checked_and_read_file_by_file(m
   pixels = lambda scan: in_order(image_folder.dataset(scan.paths, scan.labels))
   assert pixels(streamed) == pixels(local)
   monkeypatch.undo()
-  assert image_folder.scan(remote, disk_budget=size).paths[0].startswith(transfer._cache_root())  # noqa: SLF001
+  assert image_folder.scan(remote, disk_budget=size).paths[0].startswith(transfer.scratch_folder())
 
 
 def test_a_file_of_a_streamed_folder_that_cannot_be_read_is_a_storage_error(messy_folder, gcs_bucket):

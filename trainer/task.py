@@ -13,7 +13,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from trainer import cli, errors, storage  # noqa: E402
-from trainer.data import csv_file  # noqa: E402
 
 flags.adopt_module_key_flags(cli)  # the flags are this command's own (--helpshort)
 
@@ -23,6 +22,8 @@ def main(argv):
     errors.fail(f"unexpected arguments {' '.join(argv[1:])}; flags are written --name=value")
   with errors.exiting("trainer"):
     job_dir, config = cli.config_from_flags()
+    # Imported here: pandas costs 0.7 s, which `--help` and scripts/submit.py (it reads the flags) need not pay.
+    from trainer.data import csv_file
     csv_file.check(config)  # a mistake in the file in a second, not after TensorFlow's start
     from trainer import train  # imports TensorFlow: only once the flags and the data are known to be sound
     with cli.saying_how_to_resume(job_dir):

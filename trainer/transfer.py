@@ -108,10 +108,10 @@ def sync_dir(local_dir, dest):
   return changed
 
 
-# Remote path -> its local copy, for this process; removed at exit.
+# Remote path -> its local copy under scratch_folder(), for this process.
 _cache = {}
 _cache_lock = threading.Lock()
-_cache_dir = None
+_scratch = None
 
 
 def local_path(path):
@@ -126,7 +126,7 @@ def local_path(path):
   with _cache_lock:
     if path in _cache:
       return _cache[path]
-    target = os.path.join(tempfile.mkdtemp(dir=_cache_root()), posixpath.basename(path) or "bucket")
+    target = os.path.join(tempfile.mkdtemp(dir=scratch_folder()), posixpath.basename(path) or "bucket")
     try:
       data = storage.read_bytes(path)
     except IsADirectoryError:
@@ -152,7 +152,7 @@ def streamed(paths, on_disk=STREAM_ON_DISK):
   if not any(storage.is_remote(p) for p in paths):
     yield from paths
     return
-  downloads = _Downloads(list(paths), tempfile.mkdtemp(prefix="stream-", dir=_cache_root()), on_disk)
+  downloads = _Downloads(list(paths), tempfile.mkdtemp(prefix="stream-", dir=scratch_folder()), on_disk)
   try:
     for index in range(len(paths)):
       downloads.release_previous()  # asked for the next: the reader is done with the previous one
@@ -298,10 +298,12 @@ def _fsync(path):
     os.close(fd)
 
 
-def _cache_root():
-  global _cache_dir
-  if _cache_dir is None:
-    _cache_dir = tempfile.mkdtemp(prefix="trainer-storage-")
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-  return _cache_dir
+def scratch_folder():
+  """This process's private scratch folder under TMPDIR (else /tmp; the pods' emptyDir), made on first use and
+  removed when the process exits: downloaded and streamed gs:// files, the disk cache of decoded images."""
+  global _scratch
+  if _scratch is None:
+    _scratch = tempfile.mkdtemp(prefix="trainer-scratch-", dir=tempfile.gettempdir())
+    atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+  return _scratch
 

@@ -12,10 +12,8 @@ a memmap would grow the process as a memory one does; preadv goes through the ke
 cache, which the kernel reclaims, and releases the GIL while it reads.
 """
 
-import atexit
 import contextlib
 import os
-import shutil
 import tempfile
 import weakref
 
@@ -23,23 +21,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import transfer
 from trainer.errors import StorageError
 
 # Images handed from tf.data to Python per call of the filling pass, and per chunk in memory:
 # large enough that Python's per-batch cost is small, small enough to waste little at the end.
 CHUNK = 256
-
-_scratch = None
-
-
-def scratch_folder():
-  """This process's private scratch folder, made on first use and removed when it exits."""
-  global _scratch
-  if _scratch is None:
-    _scratch = tempfile.mkdtemp(prefix="trainer-cache-", dir=tempfile.gettempdir())
-    atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
-  return _scratch
-
 
 class Store:
   """uint8 images [len, size, size, 3] and their int32 labels, read by index."""
@@ -120,7 +107,7 @@ def _remove(file, path):
 
 def fill(examples, size, policy):
   """A Store ("memory" or "disk") of (uint8 [size, size, 3], int32 label) examples, in their order."""
-  store = InMemory(size) if policy == "memory" else OnDisk(size, scratch_folder())
+  store = InMemory(size) if policy == "memory" else OnDisk(size, transfer.scratch_folder())
   labels = []
   try:
     for images, batch_labels in examples.batch(CHUNK).as_numpy_iterator():
