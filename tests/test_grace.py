@@ -4,6 +4,7 @@ still running at the grace's end is said when it ends (README "Resume, preemptio
 
 import itertools
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -87,3 +88,18 @@ def test_a_job_stopped_by_a_signal_leaves_its_objects_to_the_operating_system_at
   assert done.returncode == 0, done.stderr
   assert done.stdout.strip() == "frozen True", done.stderr
   assert "SIGTERM received" in done.stderr
+
+
+def test_a_job_still_running_at_the_grace_deadline_says_so_and_a_ctrl_c_has_no_deadline(caplog):
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    with StopSignal(grace_seconds=0.1) as stop:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, on this thread
+      deadline = time.monotonic() + 60
+      while not [r for r in caplog.records if "still running" in r.getMessage()] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with StopSignal(grace_seconds=0.1) as interrupted:
+      os.kill(os.getpid(), signal.SIGINT)
+  assert stop.saving is None
+  assert warnings(caplog)[1].startswith("still running 0.1 s after SIGTERM (--preemption_grace_seconds=0.1): a "
+                                         "preempted node kills the job about now"), warnings(caplog)
+  assert interrupted.signum == signal.SIGINT and interrupted._deadline is None  # noqa: SLF001
