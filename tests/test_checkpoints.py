@@ -105,7 +105,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(root, caplog):
 
 
 @pytest.mark.slow  # waits out the storage timeouts of a stopped emulator
-def test_an_unreachable_bucket_is_an_error_not_a_fresh_start(gcs_emulator):
+def test_an_unreachable_bucket_is_an_error_not_a_fresh_start(gcs_emulator, outage_timeout):
   root = gcs_emulator.new_bucket() + "/checkpoints"
   model, optimizer, checkpoints = make(root)
   checkpoints.save(1, {"n": 1}, None)

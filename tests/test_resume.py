@@ -236,7 +236,7 @@ def test_restart_discards_the_checkpoints(storage_root):
   assert complete_checkpoints(job_dir) == ["ckpt-200"]
 
 
-def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emulator):
+def test_a_storage_outage_stops_the_job_clearly_and_loses_no_checkpoint(gcs_emulator, outage_timeout):
   job_dir = gcs_emulator.new_bucket() + "/outage"
   job = Job(dense_flags(job_dir, "--epochs=1000", "--patience=1000"))
   try:

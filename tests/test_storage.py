@@ -80,10 +80,10 @@ def test_a_missing_bucket_is_an_error_not_an_empty_folder(gcs_emulator):
 
 
 @pytest.mark.slow
-def test_a_stopped_emulator_fails_in_time_and_keeps_its_objects(gcs_emulator, gcs_bucket):
+def test_a_stopped_emulator_fails_in_time_and_keeps_its_objects(gcs_emulator, gcs_bucket, outage_timeout):
   path = storage.join(gcs_bucket, "run", "state.json")
   storage.write_text(path, '{"step": 3}')
-  limit = float(os.environ["TRAINER_STORAGE_TIMEOUT"]) + 5
+  limit = outage_timeout + 5
   gcs_emulator.stop()
   try:
     for action, operation in [("read", lambda: storage.read_bytes(path)),
