@@ -47,13 +47,13 @@ UNSUPPORTED_TASK_TYPES = {
           "replicas or worker pool",
     "evaluator": "a separate evaluator task is not supported; remove the Evaluator replica or worker pool",
 }
-# host:port, the host a DNS name, an IPv4 address or a bracketed IPv6 address.
 # The JobSet pod's environment (k8s/overlays/jobset), each from the pod label of the same meaning.
 JOBSET_VARIABLES = {"JOBSET_NAME": "jobset.sigs.k8s.io/jobset-name",
                     "REPLICATED_JOB_NAME": "jobset.sigs.k8s.io/replicatedjob-name",
                     "JOB_INDEX": "jobset.sigs.k8s.io/job-index"}
 # The trainer container's port in every overlay (the containerPort named grpc).
 PORT = 2222
+# host:port, the host a DNS name, an IPv4 address or a bracketed IPv6 address.
 _ADDRESS = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})", re.ASCII)
 
 
