@@ -5,7 +5,8 @@ then prints the history. The figures in README "Scheduled retraining" come from:
     python scripts/retrain_nights.py --data=../shared/data/stocks/GOOGL_2006-01-01_to_2018-01-01.csv \\
         --nights=2016-06-30,2016-12-31,2017-12-31 --bad_learning_rate=1e9
 
---bad_learning_rate adds a last night on all rows with that learning rate: a bad night.
+--bad_learning_rate adds a last night on the last night's rows with that learning rate (and --force, or it
+would be skipped for want of new data): a bad night.
 Arguments after `--` go to every retrain.
 """
 
@@ -36,7 +37,8 @@ def main():
   serving_dir = os.path.join(folder, "serving")
   nights = [(night, night, []) for night in args.nights.split(",")]
   if args.bad_learning_rate:
-    nights.append(("bad", nights[-1][1], [f"--learning_rate={args.bad_learning_rate}"]))
+    # The last night's rows again: --force, or it would be skipped for want of new data.
+    nights.append(("bad", nights[-1][1], [f"--learning_rate={args.bad_learning_rate}", "--force"]))
   for name, last, flags in nights:
     data = os.path.join(folder, f"{name}.csv")
     frame[frame[args.date_column] <= last].to_csv(data, index=False)

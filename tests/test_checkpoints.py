@@ -15,8 +15,9 @@ import pytest
 import tensorflow as tf
 
 from trainer import storage, transfer
-from trainer.checkpoints import Checkpoints, data_change, data_fingerprint, with_extent
+from trainer.checkpoints import Checkpoints
 from trainer.errors import UserError
+from trainer.fingerprints import data_change, data_fingerprint, with_extent
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.storage import StorageError
 

@@ -18,13 +18,10 @@ singleton tf.Variables"). So _HostCopy does what TF's helper does, with copies m
 tf.train.Checkpoint over the same objects whose saver reads host copies in their place.
 """
 
-import fnmatch
-import hashlib
 import io
 import json
 import os
 import queue
-import re
 import shutil
 import tempfile
 import threading
@@ -305,71 +302,3 @@ def _read_every_file(folder):
   """Reads every file below a local folder; StorageError for one that cannot be read."""
   for name in storage.list_files(folder):
     storage.read_bytes(os.path.join(folder, *name.split("/")))
-
-
-def data_fingerprint(config):
-  """{flag: fingerprint} of --data and --test_data, kept in every state.json: a checkpoint is
-  bound to the data it was trained on, not only to its path. A file: its storage.stat (size,
-  checksum, time); a folder or glob of files: a hash of its listing (names and sizes). Taken
-  before the data is read; with_extent adds what was read. None for built-in data or tfds:NAME
-  (a versioned dataset)."""
-  found = {}
-  for flag in ("data", "test_data"):
-    location = getattr(config, flag)
-    if location and not location.startswith("tfds:"):
-      found[flag] = {"path": location, **_fingerprint(location)}
-  return found
-
-
-def with_extent(fingerprint, summary):
-  """A data_fingerprint with the rows and date range that prepare() read (summary), which the
-  message of a change shows."""
-  return {flag: {**found, **_extent(summary, flag)} for flag, found in fingerprint.items()}
-
-
-def data_change(saved, now):
-  """What changed in the data since a checkpoint's fingerprints (`saved`) were taken, as one
-  clause naming the flag and file; None when nothing did or the checkpoint has none (older)."""
-  for flag, before in (saved or {}).items():
-    after = now.get(flag)
-    key = "checksum" if "checksum" in before else "listing"
-    if after is None or key not in before or (before[key], before.get("size")) == (after.get(key), after.get("size")):
-      continue
-    differences = [f"{name} {before[name]} -> {after.get(name)}" for name in _SHOWN
-                   if name in before and before[name] != after.get(name)]
-    return (f"--{flag}={after['path']} changed since the checkpoint was written "
-            f"({', '.join(differences) or 'same size and time, other contents'})")
-  return None
-
-
-# What a data change message shows, when it differs; the checksum or listing hash decides.
-_SHOWN = ("rows", "first", "last", "files", "bytes", "size", "modified", "generation")
-_WILDCARDS = re.compile(r"[*?[]")
-
-
-def _fingerprint(location):
-  if _WILDCARDS.search(location):
-    if storage.is_remote(location):
-      folder, pattern = location.rsplit("/", 1)
-      sizes = {n: s for n, s in storage.list_sizes(folder).items() if "/" not in n and fnmatch.fnmatch(n, pattern)}
-    else:
-      sizes = {path: os.path.getsize(path) for path in storage.glob(location)}
-  elif storage.is_dir(location):
-    sizes = storage.list_sizes(location)
-  else:
-    return storage.stat(location)
-  listing = "".join(f"{name}\t{size}\n" for name, size in sorted(sizes.items()))
-  return {"files": len(sizes), "bytes": sum(sizes.values()), "listing": hashlib.sha256(listing.encode()).hexdigest()}
-
-
-def _extent(summary, flag):
-  """Rows and date range of --data (or rows of --test_data) as the data module read them."""
-  split = summary.get("split", {})
-  if flag == "test_data":
-    rows = split.get("test", {}).get("rows", summary.get("test_images"))
-    return {"rows": rows} if rows is not None else {}
-  extent = {"rows": summary["rows"]} if "rows" in summary else {}
-  dates = [(part["first"], part["last"]) for part in split.values() if "first" in part]
-  if dates:
-    extent.update(first=min(first for first, _ in dates), last=max(last for _, last in dates))
-  return extent

@@ -45,6 +45,7 @@ def write_export(model, prepared, result, export_dir):
         "format": FORMAT, "model": result["model"], "kind": prepared.kind, "signature": SIGNATURE,
         "input": input_name, "output": output_key, "preprocessing": prepared.preprocessing,
         "flags": result["config"], "test": result["test"], "baseline": result["baseline"], "data": result["data"],
+        "trained_on": result["trained_on"],
         "version": version, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with open(os.path.join(local, METADATA), "w") as f:

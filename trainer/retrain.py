@@ -2,7 +2,8 @@
 trains a candidate and promotes it into DIR only when it beats production (trainer.retraining).
 
 Exit codes as trainer.errors says them: 0 whether the candidate was promoted or rejected (a diverged
-candidate too: production stays, nobody needs waking); non-zero only when the job itself failed:
+candidate too: production stays, nobody needs waking), or the night skipped for want of new data
+(trainer.no_new_data); non-zero only when the job itself failed:
 2 a mistake in its input, 170 storage, 172 another retrain holds the serving folder, 128 + a signal.
 """
 
@@ -10,7 +11,7 @@ import dataclasses
 
 from absl import app, flags
 
-from trainer import cli, errors, families, retrain_history, storage
+from trainer import cli, errors, families, no_new_data, retrain_history, storage
 from trainer.data import csv_file
 from trainer.errors import UserError
 
@@ -33,6 +34,10 @@ flags.DEFINE_float("lease_ttl_seconds", 300, "The serving folder's lease lasts t
 flags.DEFINE_float("lease_wait_seconds", 900, "How long to wait for another retrain's lease before exiting "
                    "with 172.")
 flags.DEFINE_bool("show_history", False, "Print <serving_dir>/history.jsonl as a table and exit.")
+# No new data (trainer.no_new_data): a night on the data production was trained on is skipped.
+flags.DEFINE_bool("force", False, "Train even when --data holds what production was trained on (the same "
+                  "contents, or for a forecast the same newest row); without it such a night records "
+                  "\"skipped: no new data\" and exits 0 before training.")
 flags.adopt_module_key_flags(cli)  # the trainer's flags are this command's own too (--helpshort)
 
 
@@ -55,12 +60,15 @@ def main(argv):
       raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
                       "served from (it is created if missing)")
     csv_file.check(config)  # a mistake in the file in a second, not after TensorFlow's start
-    from trainer import retraining  # imports TensorFlow: only once the flags and the data are known to be sound
-    # Each field of retraining.Options is the flag of its name.
-    options = retraining.Options(**{field.name: FLAGS[field.name].value
-                                    for field in dataclasses.fields(retraining.Options)})
-    with cli.saying_how_to_resume(job_dir):
-      entry = retraining.retrain(config, job_dir, options)
+    entry = None if FLAGS.force else no_new_data.skip(config, job_dir, FLAGS.serving_dir, FLAGS.lease_ttl_seconds,
+                                                      FLAGS.lease_wait_seconds)
+    if entry is None:
+      from trainer import retraining  # imports TensorFlow: only once the flags and the data are known to be sound
+      # Each field of retraining.Options is the flag of its name.
+      options = retraining.Options(**{field.name: FLAGS[field.name].value
+                                      for field in dataclasses.fields(retraining.Options)})
+      with cli.saying_how_to_resume(job_dir):
+        entry = retraining.retrain(config, job_dir, options)
   if entry is None:
     print("worker done: the chief decides whether the candidate is promoted")
     return

@@ -30,10 +30,9 @@ from absl import logging
 from trainer import export, promotion, report, retrain_history, serving_lease, storage, train
 from trainer.errors import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
+from trainer.no_new_data import RUN  # in the job folder: the random half of the run's identity (run_identity)
 from trainer.state import WarmStart
 PROMOTED, REJECTED = "promoted", "rejected"
-# In the job folder: the random half of the run's identity (run_identity).
-RUN = "retrain_run.json"
 
 
 @dataclasses.dataclass

@@ -17,8 +17,8 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import export
-from trainer.checkpoints import data_change
 from trainer.errors import ServingBusy, UserError
+from trainer.fingerprints import data_change
 from trainer.state import NOT_A_RETRAIN, TrainState, WarmStart
 
 

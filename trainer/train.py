@@ -14,8 +14,9 @@ from absl import logging
 
 from trainer import (devices, distribution, export, families, hptuning, loop, report, start, steps, storage, summaries,
                      transfer)
-from trainer.checkpoints import Checkpoints, data_fingerprint, with_extent
+from trainer.checkpoints import Checkpoints
 from trainer.data import Prepared
+from trainer.fingerprints import data_fingerprint, with_extent
 from trainer.models import MODELS, OPTIMIZERS
 from trainer.errors import WorkerLost
 from trainer.preemption import StopSignal
@@ -227,6 +228,7 @@ def _publish(config, job, state, history, placement, started, watch, timing):
       "config": dataclasses.asdict(config),
       **placement,
       "data": prepared.summary,
+      "trained_on": job.checkpoints.info["data"],  # what a retrain compares to skip a night without new data
       "resumed_from": state.resumed_from,
       "warm_start": state.warm_start.to_json(),
       "epochs_run": len(history["loss"]),

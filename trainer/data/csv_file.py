@@ -114,10 +114,21 @@ def check(config):
       read_columns(config.test_data, config.target_column, features, config.date_column, flag="--test_data",
                    warn=False)
     return
+  dates = _series_dates(config)
+  check_series_rows(config.window, test_start_row(config, dates, config.data), len(dates), config.data)
+
+
+def newest(config):
+  """The label of a series' newest row in --data (its date, or its row number without
+  --date_column): what trainer.no_new_data compares with the newest row production trained on."""
+  return label(_series_dates(config).iloc[-1])
+
+
+def _series_dates(config):
+  """A series' dates (or row numbers), one per row as training reads them (gaps filled forward)."""
   frame, _ = read_columns(config.data, config.target_column, config.feature_columns, config.date_column,
                           fill_gaps=True, warn=False)
-  dates = frame[config.date_column] if config.date_column else pd.Series(range(len(frame)))
-  check_series_rows(config.window, test_start_row(config, dates, config.data), len(frame), config.data)
+  return frame[config.date_column] if config.date_column else pd.Series(range(len(frame)))
 
 
 def test_start_row(config, dates, source):
