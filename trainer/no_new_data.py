@@ -32,17 +32,18 @@ _FLAGS = {"data": "--data", "test_data": "--eval_data"}
 def skip(config, job_dir, serving_dir, lease_ttl_seconds, lease_wait_seconds):
   """The history entry of a night skipped for want of new data, appended to the history by the
   chief under the serving folder's lease (other workers only return it); None when the night
-  trains. Every worker reads the same files, so all of them skip or none."""
+  trains. Every worker reads the same files, so all of them skip or none, unless another retrain
+  promotes in the seconds between their looks: those that train then wait for the others in vain."""
   unchanged = _unchanged(config, job_dir, serving_dir)
   if unchanged is None:
     return None
-  version, what = unchanged
+  version, what, now = unchanged
   entry = {
       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "decision": SKIPPED, "version": version, "production_version": version,
       "reason": f"no new data: {what}; --force trains anyway", "metric": METRICS[config.kind][0],
       "candidate": None, "production": None, "baseline": None, "improvement": None,
-      "trained_on": fingerprints.data_fingerprint(config), "job_dir": job_dir,
+      "trained_on": now, "job_dir": job_dir,
   }
   if config.cluster.is_chief:
     owner = f"{socket.gethostname()} pid {os.getpid()} ({job_dir})"
@@ -53,8 +54,8 @@ def skip(config, job_dir, serving_dir, lease_ttl_seconds, lease_wait_seconds):
 
 
 def _unchanged(config, job_dir, serving_dir):
-  """(production's version, what in the data is unchanged since it was trained) when this night
-  has nothing new to train on; else None."""
+  """(production's version, what in the data is unchanged since it was trained, the data's
+  fingerprints) when this night has nothing new to train on; else None."""
   if config.data is None or storage.exists(storage.join(job_dir, RUN)):
     return None
   production = promotion.production(serving_dir)
@@ -67,8 +68,8 @@ def _unchanged(config, job_dir, serving_dir):
   now = fingerprints.data_fingerprint(config)
   if fingerprints.same_data(saved, now):
     files = " and ".join(f"{_FLAGS[flag]}={found['path']}" for flag, found in now.items())
-    return version, f"version {version} was trained on these contents of {files}"
+    return version, f"version {version} was trained on these contents of {files}", now
   last = saved.get("data", {}).get("last")
   if config.is_forecast and last is not None and csv_file.newest(config) == last:
-    return version, f"the newest row of --data={config.data} is {last}, as when version {version} was trained"
+    return version, f"the newest row of --data={config.data} is {last}, as when version {version} was trained", now
   return None
