@@ -16,7 +16,7 @@ make the interval too narrow. A moving-block bootstrap (Kuensch 1989, "The jackk
 bootstrap for general stationary observations", Annals of Statistics 17(3)) draws runs of
 consecutive rows instead, which keep that dependence within each run; runs of n^(1/3) rows, the
 order Hall, Horowitz and Jing (1995, Biometrika 82(3)) found best for a bootstrap's variance
-(7 rows for a year of trading days). Table rows and images are independent: runs of one row.
+(6 rows for a year of 252 trading days). Table rows and images are independent: runs of one row.
 
 The interval is the percentile interval of the resampled improvements. The seed is fixed: the
 same predictions on the same rows always give the same interval, so a retry of a night decides
