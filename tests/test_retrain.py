@@ -294,6 +294,7 @@ def test_a_held_lease_exits_clearly_when_waiting_is_not_asked_for(table_csv, tmp
     (["--test_start=2020-01-01"], "--test_start: a retrain scores every model on its hold-out; give --eval_start"),
     (["--eval_start=2020-01-01"], "--eval_start applies to forecasts"),
     (["--min_improvement=-0.1"], "--min_improvement=-0.1: a candidate worse than production would be promoted"),
+    (["--min_confidence=1"], "--min_confidence=1.0: give a confidence level from 0 (off) to below 1, e.g. 0.95"),
     (["--keep_versions=0"], "--keep_versions=0: keep at least the version in production"),
 ])
 def test_flags_refused_before_training(args, message, tmp_path):

@@ -39,7 +39,8 @@ HISTORY = [
      "candidate": {"rmse": 9.7}, "production": {"rmse": 9.4}, "baseline": {"rmse": 9.8},
      "reason": "candidate rmse 9.7 is not better than production's 9.4"},
     {"time": "2025-03-03T03:00:00Z", "decision": "promoted", "version": 2, "metric": "rmse",
-     "candidate": 9.1, "production": 9.4, "baseline": 9.7, "reason": "3.2% better than production"},
+     "candidate": 9.1, "production": 9.4, "baseline": 9.7, "improvement_interval": [0.0123, 0.0541],
+     "reason": "3.2% better than production"},
 ]
 
 
@@ -52,11 +53,12 @@ def test_history_round_trip_table_and_plot(root):
   assert len(text.splitlines()) == 3 and text.endswith("\n")
 
   table = retrain_history.table(retrain_history.read(root)).splitlines()
-  assert re.split(r"\s+", table[0]) == ["time", "decision", "version", "metric", "candidate", "production",
-                                        "baseline", "reason"]
-  assert re.split(r"\s{2,}", table[1]) == ["2025-03-01 03:00", "promoted", "1", "rmse", "9.5", "-", "9.8",
+  assert re.split(r"\s{2,}", table[0]) == ["time", "decision", "version", "metric", "candidate", "production",
+                                           "baseline", "improvement (95% CI)", "reason"]
+  assert re.split(r"\s{2,}", table[1]) == ["2025-03-01 03:00", "promoted", "1", "rmse", "9.5", "-", "9.8", "-",
                                            "no production model yet"]
-  assert re.split(r"\s{2,}", table[3])[:7] == ["2025-03-03 03:00", "promoted", "2", "rmse", "9.1", "9.4", "9.7"]
+  assert re.split(r"\s{2,}", table[3])[:8] == ["2025-03-03 03:00", "promoted", "2", "rmse", "9.1", "9.4", "9.7",
+                                               "[+1.23%, +5.41%]"]
   assert len({line.index("reason" if i == 0 else HISTORY[i - 1]["reason"]) for i, line in enumerate(table)}) == 1
   assert retrain_history.table([]).splitlines()[-1] == "(no runs yet)"
 

@@ -2,6 +2,7 @@
 decision rule, a first run promoting version 1 and a better run on more data version 2, and
 production scored with its own saved preprocessing on the candidate's hold-out."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -60,12 +61,18 @@ def test_first_run_promotes_version_1_and_a_better_run_on_more_data_version_2(ro
   assert first["reason"].startswith("no production model yet")
   assert first["data"]["rows"] == 800
 
+  assert first["improvement_interval"] is None  # nothing to compare with
+
   config = Config(model="dense", data=data, target_column="y", epochs=20)
-  second = retraining.retrain(config, str(tmp_path / "night2"), options)
+  second = retraining.retrain(config, str(tmp_path / "night2"), dataclasses.replace(options, min_confidence=0.95))
   assert second["decision"] == PROMOTED, second["reason"]
   assert (second["version"], second["production_version"]) == (2, 1)
   assert second["warm_start"] == {"used": True, "from": storage.join(serving_dir, "1"), "version": 1}
   assert second["improvement"] >= options.min_improvement
+  # Better beyond the hold-out's luck, as --min_confidence asked: the interval is of this improvement.
+  low, high = second["improvement_interval"]
+  assert options.min_improvement < low < second["improvement"] < high
+  assert "better at 95% confidence by a paired bootstrap of the hold-out's rows" in second["reason"]
   assert second["warnings"] == []  # version 1 trained on first.csv, not on this table
   assert promotion.complete_versions(serving_dir) == [1, 2]  # version 1 kept
   assert promotion.production(serving_dir) == storage.join(serving_dir, "2")
@@ -131,6 +138,8 @@ def test_forecast_production_is_scored_with_its_own_window_on_the_newest_days(tm
   entry = retraining.retrain(candidate, str(tmp_path / "night"), retraining.Options(serving_dir=serving_dir))
   test = entry["data"]["split"]["test"]
   assert (test["first"], test["last"], test["rows"]) == ("2021-09-02", "2021-11-30", 90)
+  low, high = entry["improvement_interval"]  # from runs of 4 consecutive days (90 ** (1 / 3))
+  assert low < entry["improvement"] < high
   # GRU weights do not depend on the window's length: the same network, warm-started.
   assert entry["warm_start"]["used"] is True
   # Production saw six weeks of this hold-out: the history says its score is flattered.

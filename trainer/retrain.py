@@ -38,6 +38,10 @@ flags.DEFINE_bool("show_history", False, "Print <serving_dir>/history.jsonl as a
 flags.DEFINE_bool("force", False, "Train even when --data holds what production was trained on (the same "
                   "contents, or for a forecast the same newest row); without it such a night records "
                   "\"skipped: no new data\" and exits 0 before training.")
+# Not noise: the improvement's confidence, by a paired bootstrap of the hold-out's rows (trainer.bootstrap).
+flags.DEFINE_float("min_confidence", 0, "Promote only when the improvement over production reaches "
+                   "--min_improvement at this one-sided confidence too (0.95: its 95% lower bound, by a paired "
+                   "bootstrap of the hold-out's rows); 0: not asked.")
 flags.adopt_module_key_flags(cli)  # the trainer's flags are this command's own too (--helpshort)
 
 
@@ -99,6 +103,9 @@ def _check_options():
   if FLAGS.min_improvement < 0:
     raise UserError(f"--min_improvement={FLAGS.min_improvement}: a candidate worse than production "
                     "would be promoted; give 0 or more")
+  if not 0 <= FLAGS.min_confidence < 1:
+    raise UserError(f"--min_confidence={FLAGS.min_confidence}: give a confidence level from 0 (off) to below 1, "
+                    "e.g. 0.95")
   if FLAGS.keep_versions < 1:
     raise UserError(f"--keep_versions={FLAGS.keep_versions}: keep at least the version in production")
   if not FLAGS.lease_ttl_seconds > 0 or FLAGS.lease_wait_seconds < 0:

@@ -12,7 +12,7 @@ import tempfile
 
 from absl import logging
 
-from trainer import conditional, storage
+from trainer import bootstrap, conditional, storage
 
 FILE = "history.jsonl"
 PLOT = "history.png"
@@ -74,8 +74,11 @@ def _entries(text, path, warn=False):
 # An entry as the retrain writes it: "time" (ISO 8601, UTC), "decision" ("promoted" or
 # "rejected"), "version" (promoted: the new version; rejected: the one kept, or null), "metric"
 # (the name compared, e.g. "rmse"), "candidate", "production" and "baseline" (each the metric's
-# value, or a dict of metrics holding it; null when there was none), "reason", "data".
-_COLUMNS = ("time", "decision", "version", "metric", "candidate", "production", "baseline", "reason")
+# value, or a dict of metrics holding it; null when there was none), "reason", "data",
+# "improvement_interval" ([low, high]: the candidate's relative improvement over production at
+# bootstrap.CONFIDENCE; null without a production model to compare with).
+INTERVAL = f"improvement ({bootstrap.CONFIDENCE:.0%} CI)"
+_COLUMNS = ("time", "decision", "version", "metric", "candidate", "production", "baseline", INTERVAL, "reason")
 
 
 def table(entries):
@@ -83,9 +86,9 @@ def table(entries):
   rows = [[_time_text(e.get("time")), str(e.get("decision", "-")),
            "-" if e.get("version") is None else str(e["version"]), str(e.get("metric", "-")),
            *(_number_text(metric_value(e, key)) for key in ("candidate", "production", "baseline")),
-           str(e.get("reason", ""))] for e in entries]
+           _interval_text(e.get("improvement_interval")), str(e.get("reason", ""))] for e in entries]
   widths = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(_COLUMNS)]
-  right = {"version", "candidate", "production", "baseline"}
+  right = {"version", "candidate", "production", "baseline", INTERVAL}
   lines = []
   for row in [list(_COLUMNS)] + rows:
     cells = [cell.rjust(width) if name in right else cell.ljust(width)
@@ -106,6 +109,14 @@ def metric_value(entry, key):
 
 def _number_text(value):
   return "-" if value is None else f"{value:.5g}"
+
+
+def _interval_text(value):
+  try:
+    low, high = value
+    return f"[{low:+.2%}, {high:+.2%}]"
+  except (TypeError, ValueError):
+    return "-"
 
 
 def _time_text(value):

@@ -27,7 +27,7 @@ import socket
 
 from absl import logging
 
-from trainer import export, promotion, report, retrain_history, serving_lease, storage, train
+from trainer import bootstrap, export, promotion, report, retrain_history, serving_lease, storage, train
 from trainer.errors import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
 from trainer.no_new_data import RUN  # in the job folder: the random half of the run's identity (run_identity)
@@ -42,6 +42,9 @@ class Options:
   # Relative: 0.01 promotes a candidate whose RMSE is at least 1% below production's (or whose
   # accuracy is 1% above it), so noise between two equally good models does not churn versions.
   min_improvement: float = 0.01
+  # 0.95: and only when the improvement's one-sided 95% lower confidence bound (a paired bootstrap
+  # of the hold-out's rows, trainer.bootstrap) reaches min_improvement too; 0: the bound is not asked.
+  min_confidence: float = 0.0
   keep_versions: int = 5
   # A crashed retrain blocks others for lease_ttl_seconds at most; a live one renews its lease.
   lease_ttl_seconds: float = 300
@@ -81,8 +84,11 @@ def retrain(config, job_dir, options):
     production = promotion.production(serving_dir)
     production_metadata = export.read_metadata(production) if production else None
     baseline = report.evaluate(prepared, prepared.baseline_predictions)["baseline"]
-    candidate = score(prepared, result["export"]) if result else None
-    current = score(prepared, production) if production else None
+    candidate, candidate_rows = score(prepared, result["export"]) if result else (None, None)
+    current, production_rows = score(prepared, production) if production else (None, None)
+    paired = None if not (candidate and current) else bootstrap.paired_improvements(
+        metric, lower_is_better, prepared.test_targets, candidate_rows, production_rows,
+        bootstrap.block_length(prepared.kind, len(prepared.test_targets)))
     warnings = _hold_out_warnings(config, prepared.summary, production_metadata)
     version = production_version = production_metadata["version"] if production_metadata else None
     # A retry of a job killed between promoting and writing the history finds its own model in
@@ -96,7 +102,7 @@ def retrain(config, job_dir, options):
                                                  "stopped before it recorded that"), None
     else:
       decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
-                                             options.min_improvement)
+                                             options.min_improvement, options.min_confidence, paired)
     if decision == PROMOTED and not promoted_before:
       folder = promotion.promote(result["export"], serving_dir, options.keep_versions, lease, run=run)
       version = int(os.path.basename(folder))
@@ -104,6 +110,7 @@ def retrain(config, job_dir, options):
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "decision": decision, "version": version, "reason": reason, "metric": metric,
         "candidate": candidate, "production": current, "baseline": baseline, "improvement": improvement,
+        "improvement_interval": None if paired is None else bootstrap.interval(paired),
         "production_version": production_version,
         "warm_start": trained.warm_start.to_json(), "warnings": warnings,
         "data": prepared.summary, "job_dir": job_dir, "candidate_export": result["export"] if result else None,
@@ -118,19 +125,26 @@ def retrain(config, job_dir, options):
 
 
 def score(prepared, version_dir):
-  """The test metrics of the export at version_dir on prepared's test rows, fed through the
-  export's SavedModel and its own saved preprocessing (columns, window, statistics, image size)."""
+  """(test metrics, test predictions) of the export at version_dir on prepared's test rows, fed
+  through the export's SavedModel and its own saved preprocessing (columns, window, statistics,
+  image size). The predictions, row by row, are for the paired bootstrap."""
   metadata = export.read_metadata(version_dir)
   model = export.load(version_dir, metadata)
-  test = report.evaluate(prepared, prepared.predict(model, metadata["preprocessing"]))["test"]
-  return {name: value for name, value in test.items() if not isinstance(value, dict)}  # no per-class detail
+  predictions = prepared.predict(model, metadata["preprocessing"])
+  test = report.evaluate(prepared, predictions)["test"]
+  metrics = {name: value for name, value in test.items() if not isinstance(value, dict)}  # no per-class detail
+  return metrics, predictions
 
 
-def decide(metric, lower_is_better, candidate, production, baseline, min_improvement):
+def decide(metric, lower_is_better, candidate, production, baseline, min_improvement, min_confidence=0.0,
+           improvements=None):
   """(decision, reason, relative improvement over production or None): promote a candidate that
-  beats the baseline and, when there is a production model, beats it by min_improvement."""
+  beats the baseline and, when there is a production model, beats it by min_improvement; with a
+  min_confidence, also by min_improvement at that one-sided confidence of improvements, the
+  paired bootstrap's resampled improvements (None when a model's predictions are not all finite:
+  the metrics alone decide)."""
   c, b = candidate[metric], baseline[metric]
-  gain = lambda new, old: _relative_gain(new, old, lower_is_better)
+  gain = lambda new, old: bootstrap.relative_gain(new, old, lower_is_better)
   if not math.isfinite(c):
     return REJECTED, f"the candidate's {metric} is {c}", None
   improvement = None if production is None else gain(c, production[metric])
@@ -143,18 +157,16 @@ def decide(metric, lower_is_better, candidate, production, baseline, min_improve
             f"than production's {production[metric]:.5g}")
   if improvement < min_improvement or improvement <= 0:
     return REJECTED, f"{versus}; --min_improvement asks for {min_improvement:.2%} better", improvement
-  return PROMOTED, f"{versus} (--min_improvement {min_improvement:.2%}) and {gain(c, b):.2%} better than the " \
-      f"baseline's {b:.5g}", improvement
-
-
-def _relative_gain(new, old, lower_is_better):
-  """How much better new is than old, relative to old: +0.05 is 5% better, whichever direction
-  the metric improves in; +inf against a production model that answers NaN."""
-  if not math.isfinite(old):
-    return math.inf
-  if old == 0:
-    return 0.0 if new == old else (math.inf if (new < old) == lower_is_better else -math.inf)
-  return (old - new) / abs(old) if lower_is_better else (new - old) / abs(old)
+  asked = f"--min_improvement {min_improvement:.2%}"
+  if min_confidence and improvements is not None:
+    bound = bootstrap.lower_bound(improvements, min_confidence)
+    confident = (f"{bound:+.2%} better at {min_confidence * 100:.4g}% confidence by a paired bootstrap of the "
+                 "hold-out's rows")
+    if bound < min_improvement:
+      return REJECTED, f"{versus}, but only {confident}; --min_confidence={min_confidence:g} asks for " \
+          f"{min_improvement:.2%}", improvement
+    asked += f"; at least {confident}"
+  return PROMOTED, f"{versus} ({asked}) and {gain(c, b):.2%} better than the baseline's {b:.5g}", improvement
 
 
 def run_identity(job_dir):
