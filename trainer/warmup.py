@@ -91,10 +91,13 @@ def replay(version_dir):
     raise WarmupFailed(f"{where}: missing; every export writes one")
   try:
     records = [record.numpy() for record in tf.data.TFRecordDataset(path)]
-  except tf.errors.OpError as e:
-    raise WarmupFailed(f"{where}: not a TFRecord file ({e.message})") from None
-  if not 0 < len(records) <= MAX_RECORDS:
-    raise WarmupFailed(f"{where}: {len(records)} records; TF Serving replays 1 to {MAX_RECORDS}")
+  except tf.errors.OpError as e:  # its message framed by "{{function_node ...}}" and "[Op:...]"
+    raise WarmupFailed(f"{where}: not a TFRecord file ({e.message.split('}}')[-1].split(' [Op:')[0].strip()})") \
+        from None
+  if not records:
+    raise WarmupFailed(f"{where}: no requests to warm the version up with; every export writes some")
+  if len(records) > MAX_RECORDS:
+    raise WarmupFailed(f"{where}: {len(records)} records; TF Serving refuses more than {MAX_RECORDS}")
   signatures = tf.saved_model.load(local).signatures
   for number, record in enumerate(records, 1):
     said = f"{where}: record {number} of {len(records)}"
@@ -120,7 +123,7 @@ def _run(said, signature, tensor_protos):
 
   specs = signature.structured_input_signature[1]
   if set(tensor_protos) != set(specs):
-    raise WarmupFailed(f"{said} gives the inputs {', '.join(sorted(tensor_protos)) or 'none'}; the signature "
+    raise WarmupFailed(f"{said} names its inputs {', '.join(sorted(tensor_protos)) or '(none)'}; the signature "
                        f"takes {', '.join(sorted(specs))}")
   inputs = {}
   for key, proto in tensor_protos.items():
