@@ -46,6 +46,8 @@ def write(saved_model_dir, signature_name, input_name, inputs):
 
 
 class _Fed(Exception):
+  """Stops prepared.predict at its first batch, carrying that batch out (test_inputs)."""
+
   def __init__(self, x):
     super().__init__()
     self.x = x
@@ -91,9 +93,9 @@ def replay(version_dir):
     raise WarmupFailed(f"{where}: missing; every export writes one")
   try:
     records = [record.numpy() for record in tf.data.TFRecordDataset(path)]
-  except tf.errors.OpError as e:  # its message framed by "{{function_node ...}}" and "[Op:...]"
-    raise WarmupFailed(f"{where}: not a TFRecord file ({e.message.split('}}')[-1].split(' [Op:')[0].strip()})") \
-        from None
+  except tf.errors.OpError as e:
+    said = e.message.split("}}")[-1].split(" [Op:")[0].strip()  # without "{{function_node ...}}", "[Op:...]"
+    raise WarmupFailed(f"{where}: not a TFRecord file ({said})") from None
   if not records:
     raise WarmupFailed(f"{where}: no requests to warm the version up with; every export writes some")
   if len(records) > MAX_RECORDS:
@@ -131,9 +133,9 @@ def _run(said, signature, tensor_protos):
       value = tf.make_ndarray(proto)
     except (ValueError, TypeError) as e:
       raise WarmupFailed(f"{said}: its input {key!r} is not a readable tensor ({e})") from None
-    spec = specs[key]
-    if tf.as_dtype(value.dtype) != spec.dtype or not spec.shape.is_compatible_with(value.shape):
-      raise WarmupFailed(f"{said}: its input {key!r} is {value.dtype.name} of shape {list(value.shape)}; the "
+    spec, dtype = specs[key], tf.as_dtype(proto.dtype)
+    if dtype != spec.dtype or not spec.shape.is_compatible_with(value.shape):
+      raise WarmupFailed(f"{said}: its input {key!r} is {dtype.name} of shape {list(value.shape)}; the "
                          f"signature takes {spec.dtype.name} of shape {spec.shape.as_list()}")
     inputs[key] = tf.constant(value)
   rows = next(iter(inputs.values())).shape[0]  # the signature's inputs all have the batch first
