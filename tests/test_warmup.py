@@ -4,6 +4,8 @@ gs://); each way a file can be broken is caught with its reason; a retrain whose
 warm-up fails rejects it, and nothing is promoted."""
 
 import os
+import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -19,10 +21,14 @@ from trainer.models import MODELS
 from trainer.retraining import REJECTED
 
 
+def warm_up_file(folder):
+  return os.path.join(folder, warmup.FOLDER, warmup.FILE)
+
+
 def records(version_dir):
   """The warm-up file's PredictionLogs, parsed as TF Serving parses them."""
-  path = os.path.join(version_dir, warmup.FOLDER, warmup.FILE)
-  return [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+  return [prediction_log_pb2.PredictionLog.FromString(r.numpy())
+          for r in tf.data.TFRecordDataset(warm_up_file(version_dir))]
 
 
 @pytest.mark.slow
@@ -66,7 +72,7 @@ def small_export(tmp_path_factory):
 
 
 def write_records(folder, *logs):
-  with tf.io.TFRecordWriter(os.path.join(folder, warmup.FOLDER, warmup.FILE)) as writer:
+  with tf.io.TFRecordWriter(warm_up_file(folder)) as writer:
     for log in logs:
       writer.write(log if isinstance(log, bytes) else log.SerializeToString())
 
@@ -77,11 +83,10 @@ def write_inputs(name, inputs, signature=export.SIGNATURE):
 
 FOUR = np.ones((1, 4), np.float32)
 BROKEN = {
-    "missing": (lambda folder: os.remove(os.path.join(folder, warmup.FOLDER, warmup.FILE)),
-                "tf_serving_warmup_requests: missing"),
-    "not_tfrecord": (lambda folder: open(os.path.join(folder, warmup.FOLDER, warmup.FILE), "wb").write(b"not TFRecords: text"),
+    "missing": (lambda folder: os.remove(warm_up_file(folder)), "tf_serving_warmup_requests: missing"),
+    "not_tfrecord": (lambda folder: pathlib.Path(warm_up_file(folder)).write_bytes(b"plain text, not TFRecords"),
                      "not a TFRecord file (corrupted record at 0"),
-    "empty": (lambda folder: write_records(folder), "no requests to warm the version up with"),
+    "empty": (write_records, "no requests to warm the version up with"),
     "not_a_prediction_log": (lambda folder: write_records(folder, b"\xff\xff\xff\xff"),
                              "record 1 of 1 is not a PredictionLog"),
     "classify_log": (lambda folder: write_records(folder, prediction_log_pb2.PredictionLog(
@@ -91,10 +96,12 @@ BROKEN = {
                         "asks for signature 'predict'; the SavedModel has serve, serving_default"),
     "wrong_input_name": (write_inputs("image", FOUR), "names its inputs image; the signature takes features"),
     "wrong_shape": (write_inputs("features", np.ones((2, 3), np.float32)),
-                    "record 1 of 2: its input 'features' is float32 of shape [1, 3]; the signature takes float32 "
-                    "of shape [None, 4]"),
-    "wrong_dtype": (write_inputs("features", FOUR.astype(np.float64)), "'features' is float64 of shape [1, 4]"),
-    "not_finite": (write_inputs("features", np.full((1, 4), np.nan, np.float32)), "output 'output_0' is not finite"),
+                    "record 1 of 2 gives input 'features' as float32 of shape [1, 3]; the signature takes "
+                    "float32 of shape [None, 4]"),
+    "wrong_dtype": (write_inputs("features", FOUR.astype(np.float64)),
+                    "gives input 'features' as float64 of shape [1, 4]"),
+    "not_finite": (write_inputs("features", np.full((1, 4), np.nan, np.float32)),
+                   "gets a non-finite output 'output_0' ([nan])"),
 }
 
 
@@ -104,10 +111,10 @@ def test_a_broken_warm_up_file_is_caught_with_its_reason(case, small_export, tmp
   shutil.copytree(small_export, folder)
   breaks, reason = BROKEN[case]
   breaks(folder)
-  with pytest.raises(warmup.WarmupFailed, match="^" + os.path.join(folder, warmup.FOLDER, warmup.FILE)) as failed:
+  with pytest.raises(warmup.WarmupFailed, match="^" + re.escape(warm_up_file(folder))) as failed:
     warmup.replay(folder)
   assert reason in str(failed.value)
-  assert warmup.failure(folder).endswith(str(failed.value))
+  assert warmup.failure(folder).endswith(failed.value.problem)
 
 
 @pytest.mark.slow
@@ -123,10 +130,9 @@ def test_a_candidate_whose_warm_up_fails_is_rejected_with_the_reason(table_csv, 
   serving_dir = str(tmp_path / "serving")
   entry = retraining.retrain(Config(model="dense", data=table_csv(), target_column="y", batch_size=64, epochs=1),
                              str(tmp_path / "night"), retraining.Options(serving_dir=serving_dir))
-  file = os.path.join(entry["candidate_export"], warmup.FOLDER, warmup.FILE)
   assert (entry["decision"], entry["version"]) == (REJECTED, None)
-  assert entry["reason"] == ("its warm-up requests fail, and TF Serving does not load a version whose warm-up fails: "
-                             f"{file}: record 1 of 5 names its inputs x; the signature takes features")
+  assert entry["reason"] == ("its warm-up requests fail, and TF Serving loads no version whose warm-up fails: "
+                             "record 1 of 5 names its inputs x; the signature takes features")
   assert entry["candidate"]["rmse"] < entry["baseline"]["rmse"]  # promoted, but for its warm-up
   assert promotion.production(serving_dir) is None
   assert retrain_history.read(serving_dir) == [entry]

@@ -26,7 +26,12 @@ DEFAULT_SIGNATURE = "serving_default"
 
 
 class WarmupFailed(Exception):
-  """A warm-up file that TF Serving would fail on: missing, unparsable, or a request that does not run."""
+  """A warm-up file that TF Serving would fail on: missing, unparsable, or a request that does not run.
+  Said as "<file>: <problem>"; the problem alone is the retraining history's reason."""
+
+  def __init__(self, file, problem):
+    super().__init__(f"{file}: {problem}")
+    self.problem = problem
 
 
 def write(saved_model_dir, signature_name, input_name, inputs):
@@ -73,7 +78,7 @@ def failure(version_dir):
   try:
     replay(version_dir)
   except WarmupFailed as e:
-    return f"its warm-up requests fail, and TF Serving does not load a version whose warm-up fails: {e}"
+    return f"its warm-up requests fail, and TF Serving loads no version whose warm-up fails: {e.problem}"
   return None
 
 
@@ -83,70 +88,72 @@ def replay(version_dir):
   output must have a row per example, all finite. Returns the number of requests; raises
   WarmupFailed naming the file, the record and what is wrong."""
   import tensorflow as tf
-  from google.protobuf.message import DecodeError
-  from tensorflow_serving.apis import prediction_log_pb2
 
   where = storage.join(version_dir, FOLDER, FILE)
   local = transfer.local_path(version_dir)
   path = os.path.join(local, FOLDER, FILE)
   if not os.path.isfile(path):
-    raise WarmupFailed(f"{where}: missing; every export writes one")
+    raise WarmupFailed(where, "missing; every export writes one")
   try:
     records = [record.numpy() for record in tf.data.TFRecordDataset(path)]
   except tf.errors.OpError as e:
     said = e.message.split("}}")[-1].split(" [Op:")[0].strip()  # without "{{function_node ...}}", "[Op:...]"
-    raise WarmupFailed(f"{where}: not a TFRecord file ({said})") from None
+    raise WarmupFailed(where, f"not a TFRecord file ({said})") from None
   if not records:
-    raise WarmupFailed(f"{where}: no requests to warm the version up with; every export writes some")
+    raise WarmupFailed(where, "no requests to warm the version up with; every export writes some")
   if len(records) > MAX_RECORDS:
-    raise WarmupFailed(f"{where}: {len(records)} records; TF Serving refuses more than {MAX_RECORDS}")
+    raise WarmupFailed(where, f"{len(records)} records; TF Serving refuses more than {MAX_RECORDS}")
   signatures = tf.saved_model.load(local).signatures
   for number, record in enumerate(records, 1):
-    said = f"{where}: record {number} of {len(records)}"
-    log = prediction_log_pb2.PredictionLog()
-    try:
-      log.ParseFromString(record)
-    except DecodeError:
-      raise WarmupFailed(f"{said} is not a PredictionLog") from None
-    if log.WhichOneof("log_type") != "predict_log":
-      raise WarmupFailed(f"{said} is a {log.WhichOneof('log_type')}, not the predict_log this export answers")
-    request = log.predict_log.request
-    name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    if name not in signatures:
-      raise WarmupFailed(f"{said} asks for signature {name!r}; the SavedModel has {', '.join(signatures)}")
-    _run(said, signatures[name], request.inputs)
+    problem = _problem(record, signatures)
+    if problem:
+      raise WarmupFailed(where, f"record {number} of {len(records)} {problem}")
   logging.info("%s: %d warm-up requests replayed", where, len(records))
   return len(records)
 
 
-def _run(said, signature, tensor_protos):
-  """Feeds one request's inputs to signature; WarmupFailed unless they fit it and it answers."""
+def _problem(record, signatures):
+  """What TF Serving would fail on in one record, said to follow "record N", or None when it is sound."""
   import tensorflow as tf
+  from google.protobuf.message import DecodeError
+  from tensorflow_serving.apis import prediction_log_pb2
 
+  log = prediction_log_pb2.PredictionLog()
+  try:
+    log.ParseFromString(record)
+  except DecodeError:
+    return "is not a PredictionLog"
+  if log.WhichOneof("log_type") != "predict_log":
+    return f"is a {log.WhichOneof('log_type')}, not the predict_log this export answers"
+  request = log.predict_log.request
+  name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+  if name not in signatures:
+    return f"asks for signature {name!r}; the SavedModel has {', '.join(signatures)}"
+  signature = signatures[name]
   specs = signature.structured_input_signature[1]
-  if set(tensor_protos) != set(specs):
-    raise WarmupFailed(f"{said} names its inputs {', '.join(sorted(tensor_protos)) or '(none)'}; the signature "
-                       f"takes {', '.join(sorted(specs))}")
+  if set(request.inputs) != set(specs):
+    return f"names its inputs {', '.join(sorted(request.inputs)) or '(none)'}; the signature takes " \
+        f"{', '.join(sorted(specs))}"
   inputs = {}
-  for key, proto in tensor_protos.items():
+  for key, proto in request.inputs.items():
     try:
       value = tf.make_ndarray(proto)
     except (ValueError, TypeError) as e:
-      raise WarmupFailed(f"{said}: its input {key!r} is not a readable tensor ({e})") from None
+      return f"gives input {key!r} as no readable tensor ({e})"
     spec, dtype = specs[key], tf.as_dtype(proto.dtype)
     if dtype != spec.dtype or not spec.shape.is_compatible_with(value.shape):
-      raise WarmupFailed(f"{said}: its input {key!r} is {dtype.name} of shape {list(value.shape)}; the "
-                         f"signature takes {spec.dtype.name} of shape {spec.shape.as_list()}")
+      return f"gives input {key!r} as {dtype.name} of shape {list(value.shape)}; the signature takes " \
+          f"{spec.dtype.name} of shape {spec.shape.as_list()}"
     inputs[key] = tf.constant(value)
-  rows = next(iter(inputs.values())).shape[0]  # the signature's inputs all have the batch first
   try:
     outputs = signature(**inputs)
   except (tf.errors.OpError, ValueError, TypeError) as e:
-    raise WarmupFailed(f"{said}: the signature fails on it ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:200]})") from None
+    return f"makes the signature fail ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+  rows = next(iter(inputs.values())).shape[0]  # the signature's inputs all have the batch first
   for key, output in outputs.items():
     answer = output.numpy()
     if answer.shape[:1] != (rows,):
-      raise WarmupFailed(f"{said}: output {key!r} has shape {list(answer.shape)}, not a row per example")
+      return f"gets output {key!r} of shape {list(answer.shape)}, not a row per example"
     if not np.isfinite(answer).all():
-      raise WarmupFailed(f"{said}: output {key!r} is not finite ({answer.ravel()[:4].tolist()})")
+      return f"gets a non-finite output {key!r} ({answer.ravel()[:4].tolist()})"
+  return None
