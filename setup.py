@@ -18,6 +18,7 @@ setup(
         "pandas>=2.1",  # CSV parsing with dates and missing values
         "cloudml-hypertune>=0.1.0.dev6",  # Vertex AI tuning trials report their metric through it
         "pyyaml>=6",  # scripts/submit.py fills in Kubernetes and Vertex AI configs
+        "tensorflow-serving-api==2.21.*",  # PredictionLog protos: every export's warm-up requests (trainer.warmup)
     ],
     # scipy: the tests and scripts/benchmark_input.py compare against ImageDataGenerator, which needs it.
     # gcp-storage-emulator: gs:// is tested against a local emulator, never the network (2026.7 checked).

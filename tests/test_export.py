@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from trained_jobs import trained
 
-from trainer import errors, export, storage
+from trainer import errors, export, storage, warmup
 from trainer.models import MODELS
 from trainer.errors import UserError
 
@@ -31,6 +31,8 @@ def test_export_serves_the_trained_models_answers(name, tmp_path_factory):
   x, *_ = next(iter(job.prepared.make_dataset("validation", 16)))  # a forecaster's carries a third element
   served = loaded.signatures["serving_default"](**{metadata["input"]: x})[metadata["output"]]
   np.testing.assert_allclose(served.numpy(), job.model(x, training=False).numpy(), atol=1e-5)
+  # TF Serving warms it up with its first test inputs (tests/test_warmup.py), as the signature takes them.
+  assert warmup.replay(job.version_dir) == min(warmup.REQUESTS, len(job.prepared.test_targets))
 
   assert metadata["input"] == INPUTS[name] and metadata["signature"] == "serving_default"
   assert metadata["model"] == name and metadata["kind"] == job.prepared.kind

@@ -22,7 +22,8 @@ from trainer.errors import UserError
 def fake_export(folder, metric=1.0, marker=True):
   """A version folder laid out as export.write_export's (only the layout matters); returns it."""
   files = {"saved_model.pb": b"graph", "fingerprint.pb": b"fp", "variables/variables.index": b"index",
-           "variables/variables.data-00000-of-00001": b"weights", "model.keras": b"keras"}
+           "variables/variables.data-00000-of-00001": b"weights", "model.keras": b"keras",
+           "assets.extra/tf_serving_warmup_requests": b"requests"}
   if marker:
     files[export.METADATA] = json.dumps({"format": export.FORMAT, "version": 9, "test": {"rmse": metric}}).encode()
   for name, data in files.items():

@@ -151,7 +151,7 @@ def test_vertex_ai_variables_decide_where_a_job_writes(tmp_path):
   code, stdout, stderr = run_cli("--model=dense", "--epochs=1", cwd=tmp_path, env=env)
   assert code == 0, stderr[-3000:]
   assert f"report: {out}/report.json" in stdout  # the job folder: Vertex AI's base output directory
-  assert sorted(os.listdir(out / "model" / "1")) == ["assets", "fingerprint.pb", "model.keras",
+  assert sorted(os.listdir(out / "model" / "1")) == ["assets", "assets.extra", "fingerprint.pb", "model.keras",
                                                      "saved_model.pb", "trainer_export.json", "variables"]
   assert os.listdir(out / "checkpoints") == ["ckpt-200"]
   # Epoch losses, intervals, epochs, and the run's own events (HParams, test metrics, plots): trainer.summaries.

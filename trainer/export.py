@@ -1,6 +1,8 @@
 """Versioned exports: `<export_dir>/<version>/` holds a SavedModel for TF Serving and, beside it,
 trainer_export.json, everything else inference needs (normalisation, window, columns, classes),
-and model.keras, the same model for Keras (to fine-tune or warm-start from it).
+model.keras, the same model for Keras (to fine-tune or warm-start from it), and
+assets.extra/tf_serving_warmup_requests, the requests TF Serving warms the version up with
+(trainer.warmup).
 
 A version is complete once its trainer_export.json exists: it is published last, so a reader
 that finds it finds the whole SavedModel. Version folders without it are leftovers of a killed
@@ -17,7 +19,7 @@ import tempfile
 
 from absl import logging
 
-from trainer import numbered, storage, transfer
+from trainer import numbered, storage, transfer, warmup
 from trainer.errors import UserError
 
 METADATA = "trainer_export.json"
@@ -40,6 +42,7 @@ def write_export(model, prepared, result, export_dir):
     model.export(local, verbose=False)
     model.save(os.path.join(local, KERAS_MODEL))
     input_name, output_key = _signature_keys(local)
+    warmup.write(local, SIGNATURE, input_name, warmup.test_inputs(prepared))
     version = next_version(export_dir)
     metadata = {
         "format": FORMAT, "model": result["model"], "kind": prepared.kind, "signature": SIGNATURE,

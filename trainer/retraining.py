@@ -5,7 +5,9 @@ into the serving folder only when it beats both; otherwise production stays as i
 TFX splits this into a Trainer, an Evaluator that "blesses" the candidate and a Pusher. Here:
 
   1. train.run trains the candidate into its own job folder (checkpoints, resume,
-     an export), starting from production's weights when it is the same network (warm start);
+     an export), starting from production's weights when it is the same network (warm start),
+     and its export's warm-up requests are replayed (trainer.warmup): TF Serving would not load
+     a version whose warm-up fails, so such a candidate is rejected;
   2. under the serving folder's Lease, production is looked up again (another retrain may have
      promoted meanwhile), and candidate and production are each loaded from their exports and
      scored on the candidate's test rows, each with its own saved preprocessing, so both answer
@@ -27,7 +29,7 @@ import socket
 
 from absl import logging
 
-from trainer import bootstrap, export, promotion, report, retrain_history, serving_lease, storage, train
+from trainer import bootstrap, export, promotion, report, retrain_history, serving_lease, storage, train, warmup
 from trainer.errors import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
 from trainer.no_new_data import RUN  # in the job folder: the random half of the run's identity (run_identity)
@@ -67,6 +69,8 @@ def retrain(config, job_dir, options):
     logging.warning("candidate rejected: %s", failure)
   if not config.cluster.is_chief:
     return None
+  if result and (failure := warmup.failure(result["export"])):  # TF Serving would not load it
+    logging.warning("candidate rejected: %s", failure)
   # The split the candidate was tested on, as training prepared it (for images: decoded once).
   prepared = trained.prepared
   metric, lower_is_better = METRICS[prepared.kind]
