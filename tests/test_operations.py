@@ -76,7 +76,7 @@ def test_a_version_not_kept_is_refused_and_nothing_changes(root, tmp_path):
 
   with pytest.raises(UserError, match=r"--hold and --release: give one"):
     operations.operate(serving_dir, hold=True, release=True)
-  with pytest.raises(UserError, match=r"--note is the reason of --rollback_to=V, --hold or --release"):
+  with pytest.raises(UserError, match=r"nothing to do: give --rollback_to=V, --hold or --release \(--note is"):
     operations.operate(serving_dir, note="why")
 
 

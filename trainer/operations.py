@@ -33,7 +33,7 @@ def operate(serving_dir, rollback_to=None, hold=False, release=False, note=None,
   if hold and release:
     raise UserError("--hold and --release: give one (--hold holds promotions, --release resumes them)")
   if rollback_to is None and not hold and not release:
-    raise UserError("--note is the reason of --rollback_to=V, --hold or --release; give one of them")
+    raise UserError("nothing to do: give --rollback_to=V, --hold or --release (--note is their reason)")
   by = _operator()
   asked = " ".join(flag for flag, given in ((f"--rollback_to={rollback_to}", rollback_to is not None),
                                             ("--hold", hold), ("--release", release)) if given)
