@@ -5,6 +5,7 @@ which the highest complete one is in production, plus what retraining keeps besi
     <serving_dir>/.lease.json      who may change the folder now, and until when (trainer.serving_lease)
     <serving_dir>/history.jsonl    one line per retraining run (trainer.retrain_history)
     <serving_dir>/history.png      production's metric run by run (trainer.retrain_history)
+    <serving_dir>/hold.json        promotions held by an operator, while it is there (trainer.hold)
 
 Promotion never shows a poller a half-uploaded model: a version is staged under a hidden name
 first (`.tmp-<n>-` locally, renamed into place; `.staging-` on gs://, copied into place on the

@@ -1,5 +1,6 @@
 """Entry point: `python -m trainer.retrain --serving_dir=DIR` with the trainer's flags (trainer.cli)
-trains a candidate and promotes it into DIR only when it beats production (trainer.retraining).
+trains a candidate and promotes it into DIR only when it beats production (trainer.retraining);
+with --rollback_to=V, --hold or --release it changes DIR as an operator asks (trainer.operations).
 
 Exit codes as trainer.errors says them: 0 whether the candidate was promoted or rejected (a diverged
 candidate too: production stays, nobody needs waking), or the night skipped for want of new data
@@ -11,7 +12,7 @@ import dataclasses
 
 from absl import app, flags
 
-from trainer import cli, errors, families, no_new_data, retrain_history, storage
+from trainer import cli, errors, families, hold, no_new_data, operations, retrain_history, storage
 from trainer.data import csv_file
 from trainer.errors import UserError
 
@@ -42,6 +43,13 @@ flags.DEFINE_bool("force", False, "Train even when --data holds what production 
 flags.DEFINE_float("min_confidence", 0, "Promote only when the improvement over production reaches "
                    "--min_improvement at this one-sided confidence too (0.95: its 95% lower bound, by a paired "
                    "bootstrap of the hold-out's rows); 0: not asked.")
+# Rollback and hold (trainer.operations): an operator's commands; they need no --data and train nothing.
+flags.DEFINE_integer("rollback_to", None, "Republish kept version V of --serving_dir as its new highest version, "
+                     "the one TF Serving serves, and exit.")
+flags.DEFINE_bool("hold", False, "Hold promotions and exit: retrains still train and score, but record a candidate "
+                  "that would have been promoted as held, until --release.")
+flags.DEFINE_bool("release", False, "Release a --hold and exit: the next retrain may promote again.")
+flags.DEFINE_string("note", None, "With --rollback_to, --hold or --release: why, recorded in the history.")
 flags.adopt_module_key_flags(cli)  # the trainer's flags are this command's own too (--helpshort)
 
 
@@ -52,7 +60,13 @@ def main(argv):
     if not FLAGS.serving_dir:
       raise UserError("--serving_dir is required: the folder (local or gs://) production models "
                       "are served from")
+    if FLAGS.rollback_to is not None or FLAGS.hold or FLAGS.release or FLAGS.note:
+      _operate()
+      return
     if FLAGS.show_history:
+      held = hold.read(FLAGS.serving_dir)
+      if held is not None:
+        print(f"{hold.describe(held)} (--release resumes them)")
       history = retrain_history.read(FLAGS.serving_dir)
       print(retrain_history.table(history))
       if history:
@@ -60,9 +74,7 @@ def main(argv):
       return
     job_dir, config = cli.config_from_flags(**_hold_out_fields())
     _check_options()
-    if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
-      raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
-                      "served from (it is created if missing)")
+    _check_serving_dir()
     csv_file.check(config)  # a mistake in the file in a second, not after TensorFlow's start
     entry = None if FLAGS.force else no_new_data.skip(config, job_dir, FLAGS.serving_dir, FLAGS.lease_ttl_seconds,
                                                       FLAGS.lease_wait_seconds)
@@ -79,6 +91,22 @@ def main(argv):
   print(f"{entry['decision']}: {entry['reason']}")
   if entry["version"] is not None:
     print(f"production: {storage.join(FLAGS.serving_dir, str(entry['version']))}")
+  print(f"history: {storage.join(FLAGS.serving_dir, retrain_history.FILE)}")
+
+
+def _check_serving_dir():
+  if storage.exists(FLAGS.serving_dir) and not storage.is_dir(FLAGS.serving_dir):
+    raise UserError(f"--serving_dir={FLAGS.serving_dir} is a file; give the folder models are "
+                    "served from (it is created if missing)")
+
+
+def _operate():
+  """--rollback_to, --hold, --release: an operator's commands, each waiting for the lease as a retrain does."""
+  _check_options()
+  _check_serving_dir()
+  for line in operations.operate(FLAGS.serving_dir, FLAGS.rollback_to, FLAGS.hold, FLAGS.release, FLAGS.note,
+                                 FLAGS.keep_versions, FLAGS.lease_ttl_seconds, FLAGS.lease_wait_seconds):
+    print(line)
   print(f"history: {storage.join(FLAGS.serving_dir, retrain_history.FILE)}")
 
 

@@ -71,12 +71,13 @@ def _entries(text, path, warn=False):
   return entries
 
 
-# An entry as the retrain writes it: "time" (ISO 8601, UTC), "decision" ("promoted" or
-# "rejected"), "version" (promoted: the new version; rejected: the one kept, or null), "metric"
+# An entry as the retrain writes it: "time" (ISO 8601, UTC), "decision" ("promoted", "rejected",
+# "held" or "skipped"), "version" (promoted: the new version; otherwise the one kept, or null), "metric"
 # (the name compared, e.g. "rmse"), "candidate", "production" and "baseline" (each the metric's
 # value, or a dict of metrics holding it; null when there was none), "reason", "data",
 # "improvement_interval" ([low, high]: the candidate's relative improvement over production at
-# bootstrap.CONFIDENCE; null without a production model to compare with).
+# bootstrap.CONFIDENCE; null without a production model to compare with). An operator's command
+# (trainer.operations: "rollback", "hold", "release") writes no metric.
 INTERVAL = f"improvement ({bootstrap.CONFIDENCE:.0%} CI)"
 _COLUMNS = ("time", "decision", "version", "metric", "candidate", "production", "baseline", INTERVAL, "reason")
 
@@ -146,20 +147,25 @@ def production_series(entries):
 
 
 def _runs(entries):
-  """[(time, entry)] of the entries with a readable time and the last entry's metric."""
-  metric = entries[-1].get("metric") if entries else None
+  """[(time, entry)] of the entries with a readable time and the last run's metric."""
+  metric = _metric(entries)
   return [(t, e) for e in entries if e.get("metric") == metric for t in [_parse_time(e.get("time"))] if t]
+
+
+def _metric(entries):
+  """The metric of the last entry that has one: an operator's command after it has none."""
+  return next((e["metric"] for e in reversed(entries) if e.get("metric")), None)
 
 
 def plot(entries, path):
   """A PNG at path (local or gs://) of production's metric run by run, each on that run's
-  hold-out: the promotions marked with their version, rejected candidates as crosses, the
-  baseline as dots."""
+  hold-out: the promotions marked with their version, rejected (red) and held (orange) candidates
+  as crosses, the baseline as dots."""
   import matplotlib
   matplotlib.use("Agg")  # retraining runs without a display
   import matplotlib.pyplot as plt
 
-  metric = entries[-1].get("metric") if entries else None
+  metric = _metric(entries)
   runs = _runs(entries)
   fig, ax = plt.subplots(figsize=(8, 4))
   production = production_series(entries)
@@ -169,10 +175,11 @@ def plot(entries, path):
     for t, value, version, promoted in production:
       if promoted:
         ax.annotate(f"v{version}", (t, value), textcoords="offset points", xytext=(4, 4), fontsize=8)
-  rejected = [(t, metric_value(e, "candidate")) for t, e in runs
-              if e.get("decision") == "rejected" and metric_value(e, "candidate") is not None]
-  if rejected:
-    ax.plot(*zip(*rejected), "x", color="tab:red", markersize=8, label="rejected candidate")
+  for decision, color in (("rejected", "tab:red"), ("held", "tab:orange")):
+    candidates = [(t, metric_value(e, "candidate")) for t, e in runs
+                  if e.get("decision") == decision and metric_value(e, "candidate") is not None]
+    if candidates:
+      ax.plot(*zip(*candidates), "x", color=color, markersize=8, label=f"{decision} candidate")
   baseline = [(t, metric_value(e, "baseline")) for t, e in runs if metric_value(e, "baseline") is not None]
   if baseline:
     ax.plot(*zip(*baseline), ".", color="grey", label="baseline")

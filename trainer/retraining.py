@@ -13,7 +13,8 @@ TFX splits this into a Trainer, an Evaluator that "blesses" the candidate and a 
      scored on the candidate's test rows, each with its own saved preprocessing, so both answer
      exactly as a server loading that folder would;
   3. decide() blesses or rejects; promotion.promote publishes a blessed candidate as the next
-     version; every run, either way, appends one line to the history and redraws its plot.
+     version, unless an operator holds promotions (trainer.hold: the night records "held"); every
+     run, either way, appends one line to the history and redraws its plot.
 
 A candidate whose training diverges is a rejection, not a failure: the night's answer is "keep
 production", and the CronJob only alerts on failures of the job itself.
@@ -29,7 +30,7 @@ import socket
 
 from absl import logging
 
-from trainer import bootstrap, export, promotion, report, retrain_history, serving_lease, storage, train, warmup
+from trainer import bootstrap, export, hold, promotion, report, retrain_history, serving_lease, storage, train, warmup
 from trainer.errors import UserError
 from trainer.families import METRICS  # what each kind of model is judged on
 from trainer.no_new_data import RUN  # in the job folder: the random half of the run's identity (run_identity)
@@ -107,6 +108,9 @@ def retrain(config, job_dir, options):
     else:
       decision, reason, improvement = decide(metric, lower_is_better, candidate, current, baseline,
                                              options.min_improvement, options.min_confidence, paired)
+      # Read under the lease: a hold set while this night trained applies to it.
+      if decision == PROMOTED and (held := hold.read(serving_dir)) is not None:
+        decision, reason = hold.HELD, hold.withheld(held, reason)
     if decision == PROMOTED and not promoted_before:
       folder = promotion.promote(result["export"], serving_dir, options.keep_versions, lease, run=run)
       version = int(os.path.basename(folder))
