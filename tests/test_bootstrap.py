@@ -98,7 +98,8 @@ RMSE = ("rmse", True)
      "10.00% better than production's 10, but only -3.50% better at 95% confidence by a paired bootstrap of the "
      "hold-out's rows; --min_confidence=0.95 asks for 1.00%"),
     (np.linspace(0.05, 0.15, 2000), 0.95, PROMOTED,
-     "(--min_improvement 1.00%; at least +5.50% better at 95% confidence by a paired bootstrap of the hold-out's rows)"),
+     "(--min_improvement 1.00%; at least +5.50% better at 95% confidence by a paired bootstrap "
+     "of the hold-out's rows)"),
     (np.linspace(0.0, 0.2, 2000), 0.975, REJECTED, "only +0.50% better at 97.5% confidence"),
 ])
 def test_min_confidence_asks_the_improvements_lower_bound_to_reach_min_improvement(improvements, min_confidence,
