@@ -60,13 +60,21 @@ def test_a_promoted_version_keeps_its_warm_up_requests(root, tmp_path_factory):
   assert warmup.failure(served) is None
 
 
+def export_dense(folder, inputs, nan_weights=False):
+  """An untrained dense network of 4 features exported as TF Serving loads it (no training: only
+  the signature matters), with a warm-up request for each row of inputs."""
+  model = MODELS["dense"]((4,), 1)
+  if nan_weights:  # as a diverged training leaves them
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+  model.export(folder, verbose=False)
+  warmup.write(folder, export.SIGNATURE, "features", inputs)
+
+
 @pytest.fixture(scope="module")
 def small_export(tmp_path_factory):
-  """An untrained dense network of 4 features exported as TF Serving loads it (no training: only
-  the signature matters), with 3 sound warm-up requests."""
+  """export_dense with 3 sound warm-up requests."""
   folder = str(tmp_path_factory.mktemp("small") / "1")
-  MODELS["dense"]((4,), 1).export(folder, verbose=False)
-  warmup.write(folder, export.SIGNATURE, "features", np.arange(12, dtype=np.float32).reshape(3, 4) / 10)
+  export_dense(folder, np.arange(12, dtype=np.float32).reshape(3, 4) / 10)
   assert warmup.replay(folder) == 3
   return folder
 
@@ -82,6 +90,16 @@ def write_inputs(name, inputs, signature=export.SIGNATURE):
 
 
 FOUR = np.ones((1, 4), np.float32)
+
+
+def diverged(folder):
+  """The export replaced by one of NaN weights, with sound requests. NaN inputs would not do: in the
+  SavedModel's graph the CPU's fused MatMul+BiasAdd+Relu turns NaN into 0, though the same network
+  run eagerly answers NaN."""
+  shutil.rmtree(folder)
+  export_dense(folder, FOUR, nan_weights=True)
+
+
 BROKEN = {
     "missing": (lambda folder: os.remove(warm_up_file(folder)), "tf_serving_warmup_requests: missing"),
     "not_tfrecord": (lambda folder: pathlib.Path(warm_up_file(folder)).write_bytes(b"plain text, not TFRecords"),
@@ -100,19 +118,8 @@ BROKEN = {
                     "float32 of shape [None, 4]"),
     "wrong_dtype": (write_inputs("features", FOUR.astype(np.float64)),
                     "gives input 'features' as float64 of shape [1, 4]"),
-    "not_finite": (lambda folder: diverged(folder), "gets a non-finite output 'output_0' ([nan])"),
+    "not_finite": (diverged, "gets a non-finite output 'output_0' ([nan])"),
 }
-
-
-def diverged(folder):
-  """Replaces the export with one of NaN weights, as a diverged training leaves them, and sound
-  requests. (NaN inputs would not do: in the SavedModel's graph the CPU's fused MatMul+BiasAdd+Relu
-  turns NaN into 0, though the same network run eagerly answers NaN.)"""
-  shutil.rmtree(folder)
-  model = MODELS["dense"]((4,), 1)
-  model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
-  model.export(folder, verbose=False)
-  warmup.write(folder, export.SIGNATURE, "features", FOUR)
 
 
 @pytest.mark.parametrize("case", BROKEN)
