@@ -1,6 +1,6 @@
 """The tutorial's results table, reproduced on a prices CSV: its formulation, ours, persistence.
 
-    python scripts/evaluate_seed.py ../shared/data/stocks/GOOGL_2006-01-01_to_2018-01-01.csv
+    python scripts/evaluate_seed.py GOOGL_2006-01-01_to_2018-01-01.csv
     python scripts/evaluate_seed.py stocks.csv --filter=Ticker=AAPL --target_column="Adj Close" \\
         --test_start=2012-01-01 --formulations=ours
 

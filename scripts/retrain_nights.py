@@ -2,8 +2,8 @@
 on the rows up to that night's date (as the file would have been then), into one serving folder,
 then prints the history. The figures in README "Scheduled retraining" come from:
 
-    python scripts/retrain_nights.py --data=../shared/data/stocks/GOOGL_2006-01-01_to_2018-01-01.csv \\
-        --nights=2016-06-30,2016-12-31,2017-12-31 --bad_learning_rate=1e9
+    python scripts/retrain_nights.py --data=GOOGL_2006-01-01_to_2018-01-01.csv \\
+        --nights=2016-06-30,2016-12-31,2017-12-31 --bad_learning_rate=1e9 -- --min_confidence=0.95
 
 --bad_learning_rate adds a last night on the last night's rows with that learning rate (and --force, or it
 would be skipped for want of new data): a bad night.
